@@ -1,0 +1,215 @@
+"""`load_model`: a local HF folder or hub id → a frozen transformers Gemma 4 model plus its tokenizer/processor."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimtune.errors import ConfigError, ModelLoadError
+from slimtune.models import gemma4 as _gemma4  # noqa: F401 - registers the family
+from slimtune.models.registry import ModelFamily, family_for_model_type
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32,
+}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None` → the first CUDA device when there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`None`/"auto" → bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU.
+
+    Raises:
+        ConfigError: an unknown dtype name.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(set(_DTYPES))} or 'auto'.")
+    return _DTYPES[dtype]
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """Return a local folder for a path or hub id, downloading hub ids through huggingface_hub.
+
+    Raises:
+        ModelLoadError: the folder does not exist, or the hub id cannot be fetched (offline, unknown, gated).
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1
+    if looks_local:
+        raise ModelLoadError(f"model folder {text!r} does not exist. Pass a local Hugging Face folder "
+                             "(with config.json and *.safetensors) or a hub id such as 'google/gemma-4-E2B-it'.")
+    try:
+        from huggingface_hub import snapshot_download  # noqa: PLC0415
+
+        local = snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
+    except Exception as exc:  # any hub failure becomes one actionable message
+        raise ModelLoadError(
+            f"could not fetch {text!r} from the Hugging Face hub ({type(exc).__name__}: {str(exc)[:200]}). "
+            f"If this machine is offline, download the model elsewhere and pass its local folder instead, "
+            f"e.g. slimtune train --model /path/to/{text.split('/')[-1]}."
+        ) from exc
+    return Path(local)
+
+
+def read_config(folder: Path) -> dict:
+    """Read and parse `config.json`, with errors that name the file."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    try:
+        return json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{cfg_path} is not valid JSON ({exc}); the download may be corrupt.") from exc
+
+
+def check_weight_files(folder: Path) -> list[Path]:
+    """Find the safetensors shards and check each header parses, so corrupt files fail before loading starts."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{index} is corrupt ({exc}).") from exc
+        shards = [folder / s for s in shard_names]
+    elif (folder / "model.safetensors").is_file():
+        shards = [folder / "model.safetensors"]
+    else:
+        found = sorted(p.name for p in folder.iterdir())
+        raise ModelLoadError(f"{folder} has no weights: expected one of {list(_WEIGHT_FILES)}, found {found}.")
+    for shard in shards:
+        if not shard.is_file():
+            raise ModelLoadError(f"weight shard {shard.name} listed in the index is missing from {folder}.")
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                f.keys()
+        except Exception as exc:
+            raise ModelLoadError(f"weight file {shard} is corrupt or truncated ({exc}); download it again.") from exc
+    return shards
+
+
+def model_class_for(config: dict, family: ModelFamily):
+    """The transformers class for a checkpoint: multimodal when the config has towers, else causal LM."""
+    import transformers  # noqa: PLC0415
+
+    multimodal = config.get("model_type") == family.model_types[0] and family.multimodal_class
+    return getattr(transformers, family.multimodal_class if multimodal else family.causal_class)
+
+
+def attention_plan(cls) -> str | dict:
+    """sdpa everywhere, except the audio tower where the installed transformers refuses it.
+
+    transformers 5.17's audio tower is only correct under sdpa (its eager mask is inverted); 5.24 fixed eager
+    and declares the tower eager-only. Asking for sdpa where it is supported picks the right one on both.
+    """
+    module = importlib.import_module(cls.__module__)
+    audio = getattr(module, "Gemma4AudioModel", None)
+    if audio is not None and not getattr(audio, "_supports_sdpa", True) and "Conditional" in cls.__name__:
+        return {"text_config": "sdpa", "vision_config": "sdpa", "audio_config": "eager"}
+    return "sdpa"
+
+
+def load_tokenizer(folder: Path, multimodal: bool):
+    """The processor for multimodal checkpoints (falling back to the tokenizer), else the tokenizer."""
+    from transformers import AutoProcessor, AutoTokenizer  # noqa: PLC0415
+
+    from slimtune.data.chat_template import GEMMA4_CHAT_TEMPLATE  # noqa: PLC0415
+
+    proc = None
+    if multimodal and ((folder / "processor_config.json").is_file() or (folder / "preprocessor_config.json").is_file()):
+        try:
+            proc = AutoProcessor.from_pretrained(str(folder))
+        except ImportError as exc:
+            # transformers builds Gemma4Processor only with torchvision (for its video processor). Text
+            # training does not need it, so return the tokenizer and say what image/audio input requires.
+            warnings.warn(f"returning the tokenizer instead of the processor of {folder}: {str(exc).strip()[:160]} "
+                          "Install torchvision matching your torch to train or chat with images and audio.",
+                          stacklevel=3)
+    try:
+        tok = proc.tokenizer if proc is not None else AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the tokenizer from {folder} ({exc}).") from exc
+    if not getattr(tok, "chat_template", None):
+        # Base checkpoints often ship without a template; Gemma 4's own format is the right default.
+        tok.chat_template = GEMMA4_CHAT_TEMPLATE
+        if proc is not None:
+            proc.chat_template = GEMMA4_CHAT_TEMPLATE
+    return proc if proc is not None else tok
+
+
+def freeze(model: nn.Module) -> None:
+    """Every base parameter is frozen; adapters add the only trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_length: int | None = None,
+               device=None):
+    """Load a Gemma 4 checkpoint for fine-tuning.
+
+    Args:
+        name_or_path: local Hugging Face folder, or a hub id (downloaded through huggingface_hub).
+        dtype: weights/compute dtype ("bfloat16", "float16", "float32", a torch.dtype, or None for automatic).
+        load_in_4bit: quantize frozen linear weights to NF4 (bitsandbytes) while loading (QLoRA).
+        max_seq_length: longest sequence you intend to train on; checked against the model's limit.
+        device: "cuda", "cpu", … (default: CUDA when available).
+
+    Returns:
+        (model, tokenizer) — the second value is the processor for multimodal checkpoints. The model is a plain
+        transformers model with every parameter frozen.
+
+    Raises:
+        ModelLoadError: missing/corrupt files or an unreachable hub id.
+        UnsupportedModelError: the checkpoint is not a supported family.
+        ConfigError: bad dtype or max_seq_length.
+    """
+    folder = resolve_checkpoint(name_or_path)
+    config = read_config(folder)
+    family = family_for_model_type(config.get("model_type"))
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    check_weight_files(folder)
+    cls = model_class_for(config, family)
+    text_cfg = config.get("text_config", config)
+    limit = text_cfg.get("max_position_embeddings")
+    if max_seq_length is not None and (max_seq_length <= 0 or (limit and max_seq_length > limit)):
+        raise ConfigError(f"max_seq_length={max_seq_length} is outside this model's range 1..{limit}.")
+    try:
+        model = cls.from_pretrained(str(folder), dtype=dtype, attn_implementation=attention_plan(cls))
+    except Exception as exc:
+        raise ModelLoadError(f"transformers could not load {folder} as {cls.__name__}: {exc}") from exc
+    freeze(model)
+    if load_in_4bit:
+        from slimtune.adapt.quantize import quantize_model_nf4  # noqa: PLC0415
+
+        quantize_model_nf4(model, family, dtype, device)
+    model.to(device)
+    model.eval()
+    model.slimtune_max_seq_length = max_seq_length or limit
+    model.slimtune_source = str(name_or_path)
+    model.slimtune_load_in_4bit = bool(load_in_4bit)
+    tokenizer = load_tokenizer(folder, multimodal=cls.__name__ == family.multimodal_class)
+    return model, tokenizer
