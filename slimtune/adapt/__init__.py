@@ -1,0 +1,8 @@
+"""Adapt a loaded model: NF4 quantization, LoRA injection, adapter save/load."""
+
+from slimtune.adapt.adapter_io import load_adapter, save_adapter
+from slimtune.adapt.inject import add_lora, select_lora_targets, trainable_parameters
+from slimtune.adapt.lora import LoraLinear, lora_modules
+
+__all__ = ["LoraLinear", "add_lora", "load_adapter", "lora_modules", "save_adapter", "select_lora_targets",
+           "trainable_parameters"]

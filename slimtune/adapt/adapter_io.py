@@ -1,0 +1,161 @@
+"""Save and load LoRA adapters in PEFT's on-disk format (adapter_config.json + adapter_model.safetensors).
+
+Keys are PEFT's: `base_model.model.<module>.lora_A.weight`. `target_modules` is written as a regex that matches
+exactly the adapted modules, so PEFT (which matches a string with re.fullmatch) rebuilds the same adapter, also
+for Gemma 4's vision/audio linears whose LoRA sits on the inner `.linear` of a Gemma4ClippableLinear.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimtune.adapt.inject import inject_lora, is_base_linear
+from slimtune.adapt.lora import lora_modules
+from slimtune.errors import ConfigError, ModelLoadError
+from slimtune.utils.atomic import atomic_dir
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+def targets_regex(names: list[str]) -> str:
+    """A regex that fully matches exactly these module names."""
+    return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT-keyed LoRA tensors of a model (contiguous CPU copies)."""
+    state = {}
+    for name, layer in lora_modules(model).items():
+        state[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().to("cpu").contiguous()
+        state[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().to("cpu").contiguous()
+    return state
+
+
+def adapter_config(model: nn.Module) -> dict:
+    """adapter_config.json content for the model's adapters (PEFT LoraConfig fields)."""
+    layers = lora_modules(model)
+    settings = getattr(model, "slimtune_lora", None)
+    first = next(iter(layers.values()))
+    rank_pattern = {re.escape(n): layer.r for n, layer in layers.items() if layer.r != first.r}
+    alpha_pattern = {re.escape(n): layer.alpha for n, layer in layers.items() if layer.alpha != first.alpha}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(model, "slimtune_source", None),
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": settings.dropout if settings else 0.0,
+        "use_rslora": first.use_rslora,
+        "target_modules": targets_regex(list(layers)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_dora": False,
+    }
+
+
+def save_adapter(model: nn.Module, directory) -> Path:
+    """Write the model's LoRA adapter to `directory` in PEFT format (atomically: temp folder, then rename).
+
+    Raises:
+        ConfigError: the model has no LoRA layers.
+    """
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    if not lora_modules(model):
+        raise ConfigError("this model has no LoRA adapters to save; call slimtune.add_lora(model) first.")
+    directory = Path(directory)
+    with atomic_dir(directory, overwrite=True) as tmp:
+        save_file(adapter_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(adapter_config(model), indent=2) + "\n")
+    return directory
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    """PEFT's rank/alpha pattern lookup: the first key that matches the end of the module name."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?(?:{key})$", name):
+            return value
+    return default
+
+
+def read_adapter(directory) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and validate an adapter folder; returns (config, PEFT-keyed tensors).
+
+    Raises:
+        ModelLoadError: files missing or corrupt. ConfigError: PEFT features slimtune does not support.
+    """
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    directory = Path(directory)
+    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{directory} is not an adapter folder: {CONFIG_NAME} is missing.")
+    if not w_path.is_file():
+        extra = " (adapter_model.bin is not supported; re-save it with safetensors)" if (
+            directory / "adapter_model.bin").exists() else ""
+        raise ModelLoadError(f"{directory} has no {WEIGHTS_NAME}{extra}.")
+    try:
+        config = json.loads(cfg_path.read_text())
+        tensors = load_file(str(w_path))
+    except Exception as exc:
+        raise ModelLoadError(f"adapter in {directory} is corrupt ({exc}).") from exc
+    unsupported = [k for k, bad in (("use_dora", True), ("fan_in_fan_out", True)) if config.get(k) == bad]
+    if config.get("peft_type", "LORA") != "LORA":
+        unsupported.append(f"peft_type={config.get('peft_type')}")
+    if config.get("bias", "none") != "none":
+        unsupported.append(f"bias={config.get('bias')}")
+    if config.get("modules_to_save"):
+        unsupported.append("modules_to_save")
+    if unsupported:
+        raise ConfigError(f"adapter in {directory} uses PEFT features slimtune does not support: {unsupported}.")
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, directory) -> nn.Module:
+    """Add the LoRA modules described by a PEFT adapter folder to a plainly loaded model (in place).
+
+    Raises:
+        ModelLoadError / ConfigError: unreadable adapter, or keys that match no linear layer of this model.
+    """
+    config, tensors = read_adapter(directory)
+    if lora_modules(model):
+        raise ConfigError("this model already has LoRA adapters; load the base model again before load_adapter.")
+    names = sorted({k[len(_PREFIX):-len(s)] for k in tensors for s in _SUFFIXES
+                    if k.startswith(_PREFIX) and k.endswith(s)})
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules or not is_base_linear(modules[n])]
+    if not names or missing:
+        raise ConfigError(f"adapter in {directory} does not fit this model: "
+                          f"{len(missing)} of {len(names)} adapted modules are not linear layers here "
+                          f"(first: {missing[:3]}). Was it trained on another base model?")
+    ranks = {n: tensors[f"{_PREFIX}{n}.lora_A.weight"].shape[0] for n in names}
+    alpha = config.get("lora_alpha", 8)
+    alphas = {n: float(_pattern_value(config.get("alpha_pattern"), n, alpha)) for n in names}
+    inject_lora(model, names, r=int(config.get("r", 8)), alpha=float(alpha), dropout=0.0,
+                use_rslora=bool(config.get("use_rslora", False)), seed=None, ranks=ranks, alphas=alphas)
+    layers = lora_modules(model)
+    with torch.no_grad():
+        for n in names:
+            for part in ("lora_A", "lora_B"):
+                src = tensors[f"{_PREFIX}{n}.{part}.weight"]
+                dst = getattr(layers[n], part).weight
+                if src.shape != dst.shape:
+                    raise ConfigError(f"adapter tensor {n}.{part} has shape {tuple(src.shape)}, "
+                                      f"expected {tuple(dst.shape)} for this model.")
+                dst.copy_(src.to(dst.dtype))
+    return model

@@ -1,0 +1,86 @@
+"""NF4 (4-bit NormalFloat) base weights through bitsandbytes.
+
+Frozen linear weights become `bitsandbytes.nn.Linear4bit` modules (NF4, double-quantized statistics) that compute
+in the model's 16-bit dtype. Nothing frozen is upcast to fp32: that upcast is why the standard stack's QLoRA
+uses more memory than bf16 LoRA on E2B (its 2.35 B-parameter per-layer-embedding table becomes fp32).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from slimtune.models.registry import ModelFamily
+
+# Large frozen projections outside attention/MLP that are worth 4 bits: Gemma 4's per-layer-embedding (PLE) path.
+_EXTRA_QUANTIZED = ("per_layer_input_gate", "per_layer_projection", "per_layer_model_projection")
+
+
+def _bnb():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import bitsandbytes as bnb  # noqa: PLC0415 - optional heavy import, only for 4-bit
+    return bnb
+
+
+def quantizable_linear_names(model: nn.Module, family: ModelFamily) -> list[str]:
+    """Names of the nn.Linear modules that 4-bit loading replaces (inner `.linear` of clippable wrappers)."""
+    wanted = set(family.attention_modules) | set(family.mlp_modules) | set(_EXTRA_QUANTIZED)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        parts = name.split(".")
+        leaf = parts[-2] if parts[-1] == "linear" and len(parts) > 1 else parts[-1]
+        if leaf in wanted:
+            names.append(name)
+    return names
+
+
+def make_nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """Quantize one frozen nn.Linear to a bitsandbytes NF4 Linear4bit on `device`."""
+    bnb = _bnb()
+    q = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        quant_type="nf4",
+        compress_statistics=True,
+        device="meta",
+    )
+    # Quantization happens when Params4bit moves to its device; start from the 16-bit weights, never fp32 copies.
+    weight = linear.weight.data.to(compute_dtype)
+    q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+    q = q.to(device)
+    return q
+
+
+def quantize_model_nf4(model: nn.Module, family: ModelFamily, compute_dtype: torch.dtype, device) -> int:
+    """Replace the family's frozen linears by NF4 Linear4bit modules in place; returns how many were replaced."""
+    names = quantizable_linear_names(model, family)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, make_nf4_linear(getattr(parent, child), compute_dtype, device))
+    return len(names)
+
+
+def is_nf4_linear(module: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit linear (without importing bitsandbytes when it was never used)."""
+    return type(module).__name__ == "Linear4bit"
+
+
+def dequantize_nf4_weight(module: nn.Module) -> torch.Tensor:
+    """The 16-bit weight an NF4 Linear4bit computes with (bitsandbytes' own dequantization)."""
+    bnb = _bnb()
+    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        # On CPUs with AVX512-BF16, bitsandbytes repacks NF4 weights for its inference kernel at the first
+        # eval-mode forward; dequantize_4bit does not understand that layout (it returns garbage). Saving the
+        # module restores the standard layout, through bitsandbytes' own code.
+        module.state_dict()
+    return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
