@@ -1,0 +1,88 @@
+"""One optimizer step: gradient accumulation normalised by the target tokens of the WHOLE window.
+
+Each micro-batch contributes `sum_CE / N_window`, where N_window counts target tokens over every micro-batch of
+the step (and, under torch.distributed, every rank). Dividing each micro-batch by its own token count and then by
+the number of micro-batches — what the standard stack did — weights short samples more than long ones, so
+(batch 4, accum 1) and (batch 1, accum 4) would train different models. Here they give the same gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from slimtune.data.collate import count_targets
+from slimtune.memory.host_embedding import prefetch_host_embeddings
+from slimtune.train.loss import loss_sum
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast to the compute dtype for 16-bit runs; a no-op for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def window_target_tokens(micro_batches: list[dict]) -> int:
+    """Target tokens of the accumulation window, summed over ranks when distributed."""
+    n = sum(count_targets(b) for b in micro_batches)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([n], dtype=torch.long, device=_collective_device())
+        torch.distributed.all_reduce(t)
+        n = int(t.item())
+    return n
+
+
+def _collective_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: list[dict], *, device: torch.device,
+                         dtype: torch.dtype, scaler=None) -> tuple[float, int]:
+    """Run forward/backward over the window; returns (normalised loss of the window, its target tokens).
+
+    Gradients end up equal to those of `sum_CE(window) / N_window`. Under DDP, gradients are averaged over
+    ranks, so each rank's loss is multiplied by the world size to keep the global normalisation exact.
+    """
+    n_total = window_target_tokens(micro_batches)
+    if n_total == 0:
+        return 0.0, 0
+    scale = _world_size() / n_total
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for cpu_batch in micro_batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+        prefetch_host_embeddings(model, cpu_batch, batch)
+        with autocast(device, dtype):
+            loss = loss_sum(model, batch) * scale
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach() / _world_size()
+    if _world_size() > 1:
+        torch.distributed.all_reduce(total)
+    return float(total), n_total
+
+
+def clip_and_step(params: list[nn.Parameter], optimizer, scheduler, *, max_grad_norm: float,
+                  scaler=None) -> float:
+    """Unscale (fp16), clip, step the optimizer and scheduler; returns the pre-clip global grad norm."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    limit = max_grad_norm if max_grad_norm > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the update when the scaled grads overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

@@ -1,0 +1,66 @@
+"""Training really learns, and the loss only covers assistant replies."""
+
+from pathlib import Path
+
+import torch
+
+import slimtune
+from slimtune.data.tokenize import IGNORE_INDEX, text_tokenizer, tokenize_chat
+from slimtune.train.config import TrainConfig
+from slimtune.train.run import train
+
+BUNDLED = Path(slimtune.__file__).parent / "data" / "default_data.jsonl"
+
+
+def test_thirty_steps_on_bundled_data_lower_the_loss(tiny_dir, tmp_path):
+    cfg = TrainConfig(model=str(tiny_dir("e2b", text_only=True)), data=str(BUNDLED), output=str(tmp_path / "run"),
+                      max_steps=30, lr=1e-2, batch_size=8, max_seq_length=128, lora_r=16, lora_alpha=32,
+                      gradient_checkpointing=False, device="cpu", log_every=10, seed=0)
+    result = train(cfg, log=lambda *_: None)
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 30
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    # a random tiny base starts near ln(vocab); 30 LoRA steps must take clearly more than noise off it
+    assert last < first - 0.5 and max(losses[-3:]) < min(losses[:3]), (first, last)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 30 and all(k in lines[0] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s"))
+
+
+def test_assistant_only_mask_multi_turn_with_system(tiny_dir):
+    _, tok = slimtune.load_model(tiny_dir("e2b", text_only=True), device="cpu")
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a color."},
+            {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another one?"},
+            {"role": "assistant", "content": "Green, of course."}]
+    ex = tokenize_chat(tok, msgs)
+    t = text_tokenizer(tok)
+    trained = [i for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX]
+    text = t.decode(trained)
+    assert "Blue." in text and "Green, of course." in text
+    for not_trained in ("Be brief", "Name a color", "Another one", "system", "user"):
+        assert not_trained not in text, not_trained
+    # labels are exactly two contiguous runs (one per assistant turn), each ending with the end-of-turn token
+    runs, prev = [], False
+    for i, lab in enumerate(ex.labels):
+        on = lab != IGNORE_INDEX
+        if on and not prev:
+            runs.append([i, i])
+        if on:
+            runs[-1][1] = i
+        prev = on
+    assert len(runs) == 2
+    end_of_turn = t.convert_tokens_to_ids("<turn|>")
+    for start, end in runs:
+        assert end_of_turn in ex.input_ids[start : end + 1]
+    # the labelled ids are the ids of the whole rendering (one tokenization, not per-turn pieces)
+    assert ex.input_ids == t(t.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+
+
+def test_train_on_all_labels_everything(tiny_dir):
+    _, tok = slimtune.load_model(tiny_dir("e2b", text_only=True), device="cpu")
+    ex = tokenize_chat(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                       train_on="all")
+    assert ex.labels == ex.input_ids
