@@ -1,0 +1,34 @@
+"""`slimtune bench`: peak memory and tokens/s of LoRA/QLoRA steps on random weights of a real geometry (GPU)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark training memory and speed on a real Gemma 4 geometry (GPU)")
+    p.add_argument("--geometry", default="e2b", choices=["e2b", "e4b", "26b-a4b", "31b"])
+    p.add_argument("--multimodal", action="store_true", help="include the vision/audio towers")
+    p.add_argument("--mode", default="qlora", help="qlora, lora16 or both comma-separated")
+    p.add_argument("--seq", default="2048,8192", help="comma-separated sequence lengths")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--attention", default="sdpa", help="sdpa | slimtune")
+    p.add_argument("--no-offload-ple", action="store_true", help="keep the per-layer-embedding table on the GPU")
+    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    p.add_argument("--steps-profile", type=int, default=0, help="also profile N steps (torch.profiler table)")
+    p.add_argument("--json", help="append one JSON line per result to this file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch  # noqa: PLC0415
+
+    from slimtune.bench.run import BenchOptions, run_bench  # noqa: PLC0415
+    from slimtune.errors import ConfigError  # noqa: PLC0415
+
+    if not torch.cuda.is_available():
+        raise ConfigError("slimtune bench measures GPU memory and needs a CUDA GPU; none is visible here.")
+    opts = BenchOptions(offload_ple=not args.no_offload_ple, gradient_checkpointing=not args.no_gradient_checkpointing,
+                        attention=args.attention, compile_layers=args.compile)
+    run_bench(args.geometry, args.mode.split(","), [int(s) for s in args.seq.split(",")], steps=args.steps,
+              multimodal=args.multimodal, options=opts, json_path=args.json)
+    return 0

@@ -1,0 +1,62 @@
+"""`slimtune train`: fine-tune from flags and/or a YAML run file (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+
+# flag → (TrainConfig field, type, help). Defaults live in TrainConfig; unset flags do not override the file.
+_FLAGS = [
+    ("--model", "model", str, "local model folder or hub id"),
+    ("--data", "data", str, "dataset file or folder"),
+    ("--output", "output", str, "run folder (adapter/, metrics.jsonl, config.yaml)"),
+    ("--max-steps", "max_steps", int, "optimizer steps (default: one epoch)"),
+    ("--epochs", "epochs", float, "passes over the data when --max-steps is not given"),
+    ("--lr", "lr", float, "peak learning rate (default 2e-4)"),
+    ("--lr-scheduler", "lr_scheduler", str, "cosine | linear | constant"),
+    ("--warmup-steps", "warmup_steps", int, "linear warmup steps (default 3%% of the run)"),
+    ("--lora-r", "lora_r", int, "LoRA rank (default 16)"),
+    ("--lora-alpha", "lora_alpha", float, "LoRA alpha (default 16)"),
+    ("--lora-dropout", "lora_dropout", float, "dropout on the LoRA input"),
+    ("--batch-size", "batch_size", int, "samples per micro-batch"),
+    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
+    ("--max-seq-length", "max_seq_length", int, "truncate samples to this many tokens"),
+    ("--seed", "seed", int, "seed for adapter init, data order and dropout"),
+    ("--save-steps", "save_steps", int, "checkpoint every K steps (0 = only at the end)"),
+    ("--dtype", "dtype", str, "bfloat16 | float16 | float32 (default: auto)"),
+    ("--device", "device", str, "cuda | cpu (default: auto)"),
+    ("--train-on", "train_on", str, "assistant (default) | all"),
+    ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (0 = off)"),
+]
+_BOOLS = [
+    ("--load-in-4bit", "load_in_4bit", "QLoRA: NF4 base weights"),
+    ("--use-rslora", "use_rslora", "rank-stabilised LoRA scaling"),
+    ("--finetune-vision-layers", "finetune_vision_layers", "LoRA on the vision tower too"),
+    ("--finetune-audio-layers", "finetune_audio_layers", "LoRA on the audio tower too"),
+]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model with LoRA / QLoRA",
+                       description="Fine-tune with LoRA/QLoRA. Settings come from --config (YAML) and flags; "
+                                   "flags override the file.")
+    p.add_argument("--config", help="YAML run file (e.g. a previous run's config.yaml)")
+    for flag, dest, typ, help_ in _FLAGS:
+        p.add_argument(flag, dest=dest, type=typ, help=help_, default=argparse.SUPPRESS)
+    for flag, dest, help_ in _BOOLS:
+        p.add_argument(flag, dest=dest, action="store_true", help=help_, default=argparse.SUPPRESS)
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                   default=argparse.SUPPRESS, help="keep all activations (faster, more memory)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from slimtune.train.config_io import resolve_config  # noqa: PLC0415
+    from slimtune.train.run import train  # noqa: PLC0415
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    cfg = resolve_config(args.config, **overrides)
+    result = train(cfg)
+    last = result.history[-1] if result.history else {}
+    print(f"done: {len(result.history)} steps, final loss {last.get('loss', float('nan')):.4f}; "
+          f"adapter in {result.adapter_dir}")
+    return 0
