@@ -1,0 +1,35 @@
+"""The GPU benchmark's model builder, exercised on CPU with a tiny geometry."""
+
+import pytest
+import torch
+
+from slimtune.adapt.inject import add_lora
+from slimtune.adapt.quantize import is_nf4_linear
+from slimtune.bench.random_model import build_random_model
+from slimtune.memory.estimate import estimate_training_memory
+from slimtune.memory.host_embedding import HostOffloadedEmbedding
+
+
+@pytest.mark.parametrize("mode", ["qlora", "lora16"])
+def test_tiny_random_model_builds_and_trains(mode):
+    model = build_random_model("e2b", mode=mode, device="cpu", dtype=torch.float32, tiny=True)
+    assert not [n for n, p in model.named_parameters() if p.is_meta]
+    assert isinstance(model.get_decoder().embed_tokens_per_layer, HostOffloadedEmbedding)
+    assert any(is_nf4_linear(m) for m in model.modules()) == (mode == "qlora")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    add_lora(model, r=4)
+    ids = torch.randint(3, model.config.vocab_size, (1, 40))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_estimate_grows_with_context_and_shrinks_with_4bit(tiny_dir):
+    small = estimate_training_memory("e2b", seq_len=2048, load_in_4bit=True)
+    long = estimate_training_memory("e2b", seq_len=8192, load_in_4bit=True)
+    lora16 = estimate_training_memory("e2b", seq_len=2048, load_in_4bit=False)
+    assert small["total_gib"] < long["total_gib"] and small["total_gib"] < lora16["total_gib"]
+    assert set(small["breakdown"]) >= {"weights", "lora_and_optimizer", "loss_chunk"}
+    folder = estimate_training_memory(str(tiny_dir("e2b", text_only=True)), seq_len=128)
+    assert 0 < folder["total_gib"] < small["total_gib"]
