@@ -1,0 +1,1 @@
+"""What the routes call: each module turns API requests into slimtune calls, worker jobs and rows."""
