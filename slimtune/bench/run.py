@@ -18,6 +18,7 @@ import torch
 from slimtune.adapt.inject import add_lora, trainable_parameters
 from slimtune.bench.random_model import build_random_model
 from slimtune.data.tokenize import IGNORE_INDEX
+from slimtune.train.run import enable_checkpointing
 from slimtune.train.step import accumulate_gradients, clip_and_step
 
 
@@ -61,7 +62,7 @@ def bench_one(variant: str, mode: str, seq: int, *, steps: int = 6, multimodal: 
 
         compile_decoder_layers(model)
     if options.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=options.fused_adamw)

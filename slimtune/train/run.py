@@ -38,8 +38,14 @@ def prepare_model(cfg: TrainConfig):
     if cfg.gradient_checkpointing:
         # Non-reentrant: reentrant checkpointing drops the gradients that flow from KV-consumer layers back
         # into the producer layer's k/v projections on E2B/E4B (tests/train/test_kv_sharing.py shows it).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model, tokenizer
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing through transformers' public switch (renamed in 5.24)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, log=print):
