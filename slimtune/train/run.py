@@ -44,8 +44,11 @@ def prepare_model(cfg: TrainConfig):
 
 def enable_checkpointing(model) -> None:
     """Non-reentrant activation checkpointing through transformers' public switch (renamed in 5.24)."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, log=print):
