@@ -1,0 +1,298 @@
+"""Micro-benchmark of slimtune's training attention (forward + backward) on Gemma 4 shapes; CUDA only.
+
+Providers: ``slimtune`` (Triton kernels), ``flex`` (compiled flex_attention: BLOCK 32×32, num_stages=1 for head_dim 512,
+default blocks for head_dim 256 with a sliding block mask), ``sdpa_math`` (T ≤ 8K only: O(T²) memory).
+Shapes: E2B full layer (batch 1, 8 q / 1 kv heads, head_dim 512, causal) at 2K/8K/32K (+128K for slimtune) and a
+sliding layer (window 512, head_dim 256, 8 q / 1 kv) at 8K/32K. FLOPs count the visible (query, key) pairs:
+4·B·H·D·pairs for the forward (T²/2 pairs when causal), ×3.5 for forward + backward.
+
+``--sweep`` first times each kernel (forward, dQ, dK/dV) alone for several launch configurations at 8K, after
+compiling them in parallel worker processes, and then uses the fastest ones for the main table.
+
+Usage::
+
+    python benchmarks/kernels/bench_flash_attention.py --json out.json [--sweep] [--providers slimtune,flex]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime
+import json
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from slimtune.kernels import flash_attention as fa
+from slimtune.kernels.flash_attention import KernelConfig, causal_attention_flops
+
+PEAK_TFLOPS = 790.0  # measured bf16 matmul rate of the H200 (shared/reference/gpu-facts.md)
+
+C = KernelConfig
+SWEEP = {
+    512: {
+        "fwd": [C(64, 32, 8, 2), C(64, 32, 8, 2, False, 2), C(64, 64, 8, 1, False, 2)],
+        "dq": [C(64, 32, 8, 1, False, 1), C(64, 32, 8, 1, False, 2)],
+        "dkdv": [C(64, 32, 8, 1, True, 1), C(64, 32, 8, 1, True, 2)],
+    },
+    256: {
+        "fwd": [C(128, 64, 8, 2), C(128, 32, 8, 3)],
+        "dq": [C(128, 64, 8, 1), C(64, 64, 8, 2, False, 2), C(128, 32, 8, 2)],
+        "dkdv": [C(64, 64, 8, 2, False, 1), C(64, 64, 8, 2, True, 2), C(64, 64, 8, 2, False, 2),
+                 C(128, 64, 8, 1, True, 2)],
+    },
+}
+SHAPES = [  # (name, head_dim, window, seqs)
+    ("full_hd512", 512, None, [2048, 8192, 32768, 131072]),
+    ("sliding512_hd256", 256, 512, [8192, 32768]),
+]
+
+
+def _inputs(t: int, d: int, hq: int = 8, hk: int = 1, dtype=torch.bfloat16, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    # transformers' layout: (B, T, H, D) storage viewed as (B, H, T, D)
+    q = torch.randn(1, t, hq, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, t, hk, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2).requires_grad_()
+    v = torch.randn(1, t, hk, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2).requires_grad_()
+    return q, k, v
+
+
+def _kernel_args(t, d, window):
+    q, k, v = _inputs(t, d)
+    dstart = torch.zeros((1, t), dtype=torch.int32, device="cuda")
+    dend = torch.full((1, t), t, dtype=torch.int32, device="cuda")
+    w = window if window is not None else t + 1
+    return q.detach(), k.detach(), v.detach(), dstart, dend, w
+
+
+def _run_kernel(kind: str, cfg: KernelConfig, t: int, d: int, window):
+    """One launch of a single kernel (used for compiling and timing)."""
+    q, k, v, dstart, dend, w = _kernel_args(t, d, window)
+    o, lse = fa._forward(q, k, v, 1.0, w, dstart, None, fa._config(d, "fwd", None))
+    do = torch.randn_like(o)
+    delta = fa._bwd_delta(o, do)
+    if kind == "fwd":
+        return lambda: fa._forward(q, k, v, 1.0, w, dstart, None, cfg)
+    if kind == "dq":
+        return lambda: fa._bwd_dq(do, q, k, v, lse, delta, 1.0, w, dstart, None, cfg)
+    return lambda: fa._bwd_dkdv(do, q, k, v, lse, delta, 1.0, w, dstart, dend, None, cfg)
+
+
+def _compile_job(job):
+    kind, cfg, d, window = job
+    try:
+        _run_kernel(kind, cfg, 512, d, window)()
+        torch.cuda.synchronize()
+        return job, "ok"
+    except Exception as e:  # noqa: BLE001 - report any compile/launch failure of a candidate and continue
+        return job, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def compile_in_parallel(jobs, workers: int):
+    """Compile kernels in worker processes so the Triton cache is warm before timing."""
+    ctx = mp.get_context("spawn")
+    failed = {}
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        for job, status in pool.map(_compile_job, jobs):
+            if status != "ok":
+                failed[job] = status
+                print(f"compile failed {job[0]} hd{job[2]} {tuple(job[1])}: {status}", flush=True)
+    return failed
+
+
+def _time(fn, long: bool) -> float:
+    if not long:
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[1]
+
+
+def sweep(t: int, workers: int) -> dict[int, dict[str, KernelConfig]]:
+    jobs = [(kind, cfg, d, 512 if d == 256 else None) for d, kinds in SWEEP.items() for kind, cfgs in kinds.items()
+            for cfg in cfgs]
+    failed = compile_in_parallel(jobs, workers)
+    best: dict[int, dict[str, KernelConfig]] = {}
+    rows = []
+    for d, kinds in SWEEP.items():
+        window = 512 if d == 256 else None
+        units = {"fwd": 2, "dq": 3, "dkdv": 4}  # matmuls each kernel executes, in units of one QKᵀ over visible pairs
+        base = causal_attention_flops(1, 8, t, d, window) / 2.0
+        for kind, cfgs in kinds.items():
+            for cfg in cfgs:
+                if (kind, cfg, d, window) in failed:
+                    continue
+                try:
+                    ms = _time(_run_kernel(kind, cfg, t, d, window), long=False)
+                except Exception as e:  # noqa: BLE001
+                    print(f"sweep {kind} hd{d} {tuple(cfg)} failed: {e}", flush=True)
+                    continue
+                tf = units[kind] * base / ms / 1e9
+                rows.append({"kind": kind, "head_dim": d, "seq": t, "config": list(cfg), "ms": ms, "tflops": tf})
+                print(f"sweep hd{d} {kind:5s} {tuple(cfg)!s:28s} {ms:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
+                if kind not in best.setdefault(d, {}) or ms < best[d][kind][1]:
+                    best[d][kind] = (cfg, ms)
+    return {d: {k: c for k, (c, _) in v.items()} for d, v in best.items()}, rows
+
+
+def _attn_call(provider: str, d: int, window, t: int, configs):
+    if provider == "slimtune":
+        return lambda q, k, v: fa.flash_attention(q, k, v, scale=1.0, window=window, _configs=configs)
+    if provider == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def mask_mod(b, h, qi, ki):
+            visible = qi >= ki
+            return visible & (qi - ki < window) if window is not None else visible
+
+        block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=t, KV_LEN=t, device="cuda")
+        opts = None
+        if d == 512:
+            opts = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 32,
+                    "num_stages": 1}
+        compiled = torch.compile(flex_attention, dynamic=False)
+        return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, scale=1.0, enable_gqa=True,
+                                        kernel_options=opts)
+    if provider == "sdpa_math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        mask = None
+        if window is not None:
+            i = torch.arange(t, device="cuda")
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+
+        def call(q, k, v):
+            with sdpa_kernel(SDPBackend.MATH):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=mask is None, scale=1.0, enable_gqa=True)
+        return call
+    raise ValueError(provider)
+
+
+def bench_row(provider, name, d, window, t, configs):
+    q, k, v = _inputs(t, d)
+    call = _attn_call(provider, d, window, t, configs)
+    do = torch.randn(q.shape, device="cuda", dtype=q.dtype)
+
+    def step():
+        out = call(q, k, v)
+        out.backward(do)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    long = t >= 32768
+    ms = _time(step, long)
+    with torch.no_grad():
+        fwd_ms = _time(lambda: call(q, k, v), long)
+    flops = 3.5 * causal_attention_flops(1, 8, t, d, window)
+    tf = flops / ms / 1e9
+    return {"provider": provider, "shape": name, "seq": t, "head_dim": d, "window": window, "ms": ms, "fwd_ms": fwd_ms,
+                "tflops": tf, "pct_peak": 100 * tf / PEAK_TFLOPS, "peak_mem_gib": peak,
+                "configs": {k: list(v) for k, v in (configs or {}).items()}}
+
+
+def profile_step(name, d, window, t, configs) -> None:
+    """Kernel-level CUDA times of three fwd+bwd steps (where the time goes beyond the attention kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = _inputs(t, d)
+    do = torch.randn(q.shape, device="cuda", dtype=q.dtype)
+    call = _attn_call("slimtune", d, window, t, configs)
+    for _ in range(2):
+        call(q, k, v).backward(do)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            call(q, k, v).backward(do)
+        torch.cuda.synchronize()
+    print(f"--- profile {name} T={t} (3 steps) ---")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, help="write raw results here")
+    ap.add_argument("--providers", default="slimtune,flex,sdpa_math")
+    ap.add_argument("--sweep", action="store_true", help="time kernel configurations first and use the best")
+    ap.add_argument("--workers", type=int, default=8, help="parallel compile processes for --sweep")
+    ap.add_argument("--max-seq", type=int, default=131072)
+    ap.add_argument("--other-seqs", default="2048,8192,32768",
+                    help="sequence lengths at which flex/sdpa_math run (sdpa_math never above 8192)")
+    ap.add_argument("--compile-only", action="store_true", help="only compile the --sweep candidates (warm cache)")
+    ap.add_argument("--profile", action="store_true", help="print the CUDA kernel times of one fwd+bwd per shape")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_flash_attention needs CUDA")
+    import triton
+
+    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+                "torch": torch.__version__, "triton": triton.__version__}
+    print(meta, flush=True)
+    if args.compile_only:
+        jobs = [(kind, cfg, d, 512 if d == 256 else None) for d, kinds in SWEEP.items() for kind, cfgs in kinds.items()
+                for cfg in cfgs]
+        compile_in_parallel(jobs, args.workers)
+        return
+    chosen: dict[int, dict[str, KernelConfig]] = {}
+    sweep_rows = []
+    if args.sweep:
+        chosen, sweep_rows = sweep(8192, args.workers)
+        print("best configs:", {d: {k: tuple(c) for k, c in v.items()} for d, v in chosen.items()}, flush=True)
+    if args.profile:
+        for name, d, window, _ in SHAPES:
+            profile_step(name, d, window, 8192, chosen.get(d))
+    rows = []
+    providers = args.providers.split(",")
+    for name, d, window, seqs in SHAPES:
+        for t in seqs:
+            if t > args.max_seq:
+                continue
+            for provider in providers:
+                if provider != "slimtune" and str(t) not in args.other_seqs.split(","):
+                    continue
+                if provider == "sdpa_math" and t > 8192:
+                    continue
+                try:
+                    row = bench_row(provider, name, d, window, t, chosen.get(d) if provider == "slimtune" else None)
+                except Exception as e:  # noqa: BLE001 - one failing provider must not stop the table
+                    print(f"{provider} {name} T={t} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    rows.append({"provider": provider, "shape": name, "seq": t, "error": str(e)[:500]})
+                    continue
+                rows.append(row)
+                print(f"{provider:10s} {name:18s} T={t:6d}  fwd+bwd {row['ms']:9.3f} ms  fwd {row['fwd_ms']:8.3f} ms"
+                      f"  {row['tflops']:6.1f} TFLOP/s ({row['pct_peak']:4.1f}%)  peak {row['peak_mem_gib']:.2f} GiB",
+                      flush=True)
+    print("\n| provider | shape | T | fwd+bwd ms | fwd ms | TFLOP/s | % of 790 | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['provider']} | {r['shape']} | {r['seq']} | error | | | | |")
+        else:
+            print(f"| {r['provider']} | {r['shape']} | {r['seq']} | {r['ms']:.3f} | {r['fwd_ms']:.3f} | "
+                  f"{r['tflops']:.1f} | {r['pct_peak']:.1f} | {r['peak_mem_gib']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "sweep": sweep_rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""Triton kernels behind :mod:`slimtune.kernels.flash_attention` (private: import the public module instead).
+
+Math (per query head h, its KV head ``h // G``; ``s = scale * q·k``; all sums over visible keys only)::
+
+    forward   m = max_j s_ij,  l = Σ_j exp(s_ij − m),  o_i = Σ_j exp(s_ij − m) v_j / l,  lse_i = m + log l
+    backward  p_ij = exp(s_ij − lse_i),  δ_i = Σ_d do_id · o_id
+              dv_j = Σ_i p_ij do_i                   (summed over the G query heads of the group)
+              ds_ij = p_ij (do_i · v_j − δ_i)
+              dq_i = scale Σ_j ds_ij k_j,   dk_j = scale Σ_i ds_ij q_i
+
+Visibility of key j to query i: ``j <= i`` (causal), ``j > i − W`` (sliding window; the launcher passes W = T + 1 for
+full layers), ``j >= doc_start[i]`` (packed documents; documents are contiguous runs, so with causality "same document"
+is exactly this; one document for unpacked input), ``key_valid[j]`` (padding, only when HAS_KEY_MASK).
+Internally ``s`` is kept in base-2 units (``qk_scale = scale·log2 e``)
+and the stored ``lse`` is base 2.  A query row that sees no key stores ``lse = +inf``: its output is 0 and every
+probability recomputed from it in the backward is ``exp2(s − inf) = 0``, so such rows give 0 and never NaN.
+
+Block skipping: each program visits only the key (or query) blocks that can hold a visible pair, i.e. the range cut by
+causality, the window and the document start/end of the block's first/last row; within that range the blocks that are
+entirely visible run without the elementwise mask ("full" loop), and only the edge blocks pay for it ("masked" loops).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _visible(q_idx, k_idx, q_dstart, k_valid, W, MASK: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+    """Boolean visibility of broadcastable query/key index tiles (see module docstring)."""
+    if MASK:
+        keep = (k_idx <= q_idx) & (k_idx > q_idx - W) & (k_idx >= q_dstart)
+        if HAS_KEY_MASK:
+            keep = keep & (k_valid != 0)
+    else:
+        keep = k_valid != 0
+    return keep
+
+
+@triton.jit
+def _cut(x, slot_ptrs, live, MODE: tl.constexpr):
+    """Identity on ``x`` that hides the def-use edge from Triton's "chained dot" detection.
+
+    MODE 1: a round trip through this program's global scratch slot (``_through_scratch``; its barriers keep the
+    loop from being software-pipelined). MODE 2: the value leaves through an ``scf.if`` on ``live``, a run-time
+    argument that is always true but unknown to the compiler (``W > 0``); the never-taken branch yields a value it
+    loads, so the ``if`` cannot be folded into a select, and the layout pass's forward slice stops at the yield.
+    """
+    if MODE == 1:
+        y = _through_scratch(x, slot_ptrs)
+    else:
+        if live:
+            y = x
+        else:  # never taken; a value loaded inside the branch keeps the `if` from becoming a select
+            y = tl.load(slot_ptrs)
+    return y
+
+
+@triton.jit
+def _through_scratch(x, slot_ptrs):
+    """Return ``x`` after a round trip through this program's global scratch slot (L1/L2 resident).
+
+    Used when ``SCRATCH``: it cuts the def-use chain between two dots, so Triton's layout pass no longer treats the
+    first dot as "chained" (which assigns all 8 warps to its M rows and, with M=64, makes both warpgroups compute the
+    same S tile); the S/dP products are then split over the warpgroups. The barriers order the slot's reuse (WAR)
+    and make the writes visible to the other warps of the program (RAW).
+    """
+    tl.debug_barrier()
+    tl.store(slot_ptrs, x)
+    tl.debug_barrier()
+    return tl.load(slot_ptrs)
+
+
+@triton.jit
+def _scratch_slot(SCR, which, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, N_SLOTS: tl.constexpr):
+    """Pointers (BLOCK_R, BLOCK_C) into this program's scratch slot ``which`` (of N_SLOTS)."""
+    pid = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+    base = SCR + (pid.to(tl.int64) * N_SLOTS + which) * (BLOCK_R * BLOCK_C)
+    return base + tl.arange(0, BLOCK_R)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+
+
+@triton.jit
+def _fwd_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, q_idx, q_dstart, kvalid_base, slot_p, slot_a,
+              lo, hi, T, W, qk_scale,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
+              HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = k_base + lo.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + lo.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
+    for n0 in range(lo, hi, BLOCK_N):
+        k_idx = n0 + offs_n
+        if MASK:
+            k = tl.load(k_ptrs, mask=k_idx[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASK or HAS_KEY_MASK:
+            k_valid = k_idx
+            if HAS_KEY_MASK:
+                k_valid = tl.load(kvalid_base + k_idx, mask=k_idx < T, other=0)
+            keep = _visible(q_idx[:, None], k_idx[None, :], q_dstart[:, None], k_valid[None, :], W,
+                            MASK, HAS_KEY_MASK)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if SCRATCH:  # the rescale feeds the PV dot's accumulator: cut that link too
+            alpha = _cut(alpha, slot_a, W > 0, SCRATCH)
+        acc = acc * alpha[:, None]
+        if MASK:
+            v = tl.load(v_ptrs, mask=k_idx[:, None] < T, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        p_lo = p.to(v.dtype)
+        if SCRATCH:
+            p_lo = _cut(p_lo, slot_p, W > 0, SCRATCH)
+        acc = tl.dot(p_lo, v, acc=acc)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _query_block_ranges(DSTART, b, m0, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key-block ranges of query rows [m0, m0+BLOCK_M).
+
+    Masked [lo, full_lo), unmasked [full_lo, full_hi), masked [full_hi, hi).
+    """
+    lo = tl.maximum(tl.maximum(m0 - W + 1, 0), tl.load(DSTART + b * T + m0))
+    need = tl.maximum(m0 + BLOCK_M - W, tl.load(DSTART + b * T + tl.minimum(m0 + BLOCK_M - 1, T - 1)))
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(m0 + BLOCK_M, T)
+    full_hi = m0  # BLOCK_M % BLOCK_N == 0: every key block strictly left of m0 is fully causal-visible
+    full_lo = tl.maximum(lo, ((need + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+    full_lo = tl.minimum(full_lo, full_hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit(do_not_specialize=["T", "H", "G", "W"])
+def _attn_fwd_kernel(Q, K, V, O, LSE, DSTART, KVALID, SCR, SCR_ALPHA,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                     T, H, G, W, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (latest) query blocks first
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qt
+    q = tl.load(q_base + tl.arange(0, BLOCK_M)[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    kvalid_base = KVALID + b.to(tl.int64) * T
+    q_dstart = tl.load(DSTART + b * T + offs_m, mask=row_ok, other=0)
+
+    lo, full_lo, full_hi, hi = _query_block_ranges(DSTART, b, m0, T, W, BLOCK_M, BLOCK_N)
+    slot = _scratch_slot(SCR, 0, BLOCK_M, BLOCK_N, 1)
+    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    slot_a = SCR_ALPHA + pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, q_dstart,
+                              kvalid_base, slot, slot_a, full_lo, full_hi, T, W, qk_scale,
+                              BLOCK_N, HEAD_DIM, False, HAS_KEY_MASK, SCRATCH)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, q_dstart,
+                              kvalid_base, slot, slot_a, lo, full_lo, T, W, qk_scale,
+                              BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, q_dstart,
+                              kvalid_base, slot, slot_a, full_hi, hi, T, W, qk_scale,
+                              BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH)
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, m_i + tl.log2(l_safe), float("inf"))
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_ot
+    tl.store(o_base + tl.arange(0, BLOCK_M)[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt, T, H,
+                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[b, h, t] = Σ_d o·do (fp32)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+                 + offs_m[:, None].to(tl.int64) * stride_dt + offs_d[None, :], mask=row_ok[:, None],
+                 other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_idx, q_dstart, kvalid_base, slot_ds,
+             lo, hi, T, W, qk_scale,
+             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+             SCRATCH: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = k_base + lo.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + lo.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
+    for n0 in range(lo, hi, BLOCK_N):
+        k_idx = n0 + offs_n
+        if MASK:
+            k = tl.load(k_ptrs, mask=k_idx[:, None] < T, other=0.0)
+            v = tl.load(v_ptrs, mask=k_idx[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if MASK or HAS_KEY_MASK:
+            k_valid = k_idx
+            if HAS_KEY_MASK:
+                k_valid = tl.load(kvalid_base + k_idx, mask=k_idx < T, other=0)
+            keep = _visible(q_idx[:, None], k_idx[None, :], q_dstart[:, None], k_valid[None, :], W,
+                            MASK, HAS_KEY_MASK)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        if SCRATCH:
+            ds = _cut(ds, slot_ds, W > 0, SCRATCH)
+        dq = tl.dot(ds, k, acc=dq)
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    return dq
+
+
+@triton.jit(do_not_specialize=["T", "H", "G", "W"])
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DSTART, KVALID, SCR,
+                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                        stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                        stride_dqb, stride_dqh, stride_dqt,
+                        T, H, G, W, qk_scale, sm_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qt
+                + offs_r[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + m0.to(tl.int64) * stride_dot
+                 + offs_r[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    kvalid_base = KVALID + b.to(tl.int64) * T
+    q_dstart = tl.load(DSTART + b * T + offs_m, mask=row_ok, other=0)
+
+    lo, full_lo, full_hi, hi = _query_block_ranges(DSTART, b, m0, T, W, BLOCK_M, BLOCK_N)
+    slot = _scratch_slot(SCR, 0, BLOCK_M, BLOCK_N, 1)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, q_dstart, kvalid_base,
+                  slot, full_lo, full_hi, T, W, qk_scale, BLOCK_N, HEAD_DIM, False, HAS_KEY_MASK, SCRATCH)
+    dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, q_dstart, kvalid_base,
+                  slot, lo, full_lo, T, W, qk_scale, BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH)
+    dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, q_dstart, kvalid_base,
+                  slot, full_hi, hi, T, W, qk_scale, BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH)
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + m0.to(tl.int64) * stride_dqt
+             + offs_r[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, dstart_base, k_idx,
+               k_valid, slot_p, slot_ds, lo, hi, T, W, qk_scale,
+               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, TRANSPOSED: tl.constexpr,
+               HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr):
+    """Accumulate dK, dV of one key block over query rows [lo, hi).
+
+    TRANSPOSED=False keeps keys as rows: dv (BLOCK_N, D) += pᵀ·do, so every product has BLOCK_N rows.
+    TRANSPOSED=True keeps the head dim as rows: dvᵀ (D, BLOCK_N) += doᵀ·p and dkᵀ += qᵀ·ds, so every product has
+    ≥ 64 rows (BLOCK_M or D) even with BLOCK_N = 32, which lets Hopper use its warpgroup MMA for head_dim 512.
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = q_base + lo.to(tl.int64) * stride_qt + offs_m[:, None] * stride_qt + offs_d[None, :]
+    do_ptrs = do_base + lo.to(tl.int64) * stride_dot + offs_m[:, None] * stride_dot + offs_d[None, :]
+    for m0 in range(lo, hi, BLOCK_M):
+        q_idx = m0 + offs_m
+        if MASK:
+            row_ok = q_idx < T
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_base + q_idx, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_base + q_idx, mask=row_ok, other=0.0)
+            q_dstart = tl.load(dstart_base + q_idx, mask=row_ok, other=0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(lse_base + q_idx)
+            delta = tl.load(delta_base + q_idx)
+            q_dstart = q_idx
+        if TRANSPOSED:
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
+            p = tl.exp2(s - lse[:, None])
+            if MASK or HAS_KEY_MASK:
+                keep = _visible(q_idx[:, None], k_idx[None, :], q_dstart[:, None], k_valid[None, :], W,
+                                MASK, HAS_KEY_MASK)
+                p = tl.where(keep, p, 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = (p * (dp - delta[:, None])).to(q.dtype)
+            p = p.to(do.dtype)
+            if SCRATCH:
+                p = _cut(p, slot_p, W > 0, SCRATCH)
+                ds = _cut(ds, slot_ds, W > 0, SCRATCH)
+            dv = tl.dot(tl.trans(do), p, acc=dv)  # (D, BLOCK_N)
+            dk = tl.dot(tl.trans(q), ds, acc=dk)
+        else:
+            s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M): keys are rows
+            p_t = tl.exp2(s_t - lse[None, :])
+            if MASK or HAS_KEY_MASK:
+                keep = _visible(q_idx[None, :], k_idx[:, None], q_dstart[None, :], k_valid[:, None], W,
+                                MASK, HAS_KEY_MASK)
+                p_t = tl.where(keep, p_t, 0.0)
+            dp_t = tl.dot(v, tl.trans(do))
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            p_t = p_t.to(do.dtype)
+            if SCRATCH:
+                p_t = _cut(p_t, slot_p, W > 0, SCRATCH)
+                ds_t = _cut(ds_t, slot_ds, W > 0, SCRATCH)
+            dv = tl.dot(p_t, do, acc=dv)
+            dk = tl.dot(ds_t, q, acc=dk)
+        q_ptrs += BLOCK_M * stride_qt
+        do_ptrs += BLOCK_M * stride_dot
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["T", "H", "HK", "G", "HEADS_PER_SPLIT", "W"])
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DSTART, DEND, KVALID, SCR,
+                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                          stride_dks, stride_dkb, stride_dkh, stride_dkt,
+                          T, H, HK, G, HEADS_PER_SPLIT, W, qk_scale, sm_scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          TRANSPOSED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr):
+    pid_n = tl.program_id(0)  # earliest key blocks see the most queries: start them first
+    pid_bk = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bk // HK
+    hk = pid_bk % HK
+    n0 = pid_n * BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_idx = n0 + offs_n
+    col_ok = k_idx < T
+
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + n0.to(tl.int64) * stride_kt
+                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + n0.to(tl.int64) * stride_vt
+                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    k_valid = k_idx
+    if HAS_KEY_MASK:
+        k_valid = tl.load(KVALID + b.to(tl.int64) * T + k_idx, mask=col_ok, other=0)
+
+    # Query-block ranges: masked [q_lo, full_lo), full [full_lo, full_hi), masked [full_hi, q_hi).
+    q_lo = (n0 // BLOCK_M) * BLOCK_M
+    q_hi = tl.minimum(tl.minimum(T, n0 + BLOCK_N - 1 + W), tl.load(DEND + b * T + tl.minimum(n0 + BLOCK_N - 1, T - 1)))
+    full_lim = tl.minimum(tl.minimum(T, n0 + W), tl.load(DEND + b * T + n0))
+    q_hi_r = ((q_hi + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    full_lo = tl.minimum(((n0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, q_hi_r)
+    full_hi = tl.maximum(tl.minimum((full_lim // BLOCK_M) * BLOCK_M, q_hi_r), full_lo)
+
+    if TRANSPOSED:
+        dk = tl.zeros([HEAD_DIM, BLOCK_N], dtype=tl.float32)
+        dv = tl.zeros([HEAD_DIM, BLOCK_N], dtype=tl.float32)
+    else:
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dstart_base = DSTART + b.to(tl.int64) * T
+    if TRANSPOSED:
+        slot_p = _scratch_slot(SCR, 0, BLOCK_M, BLOCK_N, 2)
+        slot_ds = _scratch_slot(SCR, 1, BLOCK_M, BLOCK_N, 2)
+    else:
+        slot_p = _scratch_slot(SCR, 0, BLOCK_N, BLOCK_M, 2)
+        slot_ds = _scratch_slot(SCR, 1, BLOCK_N, BLOCK_M, 2)
+    for g in range(HEADS_PER_SPLIT):
+        h = hk * G + split * HEADS_PER_SPLIT + g
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        row = (b * H + h).to(tl.int64) * T
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, LSE + row, DELTA + row,
+                            dstart_base, k_idx, k_valid, slot_p, slot_ds, full_lo, full_hi, T, W, qk_scale,
+                            BLOCK_M, HEAD_DIM, False, TRANSPOSED, HAS_KEY_MASK, SCRATCH)
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, LSE + row, DELTA + row,
+                            dstart_base, k_idx, k_valid, slot_p, slot_ds, q_lo, full_lo, T, W, qk_scale,
+                            BLOCK_M, HEAD_DIM, True, TRANSPOSED, HAS_KEY_MASK, SCRATCH)
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, LSE + row, DELTA + row,
+                            dstart_base, k_idx, k_valid, slot_p, slot_ds, full_hi, q_hi, T, W, qk_scale,
+                            BLOCK_M, HEAD_DIM, True, TRANSPOSED, HAS_KEY_MASK, SCRATCH)
+    dk = dk * sm_scale
+    if TRANSPOSED:
+        dk = tl.trans(dk)
+        dv = tl.trans(dv)
+    base = split.to(tl.int64) * stride_dks + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh \
+        + n0.to(tl.int64) * stride_dkt
+    offs = offs_n[:, None] * stride_dkt + offs_d[None, :]
+    tl.store(DK + base + offs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + base + offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
