@@ -167,7 +167,7 @@ def freeze(model: nn.Module) -> None:
 
 
 def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_length: int | None = None,
-               device=None):
+               device=None, offload_embeddings: bool | None = None, attention: str = "auto"):
     """Load a Gemma 4 checkpoint for fine-tuning.
 
     Args:
@@ -176,6 +176,10 @@ def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_
         load_in_4bit: quantize frozen linear weights to NF4 (bitsandbytes) while loading (QLoRA).
         max_seq_length: longest sequence you intend to train on; checked against the model's limit.
         device: "cuda", "cpu", … (default: CUDA when available).
+        offload_embeddings: keep the per-layer-embedding table (E2B/E4B: 2.35/2.8 B parameters) in pinned host
+            memory and copy only each batch's rows to the GPU. None = on for CUDA devices.
+        attention: "auto" (slimtune's Triton kernel for the text decoder on CUDA, sdpa elsewhere), "slimtune",
+            or "sdpa".
 
     Returns:
         (model, tokenizer) — the second value is the processor for multimodal checkpoints. The model is a plain
@@ -206,7 +210,17 @@ def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_
         from slimtune.adapt.quantize import quantize_model_nf4  # noqa: PLC0415
 
         quantize_model_nf4(model, family, dtype, device)
+    if offload_embeddings if offload_embeddings is not None else device.type == "cuda":
+        from slimtune.memory.host_embedding import offload_per_layer_embeddings  # noqa: PLC0415
+
+        offload_per_layer_embeddings(model)  # before .to(device): the table never visits the GPU
     model.to(device)
+    if attention == "slimtune" or (attention == "auto" and device.type == "cuda"):
+        from slimtune.adapt.attention import enable_slimtune_attention  # noqa: PLC0415
+
+        enable_slimtune_attention(model)
+    elif attention not in ("auto", "sdpa"):
+        raise ConfigError(f"attention={attention!r} is not supported; use 'auto', 'slimtune' or 'sdpa'.")
     model.eval()
     model.slimtune_max_seq_length = max_seq_length or limit
     model.slimtune_source = str(name_or_path)

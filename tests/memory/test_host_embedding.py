@@ -34,3 +34,14 @@ def test_offloaded_model_matches_and_keeps_table_off_the_module_state(tiny_dir):
 def test_text_model_without_ple_is_untouched(tiny_dir):
     model, _ = slimtune.load_model(tiny_dir("31b", text_only=True), device="cpu")
     assert not offload_per_layer_embeddings(model)
+
+
+def test_load_model_options_keep_logits(tiny_dir):
+    """The GPU defaults (host PLE table, slimtune attention) computed on CPU give the plain model's logits."""
+    path = tiny_dir("e2b", text_only=True)
+    plain, _ = slimtune.load_model(path, dtype="float32", device="cpu", attention="sdpa")
+    fast, _ = slimtune.load_model(path, dtype="float32", device="cpu", attention="slimtune", offload_embeddings=True)
+    assert isinstance(fast.get_decoder().embed_tokens_per_layer, HostOffloadedEmbedding)
+    ids = torch.randint(5, plain.config.vocab_size, (2, 50))
+    with torch.no_grad():
+        assert torch.allclose(fast(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5)
