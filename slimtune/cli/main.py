@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module exposes register(subparsers); its parser sets `func`. Studio is optional (web extras).
-_COMMANDS = ("tiny_cmd", "train_cmd", "chat_cmd", "demo_cmd", "export_cmd", "bench_cmd", "studio_cmd")
+_COMMANDS = ("tiny_cmd", "train_cmd", "chat_cmd", "demo_cmd", "export_cmd", "bench_cmd", "plot_cmd", "studio_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

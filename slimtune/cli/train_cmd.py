@@ -26,12 +26,19 @@ _FLAGS = [
     ("--device", "device", str, "cuda | cpu (default: auto)"),
     ("--train-on", "train_on", str, "assistant (default) | all"),
     ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (0 = off)"),
+    ("--eval-data", "eval_data", str, "held-out dataset file for evaluation"),
+    ("--eval-fraction", "eval_fraction", float, "fraction of the training samples held out for evaluation"),
+    ("--eval-steps", "eval_steps", int, "evaluate every N steps (0 = only at the end)"),
+    ("--early-stopping-patience", "early_stopping_patience", int,
+     "stop after N evaluations without improvement (0 = off)"),
 ]
 _BOOLS = [
     ("--load-in-4bit", "load_in_4bit", "QLoRA: NF4 base weights"),
     ("--use-rslora", "use_rslora", "rank-stabilised LoRA scaling"),
     ("--finetune-vision-layers", "finetune_vision_layers", "LoRA on the vision tower too"),
     ("--finetune-audio-layers", "finetune_audio_layers", "LoRA on the audio tower too"),
+    ("--packing", "packing", "pack several samples per sequence (no cross-sample attention or loss)"),
+    ("--resume", "resume", "continue exactly from the newest complete checkpoint in the run folder"),
 ]
 
 

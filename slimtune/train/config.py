@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from slimtune.errors import ConfigError
 
@@ -69,6 +71,19 @@ class TrainConfig:
     """Write a checkpoint every K optimizer steps (0 = only at the end)."""
     log_every: int = 1
     """Print a progress line every N steps (metrics.jsonl always gets every step)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in output/checkpoints/ (fresh start if there is none)."""
+    eval_data: str | None = None
+    """Held-out dataset file for evaluation (same formats as data); exclusive with eval_fraction."""
+    eval_fraction: float = 0.0
+    """Fraction of the training samples split off (seeded shuffle) as the eval set; 0 = none."""
+    eval_steps: int = 0
+    """Evaluate every N optimizer steps (0 = only at the end); needs an eval set."""
+    early_stopping_patience: int = 0
+    """Stop when the eval loss has not improved for N evaluations in a row (0 = never stop early)."""
+    packing: bool = False
+    """Pack several samples into each max_seq_length sequence (attention and loss kept inside each sample);
+    batch_size then counts packed sequences."""
     extra: dict = field(default_factory=dict)
     """Reserved for settings of later stages; must be empty for now."""
 
@@ -101,16 +116,44 @@ class TrainConfig:
             ("seed", isinstance(self.seed, int), "an integer"),
             ("lr_scheduler", self.lr_scheduler in ("cosine", "linear", "constant"), "cosine, linear or constant"),
             ("train_on", self.train_on in ("assistant", "all"), "assistant or all"),
+            ("resume", isinstance(self.resume, bool), "true or false"),
+            ("eval_data", self.eval_data is None or (isinstance(self.eval_data, str) and self.eval_data != ""),
+             "a dataset path or null"),
+            ("eval_fraction", isinstance(self.eval_fraction, (int, float)) and not isinstance(self.eval_fraction, bool)
+             and 0 <= self.eval_fraction < 1, "in [0, 1)"),
+            ("eval_steps", isinstance(self.eval_steps, int) and self.eval_steps >= 0, ">= 0"),
+            ("early_stopping_patience", isinstance(self.early_stopping_patience, int)
+             and self.early_stopping_patience >= 0, ">= 0"),
             ("dtype", self.dtype in (None, "auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"),
              "bfloat16, float16, float32 or null"),
         ]
         for name, ok, want in checks:
             if not ok:
                 p.append(f"{name} must be {want} (got {getattr(self, name)!r})")
+        p += self._eval_problems()
+        p += _seq_length_problems(self.model, self.max_seq_length)
         if self.extra:
             p.append(f"unknown settings: {sorted(self.extra)}")
         if p:
             raise ConfigError("invalid training config:\n  - " + "\n  - ".join(p))
+
+    def has_eval_set(self) -> bool:
+        """True when an eval set is configured (eval_data or a positive eval_fraction)."""
+        return bool(self.eval_data) or (isinstance(self.eval_fraction, (int, float)) and self.eval_fraction > 0)
+
+    def _eval_problems(self) -> list[str]:
+        # Settings that only make sense together; reported with what to set instead.
+        p = []
+        if self.eval_data and isinstance(self.eval_fraction, (int, float)) and self.eval_fraction > 0:
+            p.append(f"eval_data ({self.eval_data!r}) and eval_fraction ({self.eval_fraction}) are mutually "
+                     "exclusive: give a held-out file OR a fraction of the training data, not both")
+        if not self.has_eval_set():
+            for name in ("eval_steps", "early_stopping_patience"):
+                value = getattr(self, name)
+                if isinstance(value, int) and value > 0:
+                    p.append(f"{name}={value} needs an eval set: set eval_data (a file) or eval_fraction "
+                             "(e.g. 0.1)")
+        return p
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -120,3 +163,23 @@ class TrainConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+
+def _seq_length_problems(model: str, max_seq_length) -> list[str]:
+    """max_seq_length beyond the model's position limit, checked now when the model folder is local.
+
+    Hub ids are checked later by load_model (their config is only known after the download).
+    """
+    cfg_path = Path(model) / "config.json" if isinstance(model, str) and model else None
+    if cfg_path is None or not cfg_path.is_file() or not isinstance(max_seq_length, int):
+        return []
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return []  # load_model reports an unreadable config.json with its own message
+    text_cfg = config.get("text_config") or config  # multimodal checkpoints keep the limit in text_config
+    limit = text_cfg.get("max_position_embeddings")
+    if isinstance(limit, int) and max_seq_length > limit:
+        return [f"max_seq_length must be at most {limit}, the position limit (max_position_embeddings) of "
+                f"{model} (got {max_seq_length}); lower max_seq_length"]
+    return []

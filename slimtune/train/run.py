@@ -12,7 +12,9 @@ from slimtune.data import load_records
 from slimtune.data.tokenize import tokenize_rows, text_tokenizer
 from slimtune.errors import DataError
 from slimtune.models.loader import load_model
+from slimtune.train.checkpoint import check_resume_config, find_resume_point
 from slimtune.train.config import TrainConfig
+from slimtune.train.evaluate import split_eval
 from slimtune.train.loop import FitResult, fit
 from slimtune.utils.atomic import atomic_write_text
 
@@ -24,6 +26,9 @@ class TrainResult:
     run_dir: Path
     adapter_dir: Path
     history: list[dict]
+    best_step: int | None = None
+    best_eval_loss: float | None = None
+    stopped_early: bool = False
 
 
 def prepare_model(cfg: TrainConfig):
@@ -66,6 +71,33 @@ def prepare_data(cfg: TrainConfig, tokenizer, log=print):
     return examples
 
 
+def prepare_eval_data(cfg: TrainConfig, tokenizer, examples: list, log=print) -> tuple[list, list | None]:
+    """The eval set: cfg.eval_data tokenized like the training data, or a seeded cfg.eval_fraction split.
+
+    Returns:
+        (training examples, eval examples or None when no eval set is configured).
+
+    Raises:
+        DataError: the eval file has no usable samples, or the split would leave no training samples.
+    """
+    if cfg.eval_data:
+        loaded = load_records(cfg.eval_data)
+        held, _ = tokenize_rows(loaded.rows, tokenizer, max_seq_length=cfg.max_seq_length, train_on=cfg.train_on)
+        if not held:
+            raise DataError(f"eval_data {cfg.eval_data}: no usable samples ({loaded.n_read} rows read, "
+                            f"{loaded.n_skipped} skipped); point eval_data at a dataset with assistant replies.")
+        log(f"eval: {len(held)} samples from {cfg.eval_data}")
+        return examples, held
+    if cfg.eval_fraction > 0:
+        train_part, held = split_eval(examples, cfg.eval_fraction, cfg.seed)
+        if not train_part:
+            raise DataError(f"eval_fraction={cfg.eval_fraction} leaves no training samples out of "
+                            f"{len(examples)}; use a smaller eval_fraction or more data.")
+        log(f"eval: {len(held)} of {len(examples)} samples split off (eval_fraction={cfg.eval_fraction})")
+        return train_part, held
+    return examples, None
+
+
 def write_run_config(cfg: TrainConfig, run_dir: Path) -> None:
     """The resolved config, loadable again with `slimtune train --config`."""
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -75,12 +107,32 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     """Run a full fine-tune described by `cfg`; returns where the adapter and metrics were written."""
     run_dir = Path(cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
+    resume = None
+    if cfg.resume:
+        # Checked before anything is loaded or written, so a refused resume leaves the run folder untouched.
+        resume = find_resume_point(run_dir, log)
+        if resume is None:
+            log(f"note: --resume given but {run_dir / 'checkpoints'} has no complete checkpoint; starting fresh")
+        else:
+            check_resume_config(resume.state.get("config", {}), cfg, resume.path)
+            log(f"resuming from {resume.path} (step {resume.step})")
     write_run_config(cfg, run_dir)
     model, tokenizer = prepare_model(cfg)
     examples = prepare_data(cfg, tokenizer, log)
+    examples, eval_examples = prepare_eval_data(cfg, tokenizer, examples, log)
+    if cfg.packing:  # after the eval split: eval samples stay whole and unpacked
+        from slimtune.data.packing import pack_examples, packing_stats  # noqa: PLC0415
+
+        examples = pack_examples(examples, cfg.max_seq_length, seed=cfg.seed)
+        log(packing_stats(examples, cfg.max_seq_length).summary())
     device = next(p.device for p in model.parameters() if p.requires_grad)
     dtype = model.get_input_embeddings().weight.dtype
     pad_id = text_tokenizer(tokenizer).pad_token_id or 0
-    result: FitResult = fit(model, examples, cfg, run_dir, pad_id=pad_id, device=device, dtype=dtype)
+    result: FitResult = fit(model, examples, cfg, run_dir, pad_id=pad_id, device=device, dtype=dtype,
+                            eval_examples=eval_examples, resume=resume)
     log(f"adapter saved to {result.adapter_dir}")
-    return TrainResult(run_dir=run_dir, adapter_dir=result.adapter_dir, history=result.history)
+    if result.best_step is not None:
+        log(f"best eval loss {result.best_eval_loss:.4f} at step {result.best_step}; adapter in {run_dir / 'best'}")
+    return TrainResult(run_dir=run_dir, adapter_dir=result.adapter_dir, history=result.history,
+                       best_step=result.best_step, best_eval_loss=result.best_eval_loss,
+                       stopped_early=result.stopped_early)

@@ -64,3 +64,13 @@ def test_train_on_all_labels_everything(tiny_dir):
     ex = tokenize_chat(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
                        train_on="all")
     assert ex.labels == ex.input_ids
+
+
+def test_packed_training_run(tiny_dir, tmp_path):
+    """--packing end to end: fewer, fuller sequences; metrics count only real tokens."""
+    cfg = TrainConfig(model=str(tiny_dir("e2b", text_only=True)), data=str(BUNDLED), output=str(tmp_path / "run"),
+                      max_steps=3, lr=1e-3, batch_size=1, max_seq_length=128, lora_r=4, packing=True,
+                      gradient_checkpointing=False, device="cpu", seed=0)
+    result = train(cfg, log=lambda *_: None)
+    assert len(result.history) == 3
+    assert all(r["tokens"] > 64 for r in result.history)  # several samples per 128-token sequence
