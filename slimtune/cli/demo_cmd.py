@@ -10,8 +10,8 @@ PROMPTS = ["What is the capital of France?", "What is the opposite of hot?"]
 def register(sub) -> None:
     p = sub.add_parser("demo", help="fine-tune the embedded tiny Gemma 4 on the bundled data (a few CPU minutes)")
     p.add_argument("--output", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument("--max-steps", type=int, default=150)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--max-steps", type=int, default=500)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--device", default=None)
     p.set_defaults(func=run)
 
@@ -41,8 +41,8 @@ def run(args) -> int:
         write_tiny_model(model_dir, variant="e2b", text_only=True, seed=0, size="demo", overwrite=True)
     data = Path(__file__).resolve().parent.parent / "data" / "default_data.jsonl"
     cfg = TrainConfig(model=str(model_dir), data=str(data), output=str(run_dir), max_steps=args.max_steps,
-                      lr=args.lr, batch_size=8, grad_accum=1, max_seq_length=256, lora_r=16, lora_alpha=32,
-                      gradient_checkpointing=False, log_every=10, device=args.device)
+                      lr=args.lr, batch_size=8, grad_accum=1, max_seq_length=256, lora_r=32, lora_alpha=64,
+                      gradient_checkpointing=False, log_every=50, device=args.device)
     write_run_config(cfg, run_dir)
     model, tok = prepare_model(cfg)
     examples = prepare_data(cfg, tok)
