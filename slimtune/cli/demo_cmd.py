@@ -10,8 +10,8 @@ PROMPTS = ["What is the capital of France?", "What is the opposite of hot?"]
 def register(sub) -> None:
     p = sub.add_parser("demo", help="fine-tune the embedded tiny Gemma 4 on the bundled data (a few CPU minutes)")
     p.add_argument("--output", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument("--max-steps", type=int, default=500)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--max-steps", type=int, default=800)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", default=None)
     p.set_defaults(func=run)
 

@@ -101,7 +101,13 @@ def _trained_vocab_and_merges() -> tuple[tuple[tuple[str, int], ...], tuple[tupl
     # Same normalisation GemmaTokenizer applies; the split only keeps merges inside "▁word" pieces so the
     # learned vocabulary looks like SentencePiece's (inference runs without any pre-tokenizer, as Gemma's).
     trainer_tokenizer.normalizer = normalizers.Replace(" ", "▁")
-    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    # Newlines never merge with neighbouring text (as in Gemma's own vocabulary): a "\nThe" token would
+    # straddle the chat header "<|turn>model\n" and the reply, so a model trained on whole conversations would
+    # see different tokens at inference, where the prompt ends with a separate "\n".
+    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Split("▁", behavior="merged_with_next"),
+    ])
     trainer = BpeTrainer(
         vocab_size=VOCAB_SIZE,
         special_tokens=[*_SPECIAL_TOKEN_ORDER, *_BYTE_TOKENS],  # fixed ids 0..276, in this order
