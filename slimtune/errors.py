@@ -27,3 +27,7 @@ class ExportError(SlimtuneError):
 
 class KernelUnavailableError(SlimtuneError):
     """A requested GPU kernel cannot run here (no CUDA, no Triton, unsupported shape)."""
+
+
+class TrainingOutOfMemoryError(SlimtuneError):
+    """A training step did not fit in GPU memory; the message names the settings to change."""

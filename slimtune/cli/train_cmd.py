@@ -25,6 +25,8 @@ _FLAGS = [
     ("--dtype", "dtype", str, "bfloat16 | float16 | float32 (default: auto)"),
     ("--device", "device", str, "cuda | cpu (default: auto)"),
     ("--train-on", "train_on", str, "assistant (default) | all"),
+    ("--chat-template", "chat_template", str, "auto (default) | gemma4 | gemma4-thinking"),
+    ("--tool-messages", "tool_messages", str, "keep (default) | reject rows with tool turns"),
     ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (0 = off)"),
     ("--eval-data", "eval_data", str, "held-out dataset file for evaluation"),
     ("--eval-fraction", "eval_fraction", float, "fraction of the training samples held out for evaluation"),

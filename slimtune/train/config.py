@@ -65,6 +65,10 @@ class TrainConfig:
     """Recompute activations in backward (non-reentrant: correct with Gemma 4's KV sharing)."""
     train_on: str = "assistant"
     """assistant (loss on replies only) | all."""
+    chat_template: str = "auto"
+    """auto (the tokenizer's own, Gemma 4's when it has none) | gemma4 | gemma4-thinking (slimtune's built-ins)."""
+    tool_messages: str = "keep"
+    """keep | reject: what to do with rows that contain tool/function turns."""
     seed: int = 0
     """Seeds adapter init, data order and dropout."""
     save_steps: int = 0
@@ -116,6 +120,9 @@ class TrainConfig:
             ("seed", isinstance(self.seed, int), "an integer"),
             ("lr_scheduler", self.lr_scheduler in ("cosine", "linear", "constant"), "cosine, linear or constant"),
             ("train_on", self.train_on in ("assistant", "all"), "assistant or all"),
+            ("chat_template", self.chat_template in ("auto", "gemma4", "gemma4-thinking"),
+             "auto, gemma4 or gemma4-thinking"),
+            ("tool_messages", self.tool_messages in ("keep", "reject"), "keep or reject"),
             ("resume", isinstance(self.resume, bool), "true or false"),
             ("eval_data", self.eval_data is None or (isinstance(self.eval_data, str) and self.eval_data != ""),
              "a dataset path or null"),

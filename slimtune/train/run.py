@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from slimtune.adapt.inject import add_lora
 from slimtune.data import load_records
 from slimtune.data.tokenize import tokenize_rows, text_tokenizer
-from slimtune.errors import DataError
+from slimtune.errors import DataError, TrainingOutOfMemoryError
 from slimtune.models.loader import load_model
 from slimtune.train.checkpoint import check_resume_config, find_resume_point
 from slimtune.train.config import TrainConfig
@@ -35,6 +36,13 @@ def prepare_model(cfg: TrainConfig):
     """Load the base model and add the configured LoRA adapters."""
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit,
                                   max_seq_length=cfg.max_seq_length, device=cfg.device)
+    if cfg.chat_template != "auto":
+        from slimtune.data.chat_template import GEMMA4_CHAT_TEMPLATE, GEMMA4_THINKING_CHAT_TEMPLATE  # noqa: PLC0415
+
+        template = GEMMA4_THINKING_CHAT_TEMPLATE if cfg.chat_template == "gemma4-thinking" else GEMMA4_CHAT_TEMPLATE
+        text_tokenizer(tokenizer).chat_template = template
+        if tokenizer is not text_tokenizer(tokenizer):
+            tokenizer.chat_template = template
     add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
              finetune_language_layers=cfg.finetune_language_layers, finetune_vision_layers=cfg.finetune_vision_layers,
              finetune_audio_layers=cfg.finetune_audio_layers,
@@ -58,7 +66,7 @@ def enable_checkpointing(model) -> None:
 
 def prepare_data(cfg: TrainConfig, tokenizer, log=print):
     """Read, normalise and tokenize the dataset; reports skipped and truncated rows."""
-    loaded = load_records(cfg.data)
+    loaded = load_records(cfg.data, tool_messages=cfg.tool_messages)
     examples, stats = tokenize_rows(loaded.rows, tokenizer, max_seq_length=cfg.max_seq_length,
                                     train_on=cfg.train_on)
     log(f"data: {loaded.n_read} rows read ({loaded.format}), {loaded.n_skipped} skipped, "
@@ -81,7 +89,7 @@ def prepare_eval_data(cfg: TrainConfig, tokenizer, examples: list, log=print) ->
         DataError: the eval file has no usable samples, or the split would leave no training samples.
     """
     if cfg.eval_data:
-        loaded = load_records(cfg.eval_data)
+        loaded = load_records(cfg.eval_data, tool_messages=cfg.tool_messages)
         held, _ = tokenize_rows(loaded.rows, tokenizer, max_seq_length=cfg.max_seq_length, train_on=cfg.train_on)
         if not held:
             raise DataError(f"eval_data {cfg.eval_data}: no usable samples ({loaded.n_read} rows read, "
@@ -128,8 +136,13 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     device = next(p.device for p in model.parameters() if p.requires_grad)
     dtype = model.get_input_embeddings().weight.dtype
     pad_id = text_tokenizer(tokenizer).pad_token_id or 0
-    result: FitResult = fit(model, examples, cfg, run_dir, pad_id=pad_id, device=device, dtype=dtype,
-                            eval_examples=eval_examples, resume=resume)
+    try:
+        result: FitResult = fit(model, examples, cfg, run_dir, pad_id=pad_id, device=device, dtype=dtype,
+                                eval_examples=eval_examples, resume=resume)
+    except torch.OutOfMemoryError as exc:
+        from slimtune.memory.oom import explain_oom  # noqa: PLC0415
+
+        raise TrainingOutOfMemoryError(explain_oom(cfg, exc)) from exc
     log(f"adapter saved to {result.adapter_dir}")
     if result.best_step is not None:
         log(f"best eval loss {result.best_eval_loss:.4f} at step {result.best_step}; adapter in {run_dir / 'best'}")

@@ -74,3 +74,20 @@ def test_packed_training_run(tiny_dir, tmp_path):
     result = train(cfg, log=lambda *_: None)
     assert len(result.history) == 3
     assert all(r["tokens"] > 64 for r in result.history)  # several samples per 128-token sequence
+
+
+def test_thinking_template_option_trains_reasoning(tiny_dir, tmp_path):
+    """chat_template="gemma4-thinking" renders reasoning_content, and it is part of the trained reply."""
+    import json
+
+    data = tmp_path / "think.jsonl"
+    rows = [{"messages": [{"role": "system", "content": "<|think|>"}, {"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "four", "reasoning_content": "two plus two"}]}] * 4
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    base = dict(model=str(tiny_dir("e2b", text_only=True)), data=str(data), max_steps=1, lr=1e-3, lora_r=4,
+                batch_size=2, max_seq_length=64, gradient_checkpointing=False, device="cpu")
+    plain = train(TrainConfig(output=str(tmp_path / "a"), **base), log=lambda *_: None)
+    thinking = train(TrainConfig(output=str(tmp_path / "b"), chat_template="gemma4-thinking", **base),
+                     log=lambda *_: None)
+    # the thinking template keeps the reasoning inside the assistant turn: more target tokens than without
+    assert thinking.history[0]["target_tokens"] > plain.history[0]["target_tokens"]
