@@ -91,7 +91,12 @@ def test_training_logs_eval_loss_best_and_tensorboard(tiny_dir, tmp_path):
     examples, _ = tokenize_rows(load_records(str(BUNDLED)).rows, tok, max_seq_length=64, train_on="assistant")
     _, held = split_eval(examples, 0.05, seed=0)
     assert abs(_hand_eval_loss(model, held) - evals[4]) <= 1e-5 * evals[4]
-    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    try:  # events only when tensorboard is installed; without it training must simply not write them
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert not (out / "tb").exists()
+    else:
+        assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
 
 
 def test_early_stopping_stops_and_best_holds_the_best_steps_adapter(tiny_dir, tmp_path, monkeypatch):
