@@ -10,17 +10,13 @@ and the target is left exactly as it was.
 from __future__ import annotations
 
 import errno
-import logging
-import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from slimtune.errors import ExportError
+from slimtune.utils.atomic import atomic_dir
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["atomic_output_dir", "check_output_free", "dir_size_bytes"]
 
@@ -51,19 +47,6 @@ def dir_size_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _remove(path: Path) -> None:
-    # Cleanup must never hide the original error, so failures here are only logged.
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        try:
-            path.unlink()
-        except OSError as exc:  # pragma: no cover - best effort
-            logger.warning("could not remove temporary path %s: %s", path, exc)
-    if path.exists():  # pragma: no cover - best effort
-        logger.warning("temporary path %s could not be fully removed; delete it by hand", path)
-
-
 @contextmanager
 def atomic_output_dir(out: Path | str, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temp folder beside `out`; rename it to `out` if the block succeeds.
@@ -92,42 +75,23 @@ def atomic_output_dir(out: Path | str, *, overwrite: bool = False) -> Iterator[P
     out = Path(out).absolute()
     check_output_free(out, overwrite=overwrite)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"cannot create the parent folder of {str(out)!r}: {exc}") from exc
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-    except OSError as exc:
-        raise ExportError(f"cannot create a temporary folder in {str(out.parent)!r}: {exc}") from exc
-    try:
-        yield tmp
-    except OSError as exc:
-        written = dir_size_bytes(tmp)
-        _remove(tmp)
-        if exc.errno == errno.ENOSPC:
-            raise ExportError(
-                f"the disk filled up while writing the export to {str(out.parent)!r} "
-                f"({written / 2**30:.2f} GiB had been written when it failed). Nothing was left behind; free space "
-                "on that disk (an export needs about the model's size, GGUF and merged-4bit exports about twice "
-                "that while they run) or choose an output folder on another disk"
-            ) from exc
-        raise ExportError(f"writing the export to {str(out)!r} failed: {exc}. Nothing was left behind.") from exc
-    except BaseException:
-        # KeyboardInterrupt included: never leave a partial folder behind.
-        _remove(tmp)
+        with atomic_dir(out, overwrite=True) as tmp:
+            try:
+                yield tmp
+            except OSError as exc:
+                raise _write_error(exc, dir_size_bytes(tmp), out) from exc
+    except (ExportError, KeyboardInterrupt):
         raise
-    backup: Path | None = None
-    try:
-        if out.exists():
-            backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, backup)
-        os.replace(tmp, out)
-    except OSError as exc:
-        if backup is not None and not out.exists():
-            os.replace(backup, out)
-            backup = None
-        _remove(tmp)
-        raise ExportError(f"could not move the finished export into place at {str(out)!r}: {exc}") from exc
-    if backup is not None:
-        _remove(backup)
+    except OSError as exc:  # creating the temp folder or the final rename
+        raise ExportError(f"could not write the export at {str(out)!r}: {exc}. Nothing was left behind.") from exc
+
+
+def _write_error(exc: OSError, written: int, out: Path) -> ExportError:
+    if exc.errno == errno.ENOSPC:
+        return ExportError(
+            f"the disk filled up while writing the export to {str(out.parent)!r} "
+            f"({written / 2**30:.2f} GiB had been written when it failed). Nothing was left behind; free space "
+            "on that disk (an export needs about the model's size, GGUF and merged-4bit exports about twice "
+            "that while they run) or choose an output folder on another disk"
+        )
+    return ExportError(f"writing the export to {str(out)!r} failed: {exc}. Nothing was left behind.")
