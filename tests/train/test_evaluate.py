@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -19,13 +18,6 @@ from slimtune.train.run import prepare_model, train
 BUNDLED = Path(slimtune.__file__).parent / "data" / "default_data.jsonl"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model's ops are too small to split: extra threads only fight over shared CI cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg(model, out, **kw) -> TrainConfig:

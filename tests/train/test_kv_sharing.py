@@ -1,6 +1,5 @@
 """KV sharing (E2B/E4B): cache on/off and checkpointing on/off must not change logits or gradients (mode 2)."""
 
-import pytest
 import torch
 
 import slimtune

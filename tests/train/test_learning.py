@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import torch
 
 import slimtune
 from slimtune.data.tokenize import IGNORE_INDEX, text_tokenizer, tokenize_chat

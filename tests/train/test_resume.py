@@ -22,13 +22,6 @@ from slimtune.train.run import train
 BUNDLED = Path(slimtune.__file__).parent / "data" / "default_data.jsonl"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model's ops are too small to split: extra threads only fight over shared CI cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 STEPS = 20  # with 1 thread a step takes ~50 ms: the run must outlast the poll below
 
 
