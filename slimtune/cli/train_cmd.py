@@ -27,6 +27,7 @@ _FLAGS = [
     ("--train-on", "train_on", str, "assistant (default) | all"),
     ("--chat-template", "chat_template", str, "auto (default) | gemma4 | gemma4-thinking"),
     ("--tool-messages", "tool_messages", str, "keep (default) | reject rows with tool turns"),
+    ("--image-max-soft-tokens", "image_max_soft_tokens", int, "image budget: 70 | 140 | 280 | 560 | 1120"),
     ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (0 = off)"),
     ("--eval-data", "eval_data", str, "held-out dataset file for evaluation"),
     ("--eval-fraction", "eval_fraction", float, "fraction of the training samples held out for evaluation"),

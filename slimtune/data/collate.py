@@ -39,8 +39,10 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         mask[i, :n] = 1
         targets[i, : n - 1] = torch.tensor(e.labels[1:])
     batch = {"input_ids": ids, "attention_mask": mask, "targets": targets}
-    for key in examples[0].extras:
-        batch[key] = torch.cat([e.extras[key] for e in examples])
+    if any(e.extras for e in examples):  # multimodal: tower inputs padded to the longest, per-token ids to width
+        from slimtune.data.multimodal import stack_extras
+
+        batch.update(stack_extras(examples, width))
     return batch
 
 

@@ -101,18 +101,33 @@ class TokenizeStats:
 
 
 def tokenize_rows(rows: list[dict], tokenizer_or_processor, *, max_seq_length: int,
-                  train_on: str = "assistant") -> tuple[list[Example], TokenizeStats]:
+                  train_on: str = "assistant", media_root=None, media_front_end=None,
+                  ) -> tuple[list[Example], TokenizeStats]:
     """Tokenize normalised rows ({"messages": …} or {"text": …}), truncating to max_seq_length.
 
-    Rows with no target token left after truncation are skipped and counted.
+    Rows with no target token left after truncation are skipped and counted. Rows whose messages hold image or
+    audio parts go through ``slimtune.data.multimodal`` (media paths relative to ``media_root``; the front end is
+    ``media_front_end`` or, when None, loaded from the tokenizer's checkpoint folder).
     """
+    from slimtune.data import multimodal
+
     if train_on not in ("assistant", "all"):
         raise DataError(f"train_on must be 'assistant' or 'all', got {train_on!r}.")
     stats, examples = TokenizeStats(), []
-    for row in rows:
+    for n, row in enumerate(rows, 1):
         stats.n_rows += 1
-        ex = (tokenize_text(tokenizer_or_processor, row["text"]) if "text" in row
-              else tokenize_chat(tokenizer_or_processor, row["messages"], train_on=train_on))
+        if "text" not in row and multimodal.has_media(row["messages"]):
+            if media_front_end is None:
+                media_front_end = multimodal.load_media_front_end(
+                    text_tokenizer(tokenizer_or_processor).name_or_path)
+            ex = multimodal.tokenize_multimodal_chat(media_front_end, tokenizer_or_processor, row["messages"],
+                                                     media_root=media_root, train_on=train_on, row=n)
+            if len(ex.input_ids) > max_seq_length:
+                stats.n_truncated += 1
+                ex = multimodal.truncate_multimodal(ex, max_seq_length, row=n)
+        else:
+            ex = (tokenize_text(tokenizer_or_processor, row["text"]) if "text" in row
+                  else tokenize_chat(tokenizer_or_processor, row["messages"], train_on=train_on))
         if len(ex.input_ids) > max_seq_length:
             stats.n_truncated += 1
             ex = Example(ex.input_ids[:max_seq_length], ex.labels[:max_seq_length], ex.extras)

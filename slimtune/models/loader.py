@@ -146,7 +146,8 @@ def load_tokenizer(folder: Path, multimodal: bool):
             # transformers builds Gemma4Processor only with torchvision (for its video processor). Text
             # training does not need it, so return the tokenizer and say what image/audio input requires.
             warnings.warn(f"returning the tokenizer instead of the processor of {folder}: {str(exc).strip()[:160]} "
-                          "Install torchvision matching your torch to train or chat with images and audio.",
+                          "Training on image/audio rows works without it (slimtune.data.multimodal); install torchvision "
+                          "matching your torch for transformers' processor (chat with images and audio).",
                           stacklevel=3)
     try:
         tok = proc.tokenizer if proc is not None else AutoTokenizer.from_pretrained(str(folder))
@@ -215,6 +216,9 @@ def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_
 
         offload_per_layer_embeddings(model)  # before .to(device): the table never visits the GPU
     model.to(device)
+    from slimtune.adapt.precision import protect_audio_tower  # noqa: PLC0415
+
+    protect_audio_tower(model)  # its -1e9 mask fill must never meet fp16 autocast
     if attention == "slimtune" or (attention == "auto" and device.type == "cuda"):
         from slimtune.adapt.attention import enable_slimtune_attention  # noqa: PLC0415
 

@@ -69,6 +69,8 @@ class TrainConfig:
     """auto (the tokenizer's own, Gemma 4's when it has none) | gemma4 | gemma4-thinking (slimtune's built-ins)."""
     tool_messages: str = "keep"
     """keep | reject: what to do with rows that contain tool/function turns."""
+    image_max_soft_tokens: int | None = None
+    """Image budget in soft tokens: 70 | 140 | 280 | 560 | 1120 (None = the checkpoint's processor default)."""
     seed: int = 0
     """Seeds adapter init, data order and dropout."""
     save_steps: int = 0
@@ -123,6 +125,8 @@ class TrainConfig:
             ("chat_template", self.chat_template in ("auto", "gemma4", "gemma4-thinking"),
              "auto, gemma4 or gemma4-thinking"),
             ("tool_messages", self.tool_messages in ("keep", "reject"), "keep or reject"),
+            ("image_max_soft_tokens", self.image_max_soft_tokens in (None, 70, 140, 280, 560, 1120),
+             "one of 70, 140, 280, 560, 1120 or null"),
             ("resume", isinstance(self.resume, bool), "true or false"),
             ("eval_data", self.eval_data is None or (isinstance(self.eval_data, str) and self.eval_data != ""),
              "a dataset path or null"),

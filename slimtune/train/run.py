@@ -64,11 +64,28 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def media_root(data: str) -> Path:
+    """Image/audio paths in a dataset are relative to the dataset file (or the folder of files)."""
+    path = Path(data)
+    return path if path.is_dir() else path.parent
+
+
+def media_front_end(cfg: TrainConfig):
+    """The image processor + feature extractor of a local multimodal checkpoint (None otherwise)."""
+    folder = Path(cfg.model).expanduser()
+    if not (folder / "processor_config.json").is_file():
+        return None
+    from slimtune.data.multimodal import load_media_front_end  # noqa: PLC0415
+
+    return load_media_front_end(folder, max_soft_tokens=cfg.image_max_soft_tokens)
+
+
 def prepare_data(cfg: TrainConfig, tokenizer, log=print):
     """Read, normalise and tokenize the dataset; reports skipped and truncated rows."""
     loaded = load_records(cfg.data, tool_messages=cfg.tool_messages)
     examples, stats = tokenize_rows(loaded.rows, tokenizer, max_seq_length=cfg.max_seq_length,
-                                    train_on=cfg.train_on)
+                                    train_on=cfg.train_on, media_root=media_root(cfg.data),
+                                    media_front_end=media_front_end(cfg))
     log(f"data: {loaded.n_read} rows read ({loaded.format}), {loaded.n_skipped} skipped, "
         f"{stats.n_truncated} truncated to {cfg.max_seq_length} tokens, {stats.n_skipped_no_targets} without "
         f"targets; {len(examples)} samples, {stats.n_target_tokens} target tokens")
@@ -90,7 +107,8 @@ def prepare_eval_data(cfg: TrainConfig, tokenizer, examples: list, log=print) ->
     """
     if cfg.eval_data:
         loaded = load_records(cfg.eval_data, tool_messages=cfg.tool_messages)
-        held, _ = tokenize_rows(loaded.rows, tokenizer, max_seq_length=cfg.max_seq_length, train_on=cfg.train_on)
+        held, _ = tokenize_rows(loaded.rows, tokenizer, max_seq_length=cfg.max_seq_length, train_on=cfg.train_on,
+                                media_root=media_root(cfg.eval_data), media_front_end=media_front_end(cfg))
         if not held:
             raise DataError(f"eval_data {cfg.eval_data}: no usable samples ({loaded.n_read} rows read, "
                             f"{loaded.n_skipped} skipped); point eval_data at a dataset with assistant replies.")

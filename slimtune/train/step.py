@@ -19,6 +19,9 @@ from slimtune.memory.host_embedding import prefetch_host_embeddings
 from slimtune.train.loss import loss_sum
 
 
+_MEDIA_INPUTS = ("pixel_values", "input_features")
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Autocast to the compute dtype for 16-bit runs; a no-op for fp32."""
     if dtype == torch.float32:
@@ -61,6 +64,9 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict], *, device:
     total = torch.zeros((), dtype=torch.float32, device=device)
     for cpu_batch in micro_batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+        for key in _MEDIA_INPUTS:  # the processors emit fp32; half-precision towers need their own dtype
+            if key in batch and dtype != torch.float32:
+                batch[key] = batch[key].to(dtype)
         prefetch_host_embeddings(model, cpu_batch, batch)
         with autocast(device, dtype):
             loss = loss_sum(model, batch) * scale
