@@ -77,10 +77,43 @@ def is_nf4_linear(module: nn.Module) -> bool:
 
 def dequantize_nf4_weight(module: nn.Module) -> torch.Tensor:
     """The 16-bit weight an NF4 Linear4bit computes with (bitsandbytes' own dequantization)."""
-    bnb = _bnb()
     if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
         # On CPUs with AVX512-BF16, bitsandbytes repacks NF4 weights for its inference kernel at the first
-        # eval-mode forward; dequantize_4bit does not understand that layout (it returns garbage). Saving the
-        # module restores the standard layout, through bitsandbytes' own code.
+        # eval-mode forward; the stored layout is no longer the standard one. Saving the module restores it,
+        # through bitsandbytes' own code.
         module.state_dict()
-    return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    return dequantize_bnb_4bit(module.weight.data, module.weight.quant_state)
+
+
+def dequantize_bnb_4bit(packed: torch.Tensor, state) -> torch.Tensor:
+    """Dequantize one bitsandbytes NF4/FP4 weight in plain torch.
+
+    Two 4-bit codes per byte (high nibble first) index ``state.code`` (the 16 NF4/FP4 levels) and are scaled by
+    their block's absmax; with double quantization the absmax values are themselves 8-bit codes scaled per
+    256-block, plus ``state.offset``. bitsandbytes' own ``dequantize_4bit`` is not used because its CPU kernel
+    (0.50.2) returns wrong values when a row's length is not a multiple of the block size (e.g. the 4304-wide MLP
+    of the large vision tower); the stored codes are right, only that kernel is not.
+
+    Args:
+        packed: the stored ``weight`` tensor (uint8, or another storage dtype viewed as bytes).
+        state: its ``bitsandbytes.functional.QuantState``.
+
+    Returns:
+        The weight, shaped ``state.shape``, in ``state.dtype``.
+    """
+    n = int(torch.Size(state.shape).numel())
+    raw = packed.contiguous().view(torch.uint8).reshape(-1)
+    codes = torch.stack([raw >> 4, raw & 0x0F], dim=-1).reshape(-1)[:n].long()
+    absmax = bnb_block_absmax(state).repeat_interleave(state.blocksize)[:n]
+    return (state.code.float()[codes] * absmax).reshape(state.shape).to(state.dtype)
+
+
+def bnb_block_absmax(state) -> torch.Tensor:
+    """Per-block absmax of a bitsandbytes 4-bit weight as stored (decoding double quantization), fp32."""
+    absmax = state.absmax
+    if state.nested:
+        s2 = state.state2
+        scale2 = s2.absmax.float().repeat_interleave(s2.blocksize)[: absmax.numel()]
+        absmax = s2.code.float()[absmax.long()] * scale2 + float(state.offset)
+    return absmax.float()
+

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from slimtune.adapt.quantize import dequantize_bnb_4bit
 from slimtune.errors import ExportError
 from slimtune.export import checkpoint as ckpt_io
 from slimtune.export.checkpoint import Checkpoint
@@ -23,7 +24,7 @@ from slimtune.export.lora_plan import LoraDelta, load_adapter_plan, match_base_k
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MergeReport", "bnb_block_absmax", "dequantize_bnb_4bit", "merge_adapter"]
+__all__ = ["MergeReport", "merge_adapter"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -65,39 +66,6 @@ def _bnb_companions(ckpt: Checkpoint) -> dict[str, list[str]]:
         if sep and head + ".weight" in out:
             out[head + ".weight"].append(key)
     return out
-
-
-def dequantize_bnb_4bit(packed: torch.Tensor, state) -> torch.Tensor:
-    """Dequantize one bitsandbytes NF4/FP4 weight in plain torch.
-
-    Two 4-bit codes per byte (high nibble first) index ``state.code`` (the 16 NF4/FP4 levels) and are scaled by
-    their block's absmax; with double quantization the absmax values are themselves 8-bit codes scaled per
-    256-block, plus ``state.offset``. bitsandbytes' own ``dequantize_4bit`` is not used because its CPU kernel
-    (0.50.2) returns wrong values when a row's length is not a multiple of the block size (e.g. the 4304-wide MLP
-    of the large vision tower); the stored codes are right, only that kernel is not.
-
-    Args:
-        packed: the stored ``weight`` tensor (uint8, or another storage dtype viewed as bytes).
-        state: its ``bitsandbytes.functional.QuantState``.
-
-    Returns:
-        The weight, shaped ``state.shape``, in ``state.dtype``.
-    """
-    n = int(torch.Size(state.shape).numel())
-    raw = packed.contiguous().view(torch.uint8).reshape(-1)
-    codes = torch.stack([raw >> 4, raw & 0x0F], dim=-1).reshape(-1)[:n].long()
-    absmax = bnb_block_absmax(state).repeat_interleave(state.blocksize)[:n]
-    return (state.code.float()[codes] * absmax).reshape(state.shape).to(state.dtype)
-
-
-def bnb_block_absmax(state) -> torch.Tensor:
-    """Per-block absmax of a bitsandbytes 4-bit weight as stored (decoding double quantization), fp32."""
-    absmax = state.absmax
-    if state.nested:
-        s2 = state.state2
-        scale2 = s2.absmax.float().repeat_interleave(s2.blocksize)[: absmax.numel()]
-        absmax = s2.code.float()[absmax.long()] * scale2 + float(state.offset)
-    return absmax.float()
 
 
 def _dequantize_4bit(

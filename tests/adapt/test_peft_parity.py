@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import slimtune
 from slimtune.adapt.lora import lora_modules
-from slimtune.adapt.quantize import dequantize_nf4_weight, is_nf4_linear
+from slimtune.adapt.quantize import dequantize_bnb_4bit, dequantize_nf4_weight, is_nf4_linear
 
 
 def _auto_class(model):
@@ -101,10 +101,11 @@ def test_nf4_loading_matches_bitsandbytes_dequantization(tiny_dir):
         deq = dequantize_nf4_weight(module)
         # our module must hold exactly what bitsandbytes produces for this weight
         p4 = bnb.nn.Params4bit(w.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
-        assert torch.equal(deq, bnb.functional.dequantize_4bit(p4.data, p4.quant_state))
-        # 4-bit rounding: ~0.1 relative error on normal-like weights, up to ~0.3 on uniform ones (fan-in 16 in the
-        # tiny model); a transposed or misaligned block layout gives ~1.4
-        assert (deq - w).norm() / w.norm() <= 0.4
+        assert torch.equal(deq, dequantize_bnb_4bit(p4.data, p4.quant_state))
+        # 4-bit rounding keeps the relative error near 0.1 (max 0.095 here); a transposed or misaligned block
+        # layout gives ~1.4. (bitsandbytes' own CPU dequantize_4bit reads rows whose length is not a multiple of
+        # 64 wrongly, ~0.3 here: we use the pure-torch dequantizer.)
+        assert (deq - w).norm() / w.norm() <= 0.15
     x = torch.randn(3, 7, q.config.hidden_size)
     name, module = next(iter(quantized.items()))
     if module.in_features == q.config.hidden_size:

@@ -29,7 +29,7 @@ from bitsandbytes.nn import Linear4bit
 from transformers import AutoModelForCausalLM
 
 from slimtune.export import export
-from slimtune.export.merge import bnb_block_absmax, dequantize_bnb_4bit
+from slimtune.adapt.quantize import bnb_block_absmax, dequantize_bnb_4bit
 
 NF4_HALF_GAP = (1.0 - 0.6961928009986877) / 2  # 0.1519: half the widest NF4 level gap
 
