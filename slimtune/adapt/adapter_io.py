@@ -86,11 +86,11 @@ def save_adapter(model: nn.Module, directory) -> Path:
 
 
 def _pattern_value(pattern: dict, name: str, default):
-    """PEFT's rank/alpha pattern lookup: the first key that matches the end of the module name."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?(?:{key})$", name):
-            return value
-    return default
+    """A rank/alpha pattern entry for a module, matched exactly as PEFT matches it."""
+    from peft.utils.other import get_pattern_key  # noqa: PLC0415
+
+    pattern = pattern or {}
+    return pattern.get(get_pattern_key(pattern.keys(), name), default)
 
 
 def read_adapter(directory) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -9,7 +9,6 @@ working set, and the loss chunk. Calibrated against H200 measurements (see BENCH
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 GIB = 2**30
@@ -94,6 +93,3 @@ def estimate_training_memory(model: str, *, seq_len: int, batch_size: int = 1, l
     gib = {k: round(v / GIB, 3) for k, v in breakdown.items()}
     return {"total_gib": round(sum(breakdown.values()) / GIB, 3), "breakdown": gib}
 
-
-def estimate_json(model: str, **kw) -> str:
-    return json.dumps(estimate_training_memory(model, **kw))

@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from slimtune.train.metrics import MetricsWriter, TensorBoardLogger, truncate_me
 from slimtune.train.schedule import make_scheduler
 from slimtune.train.step import accumulate_gradients, clip_and_step
 
-__all__ = ["DataStream", "FitResult", "MetricsWriter", "epoch_order", "fit", "micro_batches", "save_checkpoint",
+__all__ = ["DataStream", "FitResult", "MetricsWriter", "epoch_order", "fit", "save_checkpoint",
            "steps_per_epoch"]
 
 
@@ -34,18 +34,10 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def micro_batches(examples: list[Example], batch_size: int, seed: int, start_epoch: int = 0) -> Iterator[tuple[int, list[Example]]]:
-    """Endless stream of (epoch, micro-batch) in shuffled order, epoch after epoch."""
-    epoch = start_epoch
-    while True:
-        order = epoch_order(len(examples), seed, epoch)
-        for i in range(0, len(order), batch_size):
-            yield epoch, [examples[j] for j in order[i : i + batch_size]]
-        epoch += 1
-
-
 class DataStream:
-    """The endless micro-batch stream of `micro_batches`, with a position (epoch, index) that resume restores.
+    """The endless stream of (epoch, micro-batch) in shuffled order, epoch after epoch.
+
+    Its position (epoch, index) is what resume restores.
 
     `index` is the offset into the current epoch's order of the next sample to hand out; since the order is
     `epoch_order(n, seed, epoch)`, (epoch, index) is all a checkpoint needs to continue the same sequence.
@@ -57,7 +49,7 @@ class DataStream:
         self._order = epoch_order(len(examples), seed, 0)
 
     def next(self) -> tuple[int, list[Example]]:
-        """(epoch, micro-batch); the last batch of an epoch may be smaller, as in `micro_batches`."""
+        """(epoch, micro-batch); the last batch of an epoch may be smaller."""
         epoch = self.epoch
         picked = self._order[self.index : self.index + self.batch_size]
         self.index += len(picked)
