@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,12 +73,16 @@ def media_root(data: str) -> Path:
 
 def media_front_end(cfg: TrainConfig):
     """The image processor + feature extractor of a local multimodal checkpoint (None otherwise)."""
-    folder = Path(cfg.model).expanduser()
-    if not (folder / "processor_config.json").is_file():
+    return _media_front_end(str(Path(cfg.model).expanduser()), cfg.image_max_soft_tokens)
+
+
+@functools.lru_cache(maxsize=4)  # training and eval data share one front end: read the checkpoint files once
+def _media_front_end(folder: str, max_soft_tokens: int | None):
+    if not (Path(folder) / "processor_config.json").is_file():
         return None
     from slimtune.data.multimodal import load_media_front_end  # noqa: PLC0415
 
-    return load_media_front_end(folder, max_soft_tokens=cfg.image_max_soft_tokens)
+    return load_media_front_end(folder, max_soft_tokens=max_soft_tokens)
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, log=print):
