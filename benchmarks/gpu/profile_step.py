@@ -62,6 +62,13 @@ def main() -> None:
     print(f"== {a.mode} seq {a.seq} compile={a.compile} attention={a.attention}: wall/step {wall*1e3:.1f} ms, "
           f"GPU busy/step {gpu_us/1e3:.1f} ms ({100*gpu_us/1e3/(wall*1e3):.0f}%), tok/s {a.seq/wall:.0f}")
     print(events.table(sort_by="self_device_time_total", row_limit=a.rows, max_name_column_width=60))
+    n_ops = sum(e.count for e in events if not e.is_user_annotation and e.device_type.name == "CPU") / 2
+    print(f"CPU-side ops per step: {n_ops:.0f}")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60))
+    if a.compile:
+        from torch._dynamo.utils import counters
+
+        print("graph breaks:", dict(counters["graph_break"]))
 
 
 if __name__ == "__main__":

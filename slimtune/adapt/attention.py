@@ -60,6 +60,9 @@ _doc_memo: dict[str, object] = {"ref": None, "version": -1, "batch": -1, "bounds
 
 def _doc_bounds_from_positions(position_ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``document_bounds`` of the packed documents in ``position_ids``, computed once per forward pass."""
+    if torch.compiler.is_compiling():  # traced into each layer's graph: a few fused elementwise ops, no memo
+        return document_bounds(packed_document_ids(position_ids, batch), None, batch, position_ids.shape[-1],
+                               position_ids.device)
     ref = _doc_memo["ref"]
     if (ref is not None and ref() is position_ids and _doc_memo["version"] == position_ids._version
             and _doc_memo["batch"] == batch):
@@ -92,10 +95,6 @@ def slimtune_attention_mask(
                                 kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask)
 
 
-# Inductor re-compiles user Triton kernels it traces, and our head_dim-512 kernels rely on a layout trick its
-# pipeline rejects (H200 run, 2026-11-28: CompilationError). A graph break around attention keeps regional
-# torch.compile of the decoder layers usable: everything around attention is still fused.
-@torch.compiler.disable
 def slimtune_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

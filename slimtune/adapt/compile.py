@@ -16,6 +16,10 @@ def compile_decoder_layers(model: nn.Module, *, dynamic: bool | None = None, mod
     if not hasattr(torch, "compile"):
         return 0
     layers = model.get_decoder().layers
+    # Layers differ in shape (sliding/full attention head dims, double-wide MLPs, KV producers/consumers): each
+    # variant is one more compiled graph of the same code. Past the default limit of 8, dynamo would silently run
+    # the remaining variants eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for layer in layers:
         layer.compile(dynamic=dynamic, mode=mode)
     return len(layers)

@@ -14,6 +14,14 @@ import math
 import torch
 from torch import nn
 
+from slimtune.adapt.lora_matmul import lora_matmul
+
+
+def _fusable(base: nn.Module) -> bool:
+    if type(base) is nn.Linear:
+        return True
+    return type(base).__name__ == "Linear4bit" and getattr(base.weight, "quant_state", None) is not None
+
 
 class LoraLinear(nn.Module):
     """Low-rank adapter around a frozen linear layer.
@@ -41,6 +49,7 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fused = True  # one autograd node (slimtune.adapt.lora_matmul); False runs the modules one by one
         self.reset_parameters(generator)
 
     @torch.no_grad()
@@ -53,6 +62,13 @@ class LoraLinear(nn.Module):
         self.lora_B.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and _fusable(self.base_layer):
+            dropout = None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout
+            return lora_matmul(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout)
+        return self.forward_modules(x)
+
+    def forward_modules(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function module by module (the reference the fused path is tested against)."""
         out = self.base_layer(x)
         # Outside autocast the fp32 adapter would meet 16-bit activations; cast explicitly in that case only.
         lora_in = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)

@@ -85,8 +85,53 @@ def dequantize_nf4_weight(module: nn.Module) -> torch.Tensor:
     return dequantize_bnb_4bit(module.weight.data, module.weight.quant_state)
 
 
+def nf4_parts(base_layer) -> tuple:
+    """The tensors and sizes that define a bitsandbytes 4-bit weight (read each call: parameters can be replaced)."""
+    return _parts(base_layer.weight.data, base_layer.weight.quant_state)
+
+
+def _parts(packed: torch.Tensor, state) -> tuple:
+    if state.nested:
+        s2 = state.state2
+        nested = (state.absmax, s2.absmax, s2.code, s2.blocksize, state.offset)
+    else:
+        nested = (state.absmax, None, None, 0, None)
+    return (packed, state.code, *nested, state.blocksize, state.quant_type, tuple(state.shape), state.dtype)
+
+
+def dequantize_parts(parts: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """The 16-bit weight of `nf4_parts` (CUDA: bitsandbytes' kernels; elsewhere: exact plain torch)."""
+    packed, code, absmax, nested_absmax, nested_code, nested_block, offset, block, quant_type, shape, wdtype = parts
+    if packed.device.type == "cuda":
+        if nested_absmax is not None:
+            absmax = torch.ops.bitsandbytes.dequantize_blockwise(absmax, nested_absmax, nested_code, nested_block,
+                                                                 torch.float32) + offset
+        w = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax.float(), block, quant_type, list(shape), wdtype)
+        return w if w.dtype == dtype else w.to(dtype)
+    return _dequantize_parts_torch(parts).to(dtype)
+
+
+def _dequantize_parts_torch(parts: tuple) -> torch.Tensor:
+    packed, code, absmax, nested_absmax, nested_code, nested_block, offset, block, _, shape, wdtype = parts
+    n = 1
+    for s in shape:
+        n *= s
+    absmax = _block_absmax_torch(absmax, nested_absmax, nested_code, nested_block, offset)
+    raw = packed.contiguous().view(torch.uint8).reshape(-1)
+    codes = torch.stack([raw >> 4, raw & 0x0F], dim=-1).reshape(-1)[:n].long()
+    full = code.float()[codes] * absmax.repeat_interleave(block)[:n]
+    return full.reshape(shape).to(wdtype)
+
+
+def _block_absmax_torch(absmax, nested_absmax, nested_code, nested_block, offset) -> torch.Tensor:
+    if nested_absmax is not None:  # double quantization: 8-bit absmax codes, scaled per nested block, + offset
+        scale2 = nested_absmax.float().repeat_interleave(nested_block)[: absmax.numel()]
+        absmax = nested_code.float()[absmax.long()] * scale2 + torch.as_tensor(offset, dtype=torch.float32)
+    return absmax.float()
+
+
 def dequantize_bnb_4bit(packed: torch.Tensor, state) -> torch.Tensor:
-    """Dequantize one bitsandbytes NF4/FP4 weight in plain torch.
+    """Dequantize one bitsandbytes NF4/FP4 weight in plain torch (any device).
 
     Two 4-bit codes per byte (high nibble first) index ``state.code`` (the 16 NF4/FP4 levels) and are scaled by
     their block's absmax; with double quantization the absmax values are themselves 8-bit codes scaled per
@@ -94,26 +139,12 @@ def dequantize_bnb_4bit(packed: torch.Tensor, state) -> torch.Tensor:
     (0.50.2) returns wrong values when a row's length is not a multiple of the block size (e.g. the 4304-wide MLP
     of the large vision tower); the stored codes are right, only that kernel is not.
 
-    Args:
-        packed: the stored ``weight`` tensor (uint8, or another storage dtype viewed as bytes).
-        state: its ``bitsandbytes.functional.QuantState``.
-
     Returns:
         The weight, shaped ``state.shape``, in ``state.dtype``.
     """
-    n = int(torch.Size(state.shape).numel())
-    raw = packed.contiguous().view(torch.uint8).reshape(-1)
-    codes = torch.stack([raw >> 4, raw & 0x0F], dim=-1).reshape(-1)[:n].long()
-    absmax = bnb_block_absmax(state).repeat_interleave(state.blocksize)[:n]
-    return (state.code.float()[codes] * absmax).reshape(state.shape).to(state.dtype)
+    return _dequantize_parts_torch(_parts(packed, state))
 
 
 def bnb_block_absmax(state) -> torch.Tensor:
     """Per-block absmax of a bitsandbytes 4-bit weight as stored (decoding double quantization), fp32."""
-    absmax = state.absmax
-    if state.nested:
-        s2 = state.state2
-        scale2 = s2.absmax.float().repeat_interleave(s2.blocksize)[: absmax.numel()]
-        absmax = s2.code.float()[absmax.long()] * scale2 + float(state.offset)
-    return absmax.float()
-
+    return _block_absmax_torch(*_parts(state.absmax, state)[2:7])

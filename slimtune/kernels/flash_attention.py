@@ -195,6 +195,51 @@ def _backward(do, q, k, v, o, lse, scale, window, dstart, dend, key_valid, cfgs)
     return dq, dk, dv
 
 
+# The same kernels as registered torch ops: torch.compile treats them as opaque calls, so a compiled decoder layer
+# stays one graph (no break around attention) and inductor never re-compiles our Triton source (its pipeline
+# rejects the head_dim-512 layout trick: H200 run, 2026-11-28).
+@torch.library.custom_op("slimtune::flash_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int, dstart: torch.Tensor,
+            dend: torch.Tensor, key_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    o, lse = _forward(q, k, v, scale, window, dstart, key_valid, _config(q.shape[-1], "fwd", None))
+    return o, lse
+
+
+@_fwd_op.register_fake
+def _(q, k, v, scale, window, dstart, dend, key_valid):
+    b, h, t, d = q.shape
+    return q.new_empty((b, t, h, d)).transpose(1, 2), q.new_empty((b, h, t), dtype=torch.float32)
+
+
+@torch.library.custom_op("slimtune::flash_attention_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+            lse: torch.Tensor, scale: float, window: int, dstart: torch.Tensor, dend: torch.Tensor,
+            key_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cfgs = {kind: _config(q.shape[-1], kind, None) for kind in ("dq", "dkdv")}
+    dq, dk, dv = _backward(do, q, k, v, o, lse, scale, window, dstart, dend, key_valid, cfgs)
+    return dq, dk.contiguous(), dv.contiguous()
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, scale, window, dstart, dend, key_valid):
+    return torch.empty_like(q), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fwd_op_setup(ctx, inputs, output):
+    q, k, v, scale, window, dstart, dend, key_valid = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], dstart, dend, key_valid)
+    ctx.scale, ctx.window = scale, window
+
+
+def _fwd_op_backward(ctx, do, _dlse):
+    q, k, v, o, lse, dstart, dend, key_valid = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.scale, ctx.window, dstart, dend, key_valid)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_fwd_op_backward, setup_context=_fwd_op_setup)
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton forward/backward; inputs are (batch, heads, seq, head_dim) CUDA tensors."""
 
@@ -280,7 +325,9 @@ def flash_attention(
     if dstart is None:  # one document per row: the kernels always read document bounds (one compare per element)
         dstart, dend = _single_document_bounds(b, t, q.device)
     kernel_window = window if window is not None else t + 1  # W > T: every causal key is inside the window
-    return FlashAttentionFunction.apply(q, k, v, float(scale), kernel_window, dstart, dend, key_valid, _configs)
+    if _configs is not None:  # explicit launch shapes (kernel tuning and its tests)
+        return FlashAttentionFunction.apply(q, k, v, float(scale), kernel_window, dstart, dend, key_valid, _configs)
+    return _fwd_op(q, k, v, float(scale), kernel_window, dstart, dend, key_valid)[0]
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
