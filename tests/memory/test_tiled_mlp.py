@@ -87,20 +87,23 @@ def test_names_and_state_dict_unchanged(tiny_dir):
                                                                          SequenceTiledMLP)
 
 
+class _MLP(torch.nn.Module):
+    """Gemma 4's MLP shape, standalone."""
+
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.gelu(self.gate_proj(x)) * self.up_proj(x))
+
+
 def test_only_the_mlp_input_is_saved():
     """The point of tiling: backward keeps x alone, not the (tokens × intermediate) gate/up activations."""
     torch.manual_seed(0)
     hidden, inter, tokens = 8, 64, 40
-
-    class MLP(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
-            self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
-            self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
-
-        def forward(self, x):
-            return self.down_proj(torch.nn.functional.gelu(self.gate_proj(x)) * self.up_proj(x))
 
     x0 = torch.randn(1, tokens, hidden)
 
@@ -112,8 +115,8 @@ def test_only_the_mlp_input_is_saved():
         y.sum().backward()
         return sum(n), x.grad
 
-    plain = MLP()
-    tiled = SequenceTiledMLP(MLP(), chunk_size=8)
+    plain = _MLP(hidden, inter)
+    tiled = SequenceTiledMLP(_MLP(hidden, inter), chunk_size=8)
     tiled.load_state_dict(plain.state_dict())
     n_plain, gx0 = saved_elements(plain)
     n_tiled, gx1 = saved_elements(tiled)
@@ -163,3 +166,19 @@ def test_chunk_size_must_be_positive(tiny_dir):
     model = _model(tiny_dir, "31b")
     with pytest.raises(ConfigError, match="mlp_chunk_size"):
         tile_decoder_mlps(model, 0)
+
+
+def test_backward_recompute_runs_under_the_forwards_autocast():
+    """Backward runs outside autocast; the recompute must still see bf16 like the forward did (and vice versa)."""
+    torch.manual_seed(0)
+    tiled = SequenceTiledMLP(_MLP(8, 32), chunk_size=4)
+    seen = []
+    tiled.gate_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x = torch.randn(2, 6, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = tiled(x)
+    y.float().sum().backward()
+    assert len(seen) == 6 and set(seen) == {torch.bfloat16}  # 3 chunks in forward, 3 recomputed in backward
+    seen.clear()
+    tiled(x).sum().backward()
+    assert len(seen) == 6 and set(seen) == {torch.float32}
