@@ -74,8 +74,8 @@ class ActivationOffloader:
         """Activations only: big enough, floating point, never a parameter or a view of one."""
         if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
             return False
-        if not t.is_floating_point() or t.layout != torch.strided:
-            return False
+        if not t.is_floating_point() or t.layout != torch.strided or t.numel() == 0:
+            return False  # ids/masks, sparse, and torch<2.4's empty placeholder that checkpoint saves
         return t.numel() * t.element_size() >= self.min_bytes
 
     def pack(self, t: torch.Tensor):
