@@ -18,6 +18,10 @@ import torch
 from slimtune.adapt.inject import add_lora, trainable_parameters
 from slimtune.bench.random_model import build_random_model
 from slimtune.data.tokenize import IGNORE_INDEX
+from slimtune.errors import ConfigError
+from slimtune.memory.activation_offload import enable_activation_offload
+from slimtune.memory.tiled_mlp import tile_decoder_mlps
+from slimtune.train.optimizer import OPTIMIZERS, make_optimizer
 from slimtune.train.run import enable_checkpointing
 from slimtune.train.step import accumulate_gradients, clip_and_step
 
@@ -31,7 +35,25 @@ class BenchOptions:
     attention: str = "sdpa"
     fused_adamw: bool = True
     compile_layers: bool = False
+    activation_offload: bool = False
+    """Checkpointed decoder-layer inputs in pinned host memory (needs gradient_checkpointing)."""
+    mlp_chunk_size: int = 0
+    """Sequence-tiled MLP: tokens per chunk (0 = off)."""
+    optimizer: str = "adamw"
+    """adamw | adamw8bit."""
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        p = []
+        if not isinstance(self.mlp_chunk_size, int) or isinstance(self.mlp_chunk_size, bool) \
+                or self.mlp_chunk_size < 0:
+            p.append(f"mlp_chunk_size must be an integer >= 0 (got {self.mlp_chunk_size!r})")
+        if self.optimizer not in OPTIMIZERS:
+            p.append(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
+        if self.activation_offload and not self.gradient_checkpointing:
+            p.append("activation_offload needs gradient_checkpointing (it offloads the checkpointed layer inputs)")
+        if p:
+            raise ConfigError("invalid bench options:\n  - " + "\n  - ".join(p))
 
 
 def _batch(seq: int, vocab: int, device, gen) -> tuple[dict, dict]:
@@ -57,15 +79,18 @@ def bench_one(variant: str, mode: str, seq: int, *, steps: int = 6, multimodal: 
         enable_slimtune_attention(model)
     add_lora(model, r=16, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                      "up_proj", "down_proj"])
+    if options.mlp_chunk_size:
+        tile_decoder_mlps(model, options.mlp_chunk_size)
     if options.compile_layers:
         from slimtune.adapt.compile import compile_decoder_layers  # noqa: PLC0415
 
         compile_decoder_layers(model)
     if options.gradient_checkpointing:
         enable_checkpointing(model)
+    offloader = enable_activation_offload(model) if options.activation_offload else None
     model.train()
     params = trainable_parameters(model)
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=options.fused_adamw)
+    opt = make_optimizer(params, name=options.optimizer, lr=1e-4, fused=options.fused_adamw)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     gen = torch.Generator().manual_seed(0)
     cpu_batch, _ = _batch(seq, model.config.get_text_config().vocab_size, device, gen)
@@ -87,6 +112,8 @@ def bench_one(variant: str, mode: str, seq: int, *, steps: int = 6, multimodal: 
                   weights_gib=round(weights_gib, 3), step_s=round(step_s, 4), tok_s=round(seq / step_s, 1),
                   build_s=round(build_s, 1), loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3),
                   lora_params=sum(p.numel() for p in params), options=asdict(options))
+    if offloader is not None:  # per step: the counters ran over all `steps`
+        result["offloaded_gib_per_step"] = round(offloader.offloaded_bytes / steps / 2**30, 3)
     del model, opt, params
     gc.collect()
     torch.cuda.empty_cache()

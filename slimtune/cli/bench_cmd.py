@@ -14,6 +14,10 @@ def register(sub) -> None:
     p.add_argument("--no-offload-ple", action="store_true", help="keep the per-layer-embedding table on the GPU")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    p.add_argument("--activation-offload", action="store_true",
+                   help="keep checkpointed decoder-layer inputs in pinned host memory")
+    p.add_argument("--mlp-chunk-size", type=int, default=0, help="sequence-tiled MLP: tokens per chunk (0 = off)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--steps-profile", type=int, default=0, help="also profile N steps (torch.profiler table)")
     p.add_argument("--json", help="append one JSON line per result to this file")
     p.set_defaults(func=run)
@@ -28,7 +32,9 @@ def run(args) -> int:
     if not torch.cuda.is_available():
         raise ConfigError("slimtune bench measures GPU memory and needs a CUDA GPU; none is visible here.")
     opts = BenchOptions(offload_ple=not args.no_offload_ple, gradient_checkpointing=not args.no_gradient_checkpointing,
-                        attention=args.attention, compile_layers=args.compile)
+                        attention=args.attention, compile_layers=args.compile,
+                        activation_offload=args.activation_offload, mlp_chunk_size=args.mlp_chunk_size,
+                        optimizer=args.optimizer)
     run_bench(args.geometry, args.mode.split(","), [int(s) for s in args.seq.split(",")], steps=args.steps,
               multimodal=args.multimodal, options=opts, json_path=args.json)
     return 0

@@ -32,6 +32,8 @@ _FLAGS = [
     ("--eval-data", "eval_data", str, "held-out dataset file for evaluation"),
     ("--eval-fraction", "eval_fraction", float, "fraction of the training samples held out for evaluation"),
     ("--eval-steps", "eval_steps", int, "evaluate every N steps (0 = only at the end)"),
+    ("--mlp-chunk-size", "mlp_chunk_size", int, "run each decoder MLP over chunks of N tokens (0 = off)"),
+    ("--optimizer", "optimizer", str, "adamw (default) | adamw8bit"),
     ("--early-stopping-patience", "early_stopping_patience", int,
      "stop after N evaluations without improvement (0 = off)"),
 ]
@@ -41,6 +43,7 @@ _BOOLS = [
     ("--finetune-vision-layers", "finetune_vision_layers", "LoRA on the vision tower too"),
     ("--finetune-audio-layers", "finetune_audio_layers", "LoRA on the audio tower too"),
     ("--packing", "packing", "pack several samples per sequence (no cross-sample attention or loss)"),
+    ("--activation-offload", "activation_offload", "keep checkpointed layer inputs in pinned host memory"),
     ("--resume", "resume", "continue exactly from the newest complete checkpoint in the run folder"),
 ]
 

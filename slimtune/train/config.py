@@ -63,6 +63,13 @@ class TrainConfig:
     """cuda | cpu | None (auto)."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant: correct with Gemma 4's KV sharing)."""
+    activation_offload: bool = False
+    """Keep the inputs checkpointing saves per decoder layer in pinned host memory (async copies, prefetched
+    for backward). Needs gradient_checkpointing."""
+    mlp_chunk_size: int = 0
+    """Run each decoder MLP over chunks of this many tokens, recomputing them in backward (0 = off)."""
+    optimizer: str = "adamw"
+    """adamw | adamw8bit (bitsandbytes' 8-bit AdamW: optimizer state in 1/4 of the memory)."""
     train_on: str = "assistant"
     """assistant (loss on replies only) | all."""
     chat_template: str = "auto"
@@ -135,6 +142,10 @@ class TrainConfig:
             ("eval_steps", isinstance(self.eval_steps, int) and self.eval_steps >= 0, ">= 0"),
             ("early_stopping_patience", isinstance(self.early_stopping_patience, int)
              and self.early_stopping_patience >= 0, ">= 0"),
+            ("activation_offload", isinstance(self.activation_offload, bool), "true or false"),
+            ("mlp_chunk_size", isinstance(self.mlp_chunk_size, int) and not isinstance(self.mlp_chunk_size, bool)
+             and self.mlp_chunk_size >= 0, "an integer >= 0 (tokens per chunk; 0 = off)"),
+            ("optimizer", self.optimizer in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
             ("dtype", self.dtype in (None, "auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"),
              "bfloat16, float16, float32 or null"),
         ]
@@ -142,6 +153,9 @@ class TrainConfig:
             if not ok:
                 p.append(f"{name} must be {want} (got {getattr(self, name)!r})")
         p += self._eval_problems()
+        if self.activation_offload is True and self.gradient_checkpointing is False:
+            p.append("activation_offload needs gradient_checkpointing (it offloads the inputs checkpointing keeps "
+                     "per decoder layer): turn gradient_checkpointing on or activation_offload off")
         p += _seq_length_problems(self.model, self.max_seq_length)
         if self.extra:
             p.append(f"unknown settings: {sorted(self.extra)}")

@@ -21,6 +21,7 @@ from slimtune.train.checkpoint import ResumePoint, restore_adapter, restore_rng,
 from slimtune.train.config import TrainConfig
 from slimtune.train.evaluate import EvalTracker, evaluate, save_best
 from slimtune.train.metrics import MetricsWriter, TensorBoardLogger, truncate_metrics
+from slimtune.train.optimizer import make_optimizer
 from slimtune.train.schedule import make_scheduler
 from slimtune.train.step import accumulate_gradients, clip_and_step
 
@@ -98,7 +99,7 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
     """
     run_dir = Path(run_dir)
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    optimizer = make_optimizer(params, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = steps_per_epoch(len(examples), cfg.batch_size, cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.03 * total))

@@ -13,6 +13,8 @@ from slimtune.adapt.inject import add_lora
 from slimtune.data import load_records
 from slimtune.data.tokenize import tokenize_rows, text_tokenizer
 from slimtune.errors import DataError, TrainingOutOfMemoryError
+from slimtune.memory.activation_offload import enable_activation_offload
+from slimtune.memory.tiled_mlp import tile_decoder_mlps
 from slimtune.models.loader import load_model
 from slimtune.train.checkpoint import check_resume_config, find_resume_point
 from slimtune.train.config import TrainConfig
@@ -49,10 +51,14 @@ def prepare_model(cfg: TrainConfig):
              finetune_audio_layers=cfg.finetune_audio_layers,
              finetune_attention_modules=cfg.finetune_attention_modules,
              finetune_mlp_modules=cfg.finetune_mlp_modules, use_rslora=cfg.use_rslora, seed=cfg.seed)
+    if cfg.mlp_chunk_size:
+        tile_decoder_mlps(model, cfg.mlp_chunk_size)
     if cfg.gradient_checkpointing:
         # Non-reentrant: reentrant checkpointing drops the gradients that flow from KV-consumer layers back
         # into the producer layer's k/v projections on E2B/E4B (tests/train/test_kv_sharing.py shows it).
         enable_checkpointing(model)
+    if cfg.activation_offload:  # after checkpointing: it wraps the checkpoint function that installs
+        enable_activation_offload(model)
     return model, tokenizer
 
 

@@ -1,17 +1,19 @@
 """KV sharing (E2B/E4B): cache on/off and checkpointing on/off must not change logits or gradients (mode 2)."""
 
+import pytest
 import torch
 
 import slimtune
 from slimtune.adapt.lora import lora_modules
 from slimtune.data.collate import collate
 from slimtune.data.tokenize import Example
+from slimtune.memory.activation_offload import enable_activation_offload
 from slimtune.train.step import accumulate_gradients
 
 
-def _model(tiny_dir):
-    model, _ = slimtune.load_model(tiny_dir("e2b", text_only=True), dtype="float32", device="cpu")
-    assert model.config.num_kv_shared_layers > 0
+def _model(tiny_dir, variant="e2b"):
+    model, _ = slimtune.load_model(tiny_dir(variant, text_only=True), dtype="float32", device="cpu")
+    assert (model.config.num_kv_shared_layers > 0) == (variant == "e2b")
     slimtune.add_lora(model, r=4, alpha=8, seed=2)
     with torch.no_grad():
         for layer in lora_modules(model).values():
@@ -36,13 +38,15 @@ def _producer_layers(model) -> list[int]:
     return sorted(prod.values())
 
 
-def _grads(model, batch, checkpointing: str | None):
+def _grads(model, batch, checkpointing: str | None, offload: bool = False):
     if checkpointing is None:
         model.gradient_checkpointing_disable()
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
         if checkpointing == "reentrant":
             model.enable_input_require_grads()  # reentrant needs a grad-requiring input to backprop at all
+        if offload:  # after enabling: it wraps the checkpoint function just installed
+            enable_activation_offload(model, min_bytes=0)
     model.train()
     model.zero_grad(set_to_none=True)
     accumulate_gradients(model, [batch], device=torch.device("cpu"), dtype=torch.float32)
@@ -59,11 +63,16 @@ def test_use_cache_does_not_change_logits(tiny_dir):
     assert torch.equal(a, b)
 
 
-def test_non_reentrant_checkpointing_keeps_every_gradient(tiny_dir):
-    model = _model(tiny_dir)
+@pytest.mark.parametrize("variant,offload", [("e2b", False), ("e2b", True), ("31b", True)],
+                         ids=["e2b", "e2b-offload", "31b-offload"])
+def test_non_reentrant_checkpointing_keeps_every_gradient(tiny_dir, variant, offload):
+    """Also with activation offload: the producer's K/V gradients survive the host round trip of layer inputs."""
+    model = _model(tiny_dir, variant)
     batch = _batch(model)
     plain = _grads(model, batch, None)
-    ckpt = _grads(model, batch, "non_reentrant")
+    ckpt = _grads(model, batch, "non_reentrant", offload=offload)
+    if offload:
+        assert model._slimtune_offloader.offloaded_tensors > 0
     producers = _producer_layers(model)
     checked = 0
     for name, g in plain.items():
