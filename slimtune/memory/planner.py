@@ -141,7 +141,8 @@ def plan_memory(model, seq_len: int, budget_bytes: int, **user_settings) -> Plan
     plan = _plan(str(model), seq_len, budget_bytes, user_settings)
     if plan.fits:
         return plan
-    longest = longest_context(model, budget_bytes, **user_settings)
+    # a multiple of 128 tokens: the lengths people set, and the kernels' tile sizes
+    longest = longest_context(model, budget_bytes, multiple_of=128 if seq_len >= 128 else 1, **user_settings)
     fixed = sorted(k for k in user_settings if k in _STEPS)
     raise MemoryBudgetError(
         f"no settings fit {format_gib(budget_bytes)} for {model} at {seq_len} tokens: the smallest predicted peak is "

@@ -88,7 +88,8 @@ def apply_memory_plan(cfg, log=print):
             raise ConfigError(f"max_memory={cfg.max_memory!r} needs the model's config to plan: {exc}") from exc
         log(f"memory: no prediction ({exc})")
         return cfg
-    log(plan.summary())
+    for line in plan.summary().splitlines():
+        log(line)
     if cfg.max_memory is None:
         _warn_if_over_gpu(cfg, plan, log)
         return cfg
