@@ -70,7 +70,7 @@ def estimate_training_memory(model: str, *, seq_len: int, batch_size: int = 1, l
         {"total_gib": float, "breakdown": {term: GiB}, "phase": "loss" | "backward"}; the breakdown's terms add
         up to the total (the phase that is not the peak contributes nothing).
     """
-    _check(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, attention=attention, optimizer=optimizer,
+    check_settings(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, attention=attention, optimizer=optimizer,
            mlp_chunk_size=mlp_chunk_size, loss_chunk_size=loss_chunk_size)
     shape = read_model_shape(str(model), multimodal)
     terms = training_terms(shape, seq_len=seq_len, batch_size=batch_size, load_in_4bit=load_in_4bit, lora_r=lora_r,
@@ -82,7 +82,7 @@ def estimate_training_memory(model: str, *, seq_len: int, batch_size: int = 1, l
             "breakdown": {k: round(v / GIB, 3) for k, v in terms["breakdown"].items()}, "phase": terms["phase"]}
 
 
-def _check(*, seq_len, batch_size, lora_r, attention, optimizer, mlp_chunk_size, loss_chunk_size) -> None:
+def check_settings(*, seq_len, batch_size, lora_r, attention, optimizer, mlp_chunk_size, loss_chunk_size) -> None:
     problems = []
     for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("lora_r", lora_r, 1),
                              ("mlp_chunk_size", mlp_chunk_size, 0), ("loss_chunk_size", loss_chunk_size, 0)):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from slimtune.errors import ConfigError
-from slimtune.memory.estimate import GIB, training_terms, _check
+from slimtune.memory.estimate import GIB, check_settings, training_terms
 from slimtune.memory.model_shape import read_model_shape
 from slimtune.memory.sizes import format_gib
 
@@ -110,7 +110,7 @@ def predict(model: str, seq_len: int, **settings) -> Plan:
 
 
 def _predict(model: str, seq_len: int, s: dict, budget: int | None = None) -> Plan:
-    _check(seq_len=seq_len, batch_size=s["batch_size"], lora_r=s["lora_r"], attention=s["attention"],
+    check_settings(seq_len=seq_len, batch_size=s["batch_size"], lora_r=s["lora_r"], attention=s["attention"],
            optimizer=s["optimizer"], mlp_chunk_size=s["mlp_chunk_size"], loss_chunk_size=s["loss_chunk_size"])
     shape = read_model_shape(model, s["multimodal"])
     args = {k: s[k] for k in ("batch_size", "load_in_4bit", "lora_r", "gradient_checkpointing", "offload_ple",
