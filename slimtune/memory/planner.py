@@ -25,6 +25,9 @@ _MLP_CHUNKS = (0, 4096, 2048, 1024, 512)
 _LOSS_CHUNKS = (0, 256, 128, 64)
 _FIXED_DEFAULTS = {"grad_accum": 1, "lora_r": 16, "attention": "slimtune", "multimodal": False,
                    "activation_bytes": 2}
+UNMEASURED_MARGIN = 0.85
+"""Share of the budget a prediction may use where no H200 measurement backs the estimate yet (runs without
+gradient checkpointing): turning checkpointing off is a speed gain, not worth an out-of-memory on a guess."""
 PLANNED_SETTINGS = _STEPS
 """Settings the planner may choose (when the caller does not give them)."""
 
@@ -51,6 +54,7 @@ class Plan:
     budget_bytes: int | None = None
     changes: dict = field(default_factory=dict)  # setting -> (start value, planned value)
     notes: list = field(default_factory=list)
+    margin: float = 1.0  # share of the budget the prediction may use (UNMEASURED_MARGIN where uncalibrated)
 
     @property
     def predicted_gib(self) -> float:
@@ -58,7 +62,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.budget_bytes is None or self.predicted_bytes <= self.budget_bytes
+        return self.budget_bytes is None or self.predicted_bytes <= self.budget_bytes * self.margin
 
     def main_terms(self, k: int = 4) -> list[tuple[str, float]]:
         """The k largest terms, (name, GiB)."""
@@ -119,7 +123,8 @@ def _predict(model: str, seq_len: int, s: dict, budget: int | None = None) -> Pl
     terms = training_terms(shape, seq_len=seq_len, **args)
     total = sum(terms["breakdown"].values())
     return Plan(model=model, seq_len=seq_len, settings=dict(s), predicted_bytes=total, phase=terms["phase"],
-                breakdown={k: round(v / GIB, 3) for k, v in terms["breakdown"].items()}, budget_bytes=budget)
+                breakdown={k: round(v / GIB, 3) for k, v in terms["breakdown"].items()}, budget_bytes=budget,
+                margin=1.0 if s["gradient_checkpointing"] else UNMEASURED_MARGIN)
 
 
 def plan_memory(model, seq_len: int, budget_bytes: int, **user_settings) -> Plan:
@@ -213,6 +218,9 @@ def _notes(plan: Plan, fixed: set) -> list[str]:
     if "batch_size" in plan.changes:
         notes.append(f"micro-batch {s['batch_size']} × grad_accum {s['grad_accum']}: the same effective batch "
                      "and the same gradients, in more, smaller passes")
+    if not s["gradient_checkpointing"] and plan.budget_bytes is not None:
+        notes.append(f"without gradient checkpointing (not yet measured on a GPU) the plan keeps "
+                     f"{1 - UNMEASURED_MARGIN:.0%} of the budget free")
     if s["activation_offload"] and not s["gradient_checkpointing"]:
         notes.append("activation_offload only acts on checkpointed layer inputs; it has no effect without "
                      "gradient checkpointing")

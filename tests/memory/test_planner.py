@@ -12,6 +12,10 @@ def test_a_generous_budget_changes_nothing_and_a_tight_one_turns_techniques_on_i
     roomy = plan_memory("e2b", 2048, 80 * GIB)
     assert roomy.fits and roomy.changes == {}
     assert roomy.settings["load_in_4bit"] is False  # the fastest start: 16-bit weights
+    assert roomy.settings["gradient_checkpointing"] is False  # ... and no recompute
+    # without checkpointing the estimate is unmeasured: such a plan keeps a margin of the budget free
+    just_enough = plan_memory("e2b", 2048, int(roomy.predicted_bytes * 1.05), load_in_4bit=False)
+    assert just_enough.settings["gradient_checkpointing"] is True
     tight = plan_memory("e2b", 8192, 4 * GIB)
     assert tight.fits and tight.predicted_bytes <= 4 * GIB
     assert tight.settings["load_in_4bit"] is True  # the cheapest technique is taken first
