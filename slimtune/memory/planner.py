@@ -71,7 +71,7 @@ class Plan:
     def summary(self) -> str:
         """Human-readable lines: prediction, main terms, planned changes, notes."""
         terms = ", ".join(f"{name} {gib:.2f}" for name, gib in self.main_terms())
-        head = f"memory: predicted peak {format_gib(self.predicted_bytes)}"
+        head = f"memory: predicted peak GPU memory {format_gib(self.predicted_bytes)}"
         if self.budget_bytes is not None:
             head += f" of a {format_gib(self.budget_bytes)} budget"
         lines = [f"{head} ({self.seq_len} tokens × batch {self.settings['batch_size']}; "

@@ -80,3 +80,16 @@ def test_cli_train_prints_the_plan_and_records_it(tiny_dir, tmp_path, capsys):
     assert code == 0 and "memory: predicted peak" in out and "memory plan:" in out
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["max_memory"] == "1GiB"
+
+
+def test_without_a_budget_a_prediction_over_the_gpu_names_the_longest_context(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (8 * 2**30, 8 * 2**30))
+    lines = []
+    cfg = TrainConfig(**{**BASE, "max_seq_length": 65536, "load_in_4bit": True})
+    assert apply_memory_plan(cfg, log=lines.append) is cfg  # a warning, not a change
+    warning = next(line for line in lines if line.startswith("memory warning"))
+    longest = int(warning.split("longest max_seq_length that fits is ")[1].split(".")[0])
+    assert 0 < longest < 65536 and longest % 128 == 0 and "--max-memory 8GiB" in warning
