@@ -11,7 +11,7 @@ import gc
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -41,6 +41,7 @@ class BenchOptions:
     """Sequence-tiled MLP: tokens per chunk (0 = off)."""
     optimizer: str = "adamw"
     """adamw | adamw8bit."""
+    loss_chunk_size: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,6 +89,7 @@ def bench_one(variant: str, mode: str, seq: int, *, steps: int = 6, multimodal: 
     if options.gradient_checkpointing:
         enable_checkpointing(model)
     offloader = enable_activation_offload(model) if options.activation_offload else None
+    model.slimtune_loss_chunk_size = options.loss_chunk_size or None
     model.train()
     params = trainable_parameters(model)
     opt = make_optimizer(params, name=options.optimizer, lr=1e-4, fused=options.fused_adamw)
@@ -111,13 +113,51 @@ def bench_one(variant: str, mode: str, seq: int, *, steps: int = 6, multimodal: 
                   reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
                   weights_gib=round(weights_gib, 3), step_s=round(step_s, 4), tok_s=round(seq / step_s, 1),
                   build_s=round(build_s, 1), loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3),
-                  lora_params=sum(p.numel() for p in params), options=asdict(options))
+                  lora_params=sum(p.numel() for p in params), options=asdict(options),
+                  predicted_gib=predicted_gib(variant, mode, seq, options, multimodal))
     if offloader is not None:  # per step: the counters ran over all `steps`
         result["offloaded_gib_per_step"] = round(offloader.offloaded_bytes / steps / 2**30, 3)
     del model, opt, params
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def _planner_settings(mode: str, options: BenchOptions) -> dict:
+    """The planner's view of a benchmark configuration (batch 1, r=16, the bench's AdamW)."""
+    return dict(load_in_4bit=mode == "qlora", offload_ple=options.offload_ple, attention=options.attention,
+                gradient_checkpointing=options.gradient_checkpointing, loss_chunk_size=options.loss_chunk_size,
+                batch_size=1, grad_accum=1, lora_r=16, optimizer=options.optimizer,
+                activation_offload=options.activation_offload, mlp_chunk_size=options.mlp_chunk_size)
+
+
+def predicted_gib(variant: str, mode: str, seq: int, options: BenchOptions, multimodal: bool = False) -> float | None:
+    """The memory estimate for this benchmark configuration, recorded beside the measured peak (None on failure)."""
+    from slimtune.memory.planner import predict  # noqa: PLC0415
+
+    try:
+        plan = predict(variant, seq, multimodal=multimodal, **_planner_settings(mode, options))
+    except Exception:  # a prediction problem must not lose a GPU measurement
+        return None
+    return round(plan.predicted_gib, 3)
+
+
+_PLANNED = ("gradient_checkpointing", "loss_chunk_size", "activation_offload", "mlp_chunk_size", "optimizer")
+
+
+def planned_options(variant: str, mode: str, seq: int, options: BenchOptions, budget_bytes: int,
+                    explicit: frozenset = frozenset(), multimodal: bool = False) -> tuple[BenchOptions, str]:
+    """Options the planner picks for `budget_bytes` among what the bench can switch (the memory techniques).
+
+    Everything else (mode, PLE offload, attention, batch 1, AdamW) stays as given; `explicit` names the options the
+    user set on the command line, which stay too. Raises MemoryBudgetError when nothing fits.
+    """
+    from slimtune.memory.planner import plan_memory  # noqa: PLC0415
+
+    fixed = {k: v for k, v in _planner_settings(mode, options).items() if k not in _PLANNED or k in explicit}
+    plan = plan_memory(variant, seq, budget_bytes, multimodal=multimodal, **fixed)
+    new = replace(options, **{k: plan.settings[k] for k in _PLANNED})
+    return new, plan.summary()
 
 
 def environment() -> dict:
@@ -137,14 +177,27 @@ def environment() -> dict:
 
 
 def run_bench(variant: str, modes: list[str], seqs: list[int], *, steps: int = 6, multimodal: bool = False,
-              options: BenchOptions | None = None, json_path=None, log=print) -> list[dict]:
-    """Run every (mode, seq) combination; each result is printed as one JSON line and appended to json_path."""
+              options: BenchOptions | None = None, json_path=None, log=print, max_memory: int | None = None,
+              explicit: frozenset = frozenset()) -> list[dict]:
+    """Run every (mode, seq) combination; each result is printed as one JSON line and appended to json_path.
+
+    With max_memory (bytes), each combination runs with the options the planner picks for that budget.
+    """
+    from slimtune.memory.planner import MemoryBudgetError  # noqa: PLC0415
+
+    options = options or BenchOptions()
     results = [dict(probe="env", **environment())]
     log(json.dumps(results[0]))
     for mode in modes:
         for seq in seqs:
             try:
-                r = bench_one(variant, mode, seq, steps=steps, multimodal=multimodal, options=options)
+                opts = options
+                if max_memory is not None:
+                    opts, summary = planned_options(variant, mode, seq, options, max_memory, explicit, multimodal)
+                    log(summary)
+                r = bench_one(variant, mode, seq, steps=steps, multimodal=multimodal, options=opts)
+            except MemoryBudgetError as exc:
+                r = dict(probe="slimtune", variant=variant, mode=mode, seq=seq, error=f"no plan fits: {exc}"[:400])
             except torch.OutOfMemoryError as exc:
                 r = dict(probe="slimtune", variant=variant, mode=mode, seq=seq, error=f"out of memory: {exc}"[:300])
                 gc.collect()

@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--mlp-chunk-size", type=int, default=0, help="sequence-tiled MLP: tokens per chunk (0 = off)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--steps-profile", type=int, default=0, help="also profile N steps (torch.profiler table)")
+    p.add_argument("--loss-chunk-size", type=int, default=None, help="rows per lm_head + loss chunk (default: auto)")
+    p.add_argument("--max-memory", help="GPU memory budget (e.g. 8GiB): options not given are planned to fit it")
     p.add_argument("--json", help="append one JSON line per result to this file")
     p.set_defaults(func=run)
 
@@ -28,13 +30,21 @@ def run(args) -> int:
 
     from slimtune.bench.run import BenchOptions, run_bench  # noqa: PLC0415
     from slimtune.errors import ConfigError  # noqa: PLC0415
+    from slimtune.memory.sizes import parse_memory_size  # noqa: PLC0415
 
+    budget = parse_memory_size(args.max_memory) if args.max_memory is not None else None  # bad sizes fail first
     if not torch.cuda.is_available():
         raise ConfigError("slimtune bench measures GPU memory and needs a CUDA GPU; none is visible here.")
     opts = BenchOptions(offload_ple=not args.no_offload_ple, gradient_checkpointing=not args.no_gradient_checkpointing,
                         attention=args.attention, compile_layers=args.compile,
                         activation_offload=args.activation_offload, mlp_chunk_size=args.mlp_chunk_size,
-                        optimizer=args.optimizer)
+                        optimizer=args.optimizer,
+                        loss_chunk_size=args.loss_chunk_size or 0)
+    explicit = frozenset(name for name, given in (("gradient_checkpointing", args.no_gradient_checkpointing),
+                                                  ("loss_chunk_size", args.loss_chunk_size is not None),
+                                                  ("activation_offload", args.activation_offload),
+                                                  ("mlp_chunk_size", args.mlp_chunk_size != 0),
+                                                  ("optimizer", args.optimizer != "adamw")) if given)
     run_bench(args.geometry, args.mode.split(","), [int(s) for s in args.seq.split(",")], steps=args.steps,
-              multimodal=args.multimodal, options=opts, json_path=args.json)
+              multimodal=args.multimodal, options=opts, json_path=args.json, max_memory=budget, explicit=explicit)
     return 0

@@ -29,6 +29,9 @@ _FLAGS = [
     ("--tool-messages", "tool_messages", str, "keep (default) | reject rows with tool turns"),
     ("--image-max-soft-tokens", "image_max_soft_tokens", int, "image budget: 70 | 140 | 280 | 560 | 1120"),
     ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (0 = off)"),
+    ("--max-memory", "max_memory", str, "GPU memory budget, e.g. 8GiB, 8GB, 8000MiB: settings you leave unset are "
+     "planned to fit it"),
+    ("--loss-chunk-size", "loss_chunk_size", int, "rows per lm_head + loss chunk (0 = automatic)"),
     ("--eval-data", "eval_data", str, "held-out dataset file for evaluation"),
     ("--eval-fraction", "eval_fraction", float, "fraction of the training samples held out for evaluation"),
     ("--eval-steps", "eval_steps", int, "evaluate every N steps (0 = only at the end)"),

@@ -1,95 +1,174 @@
-"""Analytic training-memory estimate (GPU allocated bytes) for a Gemma 4 config and a LoRA/QLoRA setting.
+"""Analytic peak GPU memory (torch.cuda.max_memory_allocated) of one LoRA/QLoRA training step on Gemma 4.
 
-The model is instantiated on the meta device to count parameters by role, then each term below is added up.
-Terms (bytes): NF4 linears 0.516/param (4-bit codes + double-quantized absmax), other frozen weights 2/param
-(bf16), LoRA 16/param (fp32 weight, grad, two AdamW moments), checkpointed layer inputs, one layer's recompute
-working set, and the loss chunk. Calibrated against H200 measurements (see BENCHMARKS.md); treat it as a guide.
+Every term counts real tensors, sized from the model's own widths (slimtune.memory.model_shape), for N = seq_len ×
+batch_size tokens and A = 2 bytes per 16-bit activation:
+
+static      NF4 linears 0.516 B/param (4-bit codes + double-quantized absmax, blocksize 64) or A B/param; other
+            frozen weights A B/param; the PLE table only when it is not offloaded to the host; LoRA weights fp32
+            (4 B), their gradients fp32 (4 B, backward and optimizer step only: zero_grad(set_to_none)), optimizer
+            state 8 B/param (AdamW: two fp32 moments) or 2 B/param (8-bit AdamW).
+boundary    what lives from the forward until the backward: with gradient checkpointing one residual-stream
+            tensor per layer (N·H·A; activation offload keeps only the layers in flight on the GPU), the per-layer
+            inputs (N·L·P·A, one tensor the layers slice), and with SDPA the boolean sliding-window mask (B·T²).
+            Without checkpointing: every layer's saved activations.
+layer       the working set of one layer's recompute + backward, maximised over layers: the tensors its autograd
+            graph saves (fp32 copies inside each RMSNorm, projection inputs, q/k/v/output of attention, the four
+            N×I MLP intermediates, the PLE gate) plus the gradients in flight at the MLP's backward (3·N·I·A).
+            Tiled MLP (mlp_chunk_size) keeps only one chunk of MLP intermediates. SDPA sliding layers add the bf16
+            copy of the mask the kernel takes (2·B·T²).
+loss        the chunked lm_head + cross-entropy: one chunk of fp32 logits and its 16-bit gradient (c·V·(4+A)), the
+            final norm's fp32 input, the kept-row copy of the hidden states and their gradient; plus autocast's
+            16-bit copies of the LoRA weights.
+
+Peak = static + max(loss phase, backward phase). Two documented calibration constants (below) cover what is not
+a model tensor; they were fitted to the H200 measurements in benchmarks/results_gpu*.jsonl, and
+tests/memory/test_calibration.py checks every measured configuration stays within 10%.
 """
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
+from slimtune.memory.model_shape import LayerShape, ModelShape, read_model_shape
 
 GIB = 2**30
-_NF4_BYTES = 0.516
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # codes + uint8 absmax per 64 + fp32 absmax-of-absmax per 256
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}
+ATTENTION_KINDS = ("slimtune", "sdpa", "eager")
+
+# --- calibration constants (refit with benchmarks/gpu/planner_calibration.sh) -----------------------------------
+FIXED_OVERHEAD_BYTES = 0.12 * GIB
+"""Memory that is no model tensor: cuBLAS/cuBLASLt workspaces, the CE kernel's row buffers, allocator rounding."""
+LAYER_WORKING_SET_SCALE = 1.0
+"""Multiplier on the counted per-layer working set (autograd's extra temporaries inside fused ops)."""
+# ------------------------------------------------------------------------------------------------------------------
+
+IN_FLIGHT_LAYERS = 2
+"""Layer inputs activation offload keeps on the GPU: the one being computed and the one being copied."""
 
 
-@functools.lru_cache(maxsize=16)
-def _param_counts(model: str, multimodal: bool) -> dict:
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
+def default_loss_chunk(vocab: int) -> int:
+    """Rows per loss chunk when none is set: the CUDA default of linear_cross_entropy (512 at V = 262,144)."""
+    from slimtune.kernels.linear_cross_entropy import default_chunk_size  # noqa: PLC0415
 
-    from slimtune.adapt.inject import select_lora_targets  # noqa: PLC0415
-    from slimtune.adapt.quantize import quantizable_linear_names  # noqa: PLC0415
-    from slimtune.models import gemma4  # noqa: F401,PLC0415
-    from slimtune.models.geometry import VARIANTS, build_config  # noqa: PLC0415
-    from slimtune.models.registry import family_of  # noqa: PLC0415
-
-    if model in VARIANTS:
-        config = build_config(model, tiny=False, text_only=not multimodal)
-    else:
-        folder = Path(model).expanduser()
-        if (folder / "config.json").is_file():
-            config = transformers.AutoConfig.from_pretrained(str(folder))
-        else:
-            raise ValueError(f"cannot estimate memory for {model!r}: not a local model folder or one of {VARIANTS}")
-    multimodal = getattr(config, "model_type", "") == "gemma4"
-    cls = transformers.Gemma4ForConditionalGeneration if multimodal else transformers.Gemma4ForCausalLM
-    with torch.device("meta"):
-        m = cls(config)
-    fam = family_of(m)
-    quant = set(quantizable_linear_names(m, fam))
-    text = config.get_text_config()
-    counts = {"quantizable": 0, "ple": 0, "other": 0}
-    seen = set()
-    for name, p in m.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        owner = name.rsplit(".", 1)[0]
-        key = "ple" if "embed_tokens_per_layer" in name else ("quantizable" if owner in quant else "other")
-        counts[key] += p.numel()
-    lora_in_out = [(m.get_submodule(n).in_features, m.get_submodule(n).out_features)
-                   for n in select_lora_targets(m)]
-    counts.update(
-        lora_in_out=lora_in_out, hidden=text.hidden_size, layers=text.num_hidden_layers,
-        heads=text.num_attention_heads, vocab=text.vocab_size,
-        inter=max(text.intermediate_size * (2 if getattr(text, "use_double_wide_mlp", False) else 1), 1),
-        ple_dim=getattr(text, "hidden_size_per_layer_input", 0) or 0,
-        # the widest attention head (Gemma 4's full layers: 512); read from the modules, since 5.24 configs
-        # refuse global access to per-layer attributes
-        global_head_dim=max(getattr(mod, "head_dim", 0) for n, mod in m.named_modules() if n.endswith("self_attn")))
-    return counts
+    return default_chunk_size(vocab, "cuda")
 
 
 def estimate_training_memory(model: str, *, seq_len: int, batch_size: int = 1, load_in_4bit: bool = True,
                              lora_r: int = 16, gradient_checkpointing: bool = True, offload_ple: bool = True,
-                             o_t_attention: bool = True, multimodal: bool = False) -> dict:
+                             attention: str = "slimtune", activation_offload: bool = False, mlp_chunk_size: int = 0,
+                             loss_chunk_size: int = 0, optimizer: str = "adamw", multimodal: bool = False,
+                             activation_bytes: int = 2) -> dict:
     """Estimated peak GPU memory of LoRA/QLoRA training.
 
     Args:
         model: a local model folder, or a geometry name (e2b, e4b, 26b-a4b, 31b).
-        seq_len / batch_size: tokens per micro-batch = seq_len × batch_size.
-        o_t_attention: an O(T)-memory attention kernel (False: the O(T²) math path for head_dim 512).
+        seq_len / batch_size: one micro-batch of batch_size sequences of seq_len tokens.
+        attention: slimtune (O(T) kernel; training's default on CUDA) | sdpa (bench default) | eager.
+        mlp_chunk_size: tokens per tiled-MLP chunk (0 = off). loss_chunk_size: rows per loss chunk (0 = default).
+        optimizer: adamw | adamw8bit.
 
     Returns:
-        {"total_gib": float, "breakdown": {term: GiB}}.
+        {"total_gib": float, "breakdown": {term: GiB}, "phase": "loss" | "backward"}; the breakdown's terms add
+        up to the total (the phase that is not the peak contributes nothing).
     """
-    c = _param_counts(str(model), multimodal)
-    tokens = seq_len * batch_size
-    h, layers = c["hidden"], c["layers"]
-    weights = c["quantizable"] * (_NF4_BYTES if load_in_4bit else 2) + c["other"] * 2
-    ple = 0 if offload_ple else c["ple"] * 2
-    lora = sum(lora_r * (i + o) for i, o in c["lora_in_out"]) * 16
-    per_layer_in = tokens * (layers * c["ple_dim"]) * 2 * 2  # PLE inputs (+ grad-free copies)
-    saved = tokens * h * 2 * (layers if gradient_checkpointing else 12 * layers)
-    working = tokens * (6 * h + 4 * c["inter"]) * 2 * 2
-    attn = (tokens * c["heads"] * c["global_head_dim"] * 2 * 4 if o_t_attention
-            else batch_size * c["heads"] * seq_len * seq_len * 2 * 3)
-    chunk = min(tokens, 4096) * c["vocab"] * 4 * 2
-    breakdown = {"weights": weights, "ple_table": ple, "lora_and_optimizer": lora, "checkpointed_activations": saved,
-                 "layer_working_set": working + attn + per_layer_in, "loss_chunk": chunk}
-    gib = {k: round(v / GIB, 3) for k, v in breakdown.items()}
-    return {"total_gib": round(sum(breakdown.values()) / GIB, 3), "breakdown": gib}
+    check_settings(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, attention=attention, optimizer=optimizer,
+           mlp_chunk_size=mlp_chunk_size, loss_chunk_size=loss_chunk_size)
+    shape = read_model_shape(str(model), multimodal)
+    terms = training_terms(shape, seq_len=seq_len, batch_size=batch_size, load_in_4bit=load_in_4bit, lora_r=lora_r,
+                           gradient_checkpointing=gradient_checkpointing, offload_ple=offload_ple,
+                           attention=attention, activation_offload=activation_offload,
+                           mlp_chunk_size=mlp_chunk_size, loss_chunk_size=loss_chunk_size, optimizer=optimizer,
+                           activation_bytes=activation_bytes)
+    return {"total_gib": round(sum(terms["breakdown"].values()) / GIB, 3),
+            "breakdown": {k: round(v / GIB, 3) for k, v in terms["breakdown"].items()}, "phase": terms["phase"]}
 
+
+def check_settings(*, seq_len, batch_size, lora_r, attention, optimizer, mlp_chunk_size, loss_chunk_size) -> None:
+    problems = []
+    for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("lora_r", lora_r, 1),
+                             ("mlp_chunk_size", mlp_chunk_size, 0), ("loss_chunk_size", loss_chunk_size, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            problems.append(f"{name} must be an integer >= {low} (got {value!r})")
+    if attention not in ATTENTION_KINDS:
+        problems.append(f"attention must be one of {ATTENTION_KINDS} (got {attention!r})")
+    if optimizer not in OPTIMIZER_BYTES:
+        problems.append(f"optimizer must be one of {tuple(OPTIMIZER_BYTES)} (got {optimizer!r})")
+    if problems:
+        raise ValueError("memory estimate: " + "; ".join(problems))
+
+
+def training_terms(shape: ModelShape, *, seq_len: int, batch_size: int, load_in_4bit: bool, lora_r: int,
+                   gradient_checkpointing: bool, offload_ple: bool, attention: str, activation_offload: bool,
+                   mlp_chunk_size: int, loss_chunk_size: int, optimizer: str, activation_bytes: int = 2) -> dict:
+    """The estimate's terms in bytes: {"breakdown": {term: bytes}, "phase": which phase is the peak}."""
+    a = activation_bytes
+    n = seq_len * batch_size
+    h, layers = shape.hidden, shape.layers
+    lora_params = sum(lora_r * (i + o) for i, o in shape.lora_in_out)
+    weights = shape.quantizable * (NF4_BYTES_PER_PARAM if load_in_4bit else a) + shape.other * a
+    static = {
+        "weights": weights,
+        "ple_table": 0 if offload_ple else shape.ple * a,
+        "lora_and_optimizer": lora_params * (4 + OPTIMIZER_BYTES[optimizer]),
+        "fixed_overhead": FIXED_OVERHEAD_BYTES,
+    }
+    # Sliding layers under SDPA get a dense boolean (B, 1, T, T) mask, built once per forward and kept as a
+    # checkpoint input; only built when the window actually cuts the sequence.
+    dense_mask = batch_size * seq_len * seq_len if attention == "sdpa" and _window_cuts(layers, seq_len) else 0
+    ple_inputs = n * sum(lay.ple_dim for lay in layers) * a
+    if gradient_checkpointing:
+        kept_layers = min(len(layers), IN_FLIGHT_LAYERS) if activation_offload else len(layers)
+        boundary = {"checkpointed_activations": n * h * a * kept_layers, "per_layer_inputs": ple_inputs,
+                    "attention_mask": dense_mask}
+        working = max(_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention, mlp_chunk_size,
+                                   saved=True, transient=True) for lay in layers)
+    else:  # every layer's saved activations stay from the forward; the backward adds only its transients
+        saved_all = sum(_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention, mlp_chunk_size,
+                                     saved=True, transient=False) for lay in layers)
+        boundary = {"saved_activations": saved_all, "per_layer_inputs": ple_inputs, "attention_mask": dense_mask}
+        working = max(_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention, mlp_chunk_size,
+                                   saved=False, transient=True) for lay in layers)
+    chunk = min(loss_chunk_size or default_loss_chunk(shape.vocab), n)
+    loss_phase = {
+        "loss_chunk": chunk * shape.vocab * (4 + a),  # fp32 logits + 16-bit dz, reused by every chunk
+        "loss_hidden": n * h * (4 + a + a + a),  # final norm's fp32 input, its output, kept rows, grad_hidden
+        "autocast_lora_copies": lora_params * a,
+    }
+    backward_phase = {
+        "lora_grads": lora_params * 4,
+        "layer_working_set": working * LAYER_WORKING_SET_SCALE + n * h * a * 2,  # + gradient flowing between layers
+    }
+    phase = "loss" if sum(loss_phase.values()) >= sum(backward_phase.values()) else "backward"
+    breakdown = {**static, **boundary, **(loss_phase if phase == "loss" else backward_phase)}
+    return {"breakdown": breakdown, "phase": phase, "loss_phase": loss_phase, "backward_phase": backward_phase}
+
+
+def _window_cuts(layers: tuple[LayerShape, ...], seq_len: int) -> bool:
+    return any(lay.window is not None and seq_len > lay.window for lay in layers)
+
+
+def _layer_bytes(lay: LayerShape, h: int, n: int, batch: int, seq: int, lora_r: int, a: int, attention: str,
+                 mlp_chunk: int, *, saved: bool, transient: bool) -> float:
+    """Bytes one decoder layer's autograd graph saves (saved) and adds at its backward (transient)."""
+    total = 0.0
+    mlp_tokens = min(mlp_chunk, n) if mlp_chunk else n  # tiled MLP: one chunk of intermediates at a time
+    inter = lay.inter + lay.moe_inter
+    if saved:
+        h_norms = 4 + (1 if lay.ple_dim else 0) + (3 if lay.moe_inter else 0)
+        per_token = (
+            h_norms * 4 * h  # each RMSNorm saves its input upcast to fp32
+            + 4 * (lay.q_dim + 2 * lay.kv_dim)  # q_norm, k_norm, v_norm (fp32)
+            + 2 * a * h  # normed inputs of the attention and MLP projections
+            + a * (lay.q_dim + 2 * lay.kv_dim)  # q, k, v after RoPE (saved by attention)
+            + 2 * a * lay.q_dim  # attention output, and its contiguous copy feeding o_proj
+            + 4 * lay.heads  # logsumexp (fp32)
+            + 7 * lora_r * a  # LoRA A outputs
+            + (a * (h + 4 * lay.ple_dim) if lay.ple_dim else 0)  # PLE gate input, gate, gelu, product
+        )
+        total += n * per_token + mlp_tokens * 4 * a * inter  # gate, gelu(gate), up, product
+        if attention == "eager":  # scores and probabilities, (B, heads, T, T)
+            total += batch * lay.heads * seq * seq * a * 2
+    if transient:
+        total += mlp_tokens * 3 * a * inter  # d(product), d(gelu), d(up) at the MLP's backward
+        if attention == "sdpa" and lay.window is not None and seq > lay.window:
+            total += batch * seq * seq * a  # the kernel's additive 16-bit copy of the boolean mask
+    return total

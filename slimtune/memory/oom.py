@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import torch
 
+from slimtune.memory.sizes import format_gib
 
-def explain_oom(cfg, exc: BaseException) -> str:
-    """A readable explanation with concrete next settings (and the estimate for the current ones)."""
+_CONTEXT_RESERVE = 0.9
+"""Share of the GPU's total memory offered to the planner: the CUDA context and the allocator's cached but unused
+blocks live outside the predicted (allocated) peak."""
+
+
+def explain_oom(cfg, exc: BaseException, gpu_total_bytes: int | None = None) -> str:
+    """A readable explanation with concrete next settings: the planner's for this GPU, then simple tips.
+
+    Args:
+        gpu_total_bytes: the GPU's total memory; read from CUDA when None (and skipped without CUDA).
+    """
     lines = [f"the training step did not fit in GPU memory ({str(exc).splitlines()[0][:160]})."]
-    if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        lines.append(f"GPU: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB.")
+    if gpu_total_bytes is None and torch.cuda.is_available():
+        free, gpu_total_bytes = torch.cuda.mem_get_info()
+        lines.append(f"GPU: {free / 2**30:.1f} GiB free of {gpu_total_bytes / 2**30:.1f} GiB.")
     try:
-        from slimtune.memory.estimate import estimate_training_memory  # noqa: PLC0415
-
-        est = estimate_training_memory(cfg.model, seq_len=cfg.max_seq_length, batch_size=cfg.batch_size,
-                                       load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
-                                       gradient_checkpointing=cfg.gradient_checkpointing)
-        lines.append(f"Estimated need for these settings: {est['total_gib']:.1f} GiB "
-                     f"(largest term: {max(est['breakdown'], key=est['breakdown'].get)}).")
+        lines.append(_prediction_and_plan(cfg, gpu_total_bytes))
     except Exception:  # the estimate is a hint; a model we cannot read must not hide the real message
         pass
     tips = []
@@ -31,3 +35,37 @@ def explain_oom(cfg, exc: BaseException) -> str:
     tips.append(f"--max-seq-length {max(256, cfg.max_seq_length // 2)} (activations scale with sequence length)")
     lines.append("Try, in this order: " + "; ".join(tips) + ".")
     return " ".join(lines)
+
+
+def _prediction_and_plan(cfg, gpu_total_bytes: int | None) -> str:
+    from slimtune.memory.planner import MemoryBudgetError, plan_memory  # noqa: PLC0415
+    from slimtune.memory.sizes import parse_memory_size  # noqa: PLC0415
+    from slimtune.memory.train_plan import model_ref, plan_for_config  # noqa: PLC0415
+
+    current = plan_for_config(_without_budget(cfg))
+    terms = ", ".join(f"{name} {gib:.2f} GiB" for name, gib in current.main_terms(2))
+    text = f"Predicted peak for these settings: {format_gib(current.predicted_bytes)} (largest: {terms})."
+    if cfg.max_memory is not None:
+        budget = parse_memory_size(cfg.max_memory)
+    elif gpu_total_bytes:
+        budget = int(gpu_total_bytes * _CONTEXT_RESERVE)
+    else:
+        return text
+    # Advice, so nothing is held fixed except what defines the run: the effective batch and the LoRA rank.
+    context = {k: current.settings[k] for k in ("lora_r", "attention", "activation_bytes")}
+    try:
+        plan = plan_memory(model_ref(cfg.model), cfg.max_seq_length, budget,
+                           batch_size=cfg.batch_size * cfg.grad_accum, **context)
+    except MemoryBudgetError as err:
+        return (f"{text} The memory planner finds nothing that fits {format_gib(budget)} at max_seq_length "
+                f"{cfg.max_seq_length}; the longest that fits is {err.longest_seq}.")
+    flags = ", ".join(f"{k}={v[1]}" for k, v in plan.changes.items()) or "the current settings"
+    return (f"{text} The memory planner's suggestion for {format_gib(budget)}: {flags} "
+            f"(predicted {format_gib(plan.predicted_bytes)}); or pass --max-memory {budget / 2**30:.1f}GiB "
+            "to apply it.")
+
+
+def _without_budget(cfg):
+    import dataclasses  # noqa: PLC0415
+
+    return dataclasses.replace(cfg, max_memory=None) if cfg.max_memory is not None else cfg

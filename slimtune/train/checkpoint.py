@@ -28,7 +28,8 @@ _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 # Settings that may change between an interrupted run and its resume: they decide where and how often things are
 # written, never the numbers the run computes. Everything else must match the checkpoint.
-RESUME_SAFE_KEYS = frozenset({"output", "resume", "log_every", "save_steps"})
+# max_memory only chooses other settings, and those are compared themselves
+RESUME_SAFE_KEYS = frozenset({"output", "resume", "log_every", "save_steps", "max_memory"})
 
 
 @dataclass

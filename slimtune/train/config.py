@@ -97,6 +97,11 @@ class TrainConfig:
     packing: bool = False
     """Pack several samples into each max_seq_length sequence (attention and loss kept inside each sample);
     batch_size then counts packed sequences."""
+    loss_chunk_size: int = 0
+    """Rows per chunk of the lm_head + cross-entropy (0 = automatic: 512 at Gemma 4's 262,144-token vocab)."""
+    max_memory: str | None = None
+    """GPU memory budget such as "8GiB", "8GB" or "8000MiB": the planner chooses the settings you left unset so
+    the predicted peak fits (slimtune.memory.planner)."""
     extra: dict = field(default_factory=dict)
     """Reserved for settings of later stages; must be empty for now."""
 
@@ -142,10 +147,10 @@ class TrainConfig:
             ("eval_steps", isinstance(self.eval_steps, int) and self.eval_steps >= 0, ">= 0"),
             ("early_stopping_patience", isinstance(self.early_stopping_patience, int)
              and self.early_stopping_patience >= 0, ">= 0"),
-            ("activation_offload", isinstance(self.activation_offload, bool), "true or false"),
-            ("mlp_chunk_size", isinstance(self.mlp_chunk_size, int) and not isinstance(self.mlp_chunk_size, bool)
-             and self.mlp_chunk_size >= 0, "an integer >= 0 (tokens per chunk; 0 = off)"),
+            ("mlp_chunk_size", _non_negative_int(self.mlp_chunk_size), "an integer >= 0 (0 = off)"),
+            ("loss_chunk_size", _non_negative_int(self.loss_chunk_size), "an integer >= 0 (0 = automatic)"),
             ("optimizer", self.optimizer in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
+            ("activation_offload", isinstance(self.activation_offload, bool), "true or false"),
             ("dtype", self.dtype in (None, "auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"),
              "bfloat16, float16, float32 or null"),
         ]
@@ -156,6 +161,7 @@ class TrainConfig:
         if self.activation_offload is True and self.gradient_checkpointing is False:
             p.append("activation_offload needs gradient_checkpointing (it offloads the inputs checkpointing keeps "
                      "per decoder layer): turn gradient_checkpointing on or activation_offload off")
+        p += _max_memory_problems(self.max_memory)
         p += _seq_length_problems(self.model, self.max_seq_length)
         if self.extra:
             p.append(f"unknown settings: {sorted(self.extra)}")
@@ -207,4 +213,20 @@ def _seq_length_problems(model: str, max_seq_length) -> list[str]:
     if isinstance(limit, int) and max_seq_length > limit:
         return [f"max_seq_length must be at most {limit}, the position limit (max_position_embeddings) of "
                 f"{model} (got {max_seq_length}); lower max_seq_length"]
+    return []
+
+
+def _non_negative_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _max_memory_problems(max_memory) -> list[str]:
+    if max_memory is None:
+        return []
+    from slimtune.memory.sizes import parse_memory_size  # noqa: PLC0415
+
+    try:
+        parse_memory_size(max_memory)
+    except ConfigError as exc:
+        return [str(exc)]
     return []

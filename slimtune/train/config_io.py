@@ -60,4 +60,7 @@ def resolve_config(config_file=None, **overrides) -> TrainConfig:
     values = load_config_file(config_file) if config_file else {}
     check_overrides(overrides, "command-line options")
     values.update(overrides)
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    # What the user wrote (file or flags), as opposed to defaults: the memory planner only changes defaults.
+    cfg.explicit_keys = frozenset(values)
+    return cfg

@@ -31,4 +31,5 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed cross-entropy (fp32 scalar) over the batch's target tokens."""
     hidden = hidden_states(model, batch)
     weight = model.get_output_embeddings().weight
-    return linear_cross_entropy(hidden, weight, batch["targets"].to(hidden.device), softcap=softcap_of(model))
+    return linear_cross_entropy(hidden, weight, batch["targets"].to(hidden.device), softcap=softcap_of(model),
+                                chunk_size=getattr(model, "slimtune_loss_chunk_size", None))

@@ -53,6 +53,7 @@ def prepare_model(cfg: TrainConfig):
              finetune_mlp_modules=cfg.finetune_mlp_modules, use_rslora=cfg.use_rslora, seed=cfg.seed)
     if cfg.mlp_chunk_size:
         tile_decoder_mlps(model, cfg.mlp_chunk_size)
+    model.slimtune_loss_chunk_size = cfg.loss_chunk_size or None  # read by train.loss.loss_sum (None = auto)
     if cfg.gradient_checkpointing:
         # Non-reentrant: reentrant checkpointing drops the gradients that flow from KV-consumer layers back
         # into the producer layer's k/v projections on E2B/E4B (tests/train/test_kv_sharing.py shows it).
@@ -142,6 +143,9 @@ def write_run_config(cfg: TrainConfig, run_dir: Path) -> None:
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:
     """Run a full fine-tune described by `cfg`; returns where the adapter and metrics were written."""
+    from slimtune.memory.train_plan import apply_memory_plan  # noqa: PLC0415
+
+    cfg = apply_memory_plan(cfg, log)  # prints the prediction; with max_memory, fills in the unset settings
     run_dir = Path(cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = None

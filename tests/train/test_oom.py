@@ -26,7 +26,7 @@ def test_oom_becomes_advice(tiny_dir, tmp_path, monkeypatch, capsys):
         run_mod.train(cfg, log=lambda *_: None)
     msg = str(err.value)
     assert "--load-in-4bit" in msg and "--batch-size 1 --grad-accum 4" in msg and "--max-seq-length 256" in msg
-    assert "Estimated need" in msg
+    assert "Predicted peak for these settings" in msg
     code = main(["train", "--model", cfg.model, "--data", cfg.data, "--output", str(tmp_path / "r2"),
                  "--max-steps", "1", "--device", "cpu"])
     err_text = capsys.readouterr().err

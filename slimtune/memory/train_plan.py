@@ -1,0 +1,117 @@
+"""The planner applied to a TrainConfig: print the prediction before training and, with max_memory, choose the
+settings the user left unset.
+
+Which settings count as "set by the user": the keys of the YAML file and the flags (`resolve_config` records them
+as `cfg.explicit_keys`); for a TrainConfig built in Python, every field whose value differs from its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from slimtune.errors import ConfigError
+from slimtune.memory.planner import MemoryBudgetError, Plan, longest_context, plan_memory, predict
+from slimtune.memory.sizes import format_gib, parse_memory_size
+
+# TrainConfig field -> planner setting of the same name
+_PLANNED_FIELDS = ("load_in_4bit", "gradient_checkpointing", "activation_offload", "mlp_chunk_size",
+                   "loss_chunk_size", "batch_size", "optimizer")
+
+
+def explicit_fields(cfg) -> set[str]:
+    """Fields the user set: recorded by resolve_config, else those that differ from the dataclass default."""
+    keys = getattr(cfg, "explicit_keys", None)
+    if keys is not None:
+        return set(keys)
+    return {f.name for f in dataclasses.fields(cfg)
+            if f.default is not dataclasses.MISSING and getattr(cfg, f.name) != f.default}
+
+
+def model_ref(name: str) -> str:
+    """Something read_model_shape can read: a local folder, or a hub id's config.json fetched into the HF cache.
+
+    Raises:
+        ValueError: neither (no folder, and the hub config cannot be fetched).
+    """
+    from slimtune.models.geometry import VARIANTS  # noqa: PLC0415
+
+    if name in VARIANTS or (Path(name).expanduser() / "config.json").is_file():
+        return name
+    try:
+        from huggingface_hub import hf_hub_download  # noqa: PLC0415
+
+        return str(Path(hf_hub_download(name, "config.json")).parent)
+    except Exception as exc:  # offline, gated, not a repo: say why the planner cannot see the model
+        raise ValueError(f"cannot read the config of {name!r} to predict its memory ({type(exc).__name__})") from exc
+
+
+def _context(cfg) -> dict:
+    """Settings the planner needs that TrainConfig does not choose."""
+    import torch  # noqa: PLC0415
+
+    cuda = cfg.device == "cuda" or (cfg.device is None and torch.cuda.is_available())
+    return {"lora_r": cfg.lora_r, "attention": "slimtune" if cuda else "sdpa",
+            "activation_bytes": 4 if cfg.dtype in ("float32", "fp32") else 2}
+
+
+def plan_for_config(cfg) -> Plan:
+    """The plan for cfg.max_memory (or, without one, the prediction of cfg's own settings).
+
+    Raises:
+        MemoryBudgetError: nothing fits the budget (message: smallest peak and the longest max_seq_length).
+        ValueError: the model's config cannot be read.
+    """
+    ref = model_ref(cfg.model)
+    explicit = explicit_fields(cfg)
+    if cfg.max_memory is None:
+        return predict(ref, cfg.max_seq_length, **{k: getattr(cfg, k) for k in _PLANNED_FIELDS},
+                       grad_accum=cfg.grad_accum, **_context(cfg))
+    user = {k: getattr(cfg, k) for k in _PLANNED_FIELDS if k in explicit}
+    if "grad_accum" in explicit:
+        user["grad_accum"] = cfg.grad_accum
+    return plan_memory(ref, cfg.max_seq_length, parse_memory_size(cfg.max_memory), **user, **_context(cfg))
+
+
+def apply_memory_plan(cfg, log=print):
+    """Print the memory prediction; with max_memory, return cfg with the planned settings (else cfg itself).
+
+    Raises:
+        ConfigError: max_memory is set and nothing fits it, or the model cannot be read to plan.
+    """
+    try:
+        plan = plan_for_config(cfg)
+    except MemoryBudgetError:
+        raise
+    except ValueError as exc:
+        if cfg.max_memory is not None:
+            raise ConfigError(f"max_memory={cfg.max_memory!r} needs the model's config to plan: {exc}") from exc
+        log(f"memory: no prediction ({exc})")
+        return cfg
+    for line in plan.summary().splitlines():
+        log(line)
+    if cfg.max_memory is None:
+        _warn_if_over_gpu(cfg, plan, log)
+        return cfg
+    changes = {k: plan.settings[k] for k in (*_PLANNED_FIELDS, "grad_accum") if getattr(cfg, k) != plan.settings[k]}
+    if not changes:
+        return cfg
+    planned = dataclasses.replace(cfg, **changes)
+    planned.explicit_keys = frozenset(explicit_fields(cfg))  # planned values stay "defaults" for a later re-plan
+    return planned
+
+
+def _warn_if_over_gpu(cfg, plan: Plan, log) -> None:
+    """Without a budget: say so when the prediction exceeds the GPU, with the longest context that would fit."""
+    import torch  # noqa: PLC0415
+
+    if not (cfg.device in (None, "cuda") and torch.cuda.is_available()):
+        return
+    total = torch.cuda.mem_get_info()[1]
+    if plan.predicted_bytes <= total:
+        return
+    longest = longest_context(plan.model, total, multiple_of=128, **_context(cfg),
+                              **{k: plan.settings[k] for k in _PLANNED_FIELDS})
+    log(f"memory warning: the prediction exceeds this GPU's {format_gib(total)}; with these settings the longest "
+        f"max_seq_length that fits is {longest}. Add --max-memory {total / 2**30:.0f}GiB to let the planner choose "
+        "the settings you left unset.")

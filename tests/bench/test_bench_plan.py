@@ -1,0 +1,44 @@
+"""`slimtune bench`: predicted_gib beside the measured peak, and --max-memory planning (checked on CPU)."""
+
+import json
+
+import slimtune.bench.run as bench
+from slimtune.cli.main import main
+from slimtune.memory.estimate import estimate_training_memory
+
+GIB = 2**30
+
+
+def test_predicted_gib_is_the_estimate_of_the_benchmarked_options():
+    opts = bench.BenchOptions(attention="slimtune", loss_chunk_size=256)
+    expected = estimate_training_memory("e2b", seq_len=2048, load_in_4bit=True, attention="slimtune",
+                                        loss_chunk_size=256)["total_gib"]
+    assert bench.predicted_gib("e2b", "qlora", 2048, opts) == expected
+    assert bench.predicted_gib("no-such-geometry", "qlora", 2048, opts) is None  # never breaks a measurement
+
+
+def test_max_memory_plans_per_configuration_and_records_what_does_not_fit(monkeypatch, tmp_path):
+    ran = []
+
+    def fake_bench_one(variant, mode, seq, *, steps, multimodal, options):
+        ran.append((mode, seq, options))
+        return {"probe": "slimtune", "mode": mode, "seq": seq}
+
+    monkeypatch.setattr(bench, "bench_one", fake_bench_one)
+    monkeypatch.setattr(bench, "environment", lambda: {})
+    out = tmp_path / "r.jsonl"
+    bench.run_bench("e2b", ["qlora", "lora16"], [2048], options=bench.BenchOptions(gradient_checkpointing=False),
+                    json_path=str(out), log=lambda *_: None, max_memory=int(2.9 * GIB))
+    (mode, _, opts), = ran  # lora16 cannot fit 2.9 GiB: its weights alone are over 4 GiB
+    assert mode == "qlora" and opts.gradient_checkpointing is True and opts.loss_chunk_size > 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "no plan fits" in records[1]["error"]
+    ran.clear()
+    bench.run_bench("e2b", ["qlora"], [2048], options=bench.BenchOptions(gradient_checkpointing=False),
+                    log=lambda *_: None, max_memory=80 * GIB, explicit=frozenset({"gradient_checkpointing"}))
+    assert ran[0][2].gradient_checkpointing is False  # given on the command line: kept
+
+
+def test_bench_refuses_a_bad_budget_before_looking_for_a_gpu(capsys):
+    assert main(["bench", "--max-memory", "lots"]) == 2
+    assert "cannot read the memory size 'lots'" in capsys.readouterr().err

@@ -1,0 +1,53 @@
+"""The estimate against every peak measured on the H200 (benchmarks/results_gpu*.jsonl): within 10% each.
+
+The measured records are read from the files, so a new measurement (benchmarks/gpu/planner_calibration.sh) is
+checked as soon as its JSON lines are committed.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slimtune.memory.estimate import estimate_training_memory
+
+ROOT = Path(__file__).resolve().parents[2]
+TOLERANCE = 0.10
+
+
+def measured_records() -> list[dict]:
+    """slimtune bench records with a measured peak and the options they ran with."""
+    out = []
+    for path in sorted((ROOT / "benchmarks").glob("results_gpu*.jsonl")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if rec.get("probe") == "slimtune" and "peak_gib" in rec and "options" in rec:
+                out.append({**rec, "source": f"{path.name}:{n}"})
+    return out
+
+
+RECORDS = measured_records()
+
+
+def predict(rec: dict) -> float:
+    opts = rec["options"]
+    return estimate_training_memory(
+        rec["variant"], seq_len=rec["seq"], load_in_4bit=rec["mode"] == "qlora",
+        gradient_checkpointing=opts.get("gradient_checkpointing", True), offload_ple=opts.get("offload_ple", True),
+        attention=opts.get("attention", "sdpa"), loss_chunk_size=opts.get("loss_chunk_size", 0),
+        multimodal=rec.get("multimodal", False))["total_gib"]
+
+
+def test_there_are_measurements_to_check():
+    assert len(RECORDS) >= 4, "benchmarks/results_gpu*.jsonl should hold the H200 measurements"
+
+
+@pytest.mark.parametrize("rec", RECORDS, ids=[f"{r['source']}-{r['variant']}-{r['mode']}-{r['seq']}-"
+                                               f"{r['options'].get('attention')}" for r in RECORDS])
+def test_estimate_within_ten_percent_of_the_measured_peak(rec):
+    predicted = predict(rec)
+    error = predicted / rec["peak_gib"] - 1
+    assert abs(error) <= TOLERANCE, (f"{rec['source']}: predicted {predicted:.3f} GiB, measured "
+                                     f"{rec['peak_gib']:.3f} GiB ({error:+.1%})")
