@@ -40,6 +40,9 @@ _BOOLS = [
     ("--use-rslora", "use_rslora", "rank-stabilised LoRA scaling"),
     ("--finetune-vision-layers", "finetune_vision_layers", "LoRA on the vision tower too"),
     ("--finetune-audio-layers", "finetune_audio_layers", "LoRA on the audio tower too"),
+    ("--finetune-multimodal-embedders", "finetune_multimodal_embedders",
+     "LoRA on the embed_vision / embed_audio projections into the text model too"),
+    ("--text-only", "text_only", "multimodal checkpoint: load only the language model (towers are never read)"),
     ("--packing", "packing", "pack several samples per sequence (no cross-sample attention or loss)"),
     ("--resume", "resume", "continue exactly from the newest complete checkpoint in the run folder"),
 ]
