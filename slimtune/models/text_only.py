@@ -95,5 +95,10 @@ def load_language_model(folder: Path, shards: list[Path], dtype: torch.dtype) ->
     leftovers = [n for n, p in model.named_parameters() if p.is_meta]
     if leftovers:
         raise ModelLoadError(f"text_only load of {folder} left parameters unset: {leftovers[:3]}.")
+    # What from_pretrained would also have set: the source folder, and the saved generation settings (their eos
+    # ids include Gemma 4's end-of-turn token, without which chat generation would not stop).
+    model.config.name_or_path = str(folder)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(str(folder))
     model.slimtune_checkpoint_prefix = CHECKPOINT_PREFIX
     return model

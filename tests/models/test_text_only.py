@@ -78,6 +78,27 @@ def test_text_only_reads_no_tower_tensor_and_matches_the_full_model(tiny_dir, mo
         assert torch.equal(lm(input_ids=ids).logits, full(input_ids=ids).logits)
 
 
+def test_sharded_checkpoint_and_generation_settings(tiny_dir, tmp_path):
+    import shutil
+
+    from transformers import Gemma4ForConditionalGeneration
+
+    path = tiny_dir("e2b", text_only=False)
+    sharded = tmp_path / "sharded"
+    Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).save_pretrained(
+        sharded, max_shard_size="200KB")
+    for f in path.iterdir():
+        if not f.name.startswith("model") and not (sharded / f.name).exists():
+            shutil.copy(f, sharded / f.name)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    full, _ = slimtune.load_model(path, dtype="float32", device="cpu")
+    lm, _ = slimtune.load_model(sharded, dtype="float32", device="cpu", text_only=True)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=ids).logits, full(input_ids=ids).logits)
+    assert lm.generation_config.eos_token_id == full.generation_config.eos_token_id  # incl. end of turn
+
+
 def test_text_only_4bit_matches_the_full_4bit_model(tiny_dir):
     path = tiny_dir("e2b", text_only=False)
     full, _ = slimtune.load_model(path, dtype="float32", device="cpu", load_in_4bit=True)
@@ -161,3 +182,15 @@ def test_train_text_only_end_to_end(tiny_dir, tmp_path):
     assert "text_only: true" in cfg
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["target_modules"]
     assert "language_model" in saved
+    # the run exports as a merged MULTIMODAL model (towers untouched) equal to the text_only model + adapter
+    from transformers import Gemma4ForConditionalGeneration
+
+    from slimtune.export.api import export
+
+    merged = export(tmp_path / "run", "merged-16bit", tmp_path / "merged", progress=False)
+    lm, _ = slimtune.load_model(path, dtype="float32", device="cpu", text_only=True)
+    slimtune.load_adapter(lm, tmp_path / "run" / "adapter")
+    out = Gemma4ForConditionalGeneration.from_pretrained(merged, dtype=torch.float32).eval()
+    ids = _ids()
+    with torch.no_grad():
+        assert (out(input_ids=ids).logits - lm(input_ids=ids).logits).abs().max() <= 1e-4
