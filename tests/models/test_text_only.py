@@ -194,3 +194,18 @@ def test_train_text_only_end_to_end(tiny_dir, tmp_path):
     ids = _ids()
     with torch.no_grad():
         assert (out(input_ids=ids).logits - lm(input_ids=ids).logits).abs().max() <= 1e-4
+
+
+def test_resume_restores_a_text_only_adapter(tiny_dir, tmp_path):
+    from slimtune.train.checkpoint import restore_adapter
+
+    path = tiny_dir("e2b", text_only=False)
+    models = [slimtune.load_model(path, dtype="float32", device="cpu", text_only=True)[0] for _ in range(2)]
+    for seed, model in enumerate(models):
+        slimtune.add_lora(model, r=4, seed=seed)
+        _randomize_lora(model, seed=seed)
+    slimtune.save_adapter(models[0], tmp_path / "ckpt")  # checkpoints hold checkpoint-named keys
+    restore_adapter(models[1], tmp_path / "ckpt")
+    a, b = lora_modules(models[0]), lora_modules(models[1])
+    assert all(torch.equal(a[n].lora_B.weight, b[n].lora_B.weight) and torch.equal(a[n].lora_A.weight,
+                                                                                   b[n].lora_A.weight) for n in a)
