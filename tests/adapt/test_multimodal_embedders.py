@@ -84,3 +84,15 @@ def test_embedder_lora_trains_and_loads_in_peft(tiny_dir, tmp_path):
         theirs = peft_model(**_inputs(batch)).logits
     assert (theirs - ours).abs().max() <= 1e-5
     assert (plain - ours).abs().max() > 1e-3  # the adapter does change the output
+
+
+def test_cli_flags_reach_the_config():
+    from slimtune.cli.main import build_parser
+    from slimtune.train.config_io import resolve_config
+
+    args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", "o",
+                                      "--finetune-multimodal-embedders"])
+    cfg = resolve_config(None, **{k: v for k, v in vars(args).items() if k not in ("func", "command", "config")})
+    assert cfg.finetune_multimodal_embedders is True and cfg.text_only is False
+    bench = build_parser().parse_args(["bench", "--multimodal", "--finetune-audio-layers"])
+    assert bench.multimodal and bench.finetune_audio_layers and not bench.finetune_vision_layers
