@@ -11,7 +11,9 @@ The columns ``image``/``images`` and ``audio``/``audios`` (one value or a list) 
 * when the messages hold media placeholders without data (TRL style ``{"type": "image"}``), the column values
   fill them in order, one per placeholder of the same kind;
 * when the messages hold no media parts, the media go to the FIRST USER TURN, before its text (images, then
-  audio), which is where Gemma 4's processor puts them for a single-turn prompt.
+  audio), which is where Gemma 4's processor puts them for a single-turn prompt;
+* when the messages already hold media parts with their data, they are used as they are and the columns are
+  not attached (datasets often repeat the media in a column).
 
 Accepted values: a path (str), bytes (an encoded file), a PIL image or a numpy image array (images), a numpy/list
 sample array (audio, with a row-level ``sampling_rate`` column), or the datasets feature dicts ``{"bytes",
@@ -131,15 +133,15 @@ def attach_media_columns(fields: Mapping[str, Any], messages: list[dict]) -> Non
 
     Raises:
         MediaColumnError: an unsupported value, placeholders and column values that do not pair up one to one,
-            media both inside the messages and in a column, or no user turn to attach to.
+            or no user turn to attach to.
     """
     columns = {kind: _column(fields, kind) for kind in COLUMNS}
     if not any(parts for _, parts in columns.values()):
         return
     names = " and ".join(f"'{key}'" for key, parts in columns.values() if parts)
     slots, has_data = _media_slots(messages)
-    if has_data:
-        raise MediaColumnError(f"row has media both inside its messages and in the {names} column; keep one")
+    if has_data and not slots:
+        return  # the messages carry their own media (datasets often repeat them in a column): keep them as they are
     if slots:
         for kind, (key, parts) in columns.items():
             mine = [(i, j) for i, j, k in slots if k == kind]

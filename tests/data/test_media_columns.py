@@ -79,11 +79,10 @@ def test_bad_column_values_are_refused(columns, match):
         _row(**columns)
 
 
-def test_media_in_messages_and_in_a_column_is_ambiguous():
+def test_messages_with_their_own_media_keep_them_and_text_rows_refuse_media():
     record = {"messages": [{"role": "user", "content": [{"type": "image", "path": "in.png"}]},
-                           {"role": "assistant", "content": "ok"}], "image": "out.png"}
-    with pytest.raises(MediaColumnError, match="both inside its messages and in the 'image' column"):
-        normalize_record(record, "messages")
+                           {"role": "assistant", "content": "ok"}], "image": "in.png"}
+    assert normalize_record(record, "messages")["messages"][0]["content"] == [{"type": "image", "path": "in.png"}]
     with pytest.raises(MediaColumnError, match="'text' row cannot carry media"):
         normalize_record({"text": "hi", "image": "x.png"}, "text")
 
