@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from slimtune.adapt.inject import add_lora, trainable_parameters
 from slimtune.bench.random_model import build_random_model
-from slimtune.bench.run import _batch
+from slimtune.bench.run import bench_batch
 from slimtune.train.step import accumulate_gradients, clip_and_step
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    cpu_batch, _ = _batch(a.seq, model.config.vocab_size, dev, torch.Generator().manual_seed(0))
+    cpu_batch = bench_batch(model, a.seq, multimodal=False, gen=torch.Generator().manual_seed(0))
 
     def step():
         accumulate_gradients(model, [cpu_batch], device=dev, dtype=torch.bfloat16)

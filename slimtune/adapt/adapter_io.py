@@ -3,6 +3,10 @@
 Keys are PEFT's: `base_model.model.<module>.lora_A.weight`. `target_modules` is written as a regex that matches
 exactly the adapted modules, so PEFT (which matches a string with re.fullmatch) rebuilds the same adapter, also
 for Gemma 4's vision/audio linears whose LoRA sits on the inner `.linear` of a Gemma4ClippableLinear.
+
+Module names are the CHECKPOINT's: a model loaded with ``text_only=True`` (a Gemma4ForCausalLM built from a
+multimodal checkpoint, layers under ``model.``) saves its adapter under ``model.language_model.…``, the names the
+full multimodal model has, so PEFT applies it to the model users serve; ``load_adapter`` maps them back.
 """
 
 from __future__ import annotations
@@ -30,10 +34,27 @@ def targets_regex(names: list[str]) -> str:
     return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
 
 
+def saved_name(model: nn.Module, name: str) -> str:
+    """The name a module of `model` has in its checkpoint (differs only for text_only loads)."""
+    ours, theirs = getattr(model, "slimtune_checkpoint_prefix", ("", ""))
+    return theirs + name[len(ours):] if ours and name.startswith(ours) else name
+
+
+def module_name(model: nn.Module, saved: str) -> str:
+    """Inverse of `saved_name`: the module of `model` that a saved adapter name refers to."""
+    ours, theirs = getattr(model, "slimtune_checkpoint_prefix", ("", ""))
+    return ours + saved[len(theirs):] if theirs and saved.startswith(theirs) else saved
+
+
+def saved_lora_modules(model: nn.Module) -> dict:
+    """LoRA layers keyed by their checkpoint name (what adapter files store)."""
+    return {saved_name(model, n): layer for n, layer in lora_modules(model).items()}
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT-keyed LoRA tensors of a model (contiguous CPU copies)."""
+    """PEFT-keyed LoRA tensors of a model (contiguous CPU copies), under the checkpoint's module names."""
     state = {}
-    for name, layer in lora_modules(model).items():
+    for name, layer in saved_lora_modules(model).items():
         state[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().to("cpu").contiguous()
         state[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().to("cpu").contiguous()
     return state
@@ -41,7 +62,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_config(model: nn.Module) -> dict:
     """adapter_config.json content for the model's adapters (PEFT LoraConfig fields)."""
-    layers = lora_modules(model)
+    layers = saved_lora_modules(model)
     settings = getattr(model, "slimtune_lora", None)
     first = next(iter(layers.values()))
     rank_pattern = {re.escape(n): layer.r for n, layer in layers.items() if layer.r != first.r}
@@ -135,24 +156,29 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     config, tensors = read_adapter(directory)
     if lora_modules(model):
         raise ConfigError("this model already has LoRA adapters; load the base model again before load_adapter.")
-    names = sorted({k[len(_PREFIX):-len(s)] for k in tensors for s in _SUFFIXES
-                    if k.startswith(_PREFIX) and k.endswith(s)})
+    saved = sorted({k[len(_PREFIX):-len(s)] for k in tensors for s in _SUFFIXES
+                     if k.startswith(_PREFIX) and k.endswith(s)})
+    names = {s: module_name(model, s) for s in saved}  # saved (checkpoint) name -> module of this model
     modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules or not is_base_linear(modules[n])]
-    if not names or missing:
+    missing = [s for s, n in names.items() if n not in modules or not is_base_linear(modules[n])]
+    if not saved or missing:
+        hint = (" It adapts vision/audio modules, which a text_only load does not build; load the model without "
+                "text_only." if getattr(model, "slimtune_text_only", False) and any(
+                    ".language_model." not in s for s in missing) else " Was it trained on another base model?")
         raise ConfigError(f"adapter in {directory} does not fit this model: "
-                          f"{len(missing)} of {len(names)} adapted modules are not linear layers here "
-                          f"(first: {missing[:3]}). Was it trained on another base model?")
-    ranks = {n: tensors[f"{_PREFIX}{n}.lora_A.weight"].shape[0] for n in names}
+                          f"{len(missing)} of {len(saved)} adapted modules are not linear layers here "
+                          f"(first: {missing[:3]}).{hint}")
+    ranks = {names[s]: tensors[f"{_PREFIX}{s}.lora_A.weight"].shape[0] for s in saved}
     alpha = config.get("lora_alpha", 8)
-    alphas = {n: float(_pattern_value(config.get("alpha_pattern"), n, alpha)) for n in names}
-    inject_lora(model, names, r=int(config.get("r", 8)), alpha=float(alpha), dropout=0.0,
+    # Patterns were written against the saved names, so they are matched against those (as PEFT does).
+    alphas = {names[s]: float(_pattern_value(config.get("alpha_pattern"), s, alpha)) for s in saved}
+    inject_lora(model, list(names.values()), r=int(config.get("r", 8)), alpha=float(alpha), dropout=0.0,
                 use_rslora=bool(config.get("use_rslora", False)), seed=None, ranks=ranks, alphas=alphas)
     layers = lora_modules(model)
     with torch.no_grad():
-        for n in names:
+        for s, n in names.items():
             for part in ("lora_A", "lora_B"):
-                src = tensors[f"{_PREFIX}{n}.{part}.weight"]
+                src = tensors[f"{_PREFIX}{s}.{part}.weight"]
                 dst = getattr(layers[n], part).weight
                 if src.shape != dst.shape:
                     raise ConfigError(f"adapter tensor {n}.{part} has shape {tuple(src.shape)}, "

@@ -43,7 +43,9 @@ def _leaf_name(name: str, model: nn.Module, family: ModelFamily) -> str:
 
 
 def _component(name: str, family: ModelFamily) -> tuple[str, int | None]:
-    """("language", layer index) | ("vision", None) | ("audio", None) | ("other", None)."""
+    """("language", layer index) | ("vision"|"audio"|"embedders", None) | ("other", None)."""
+    if name.startswith(family.embedder_prefixes):
+        return "embedders", None
     for prefix in family.language_prefixes:
         if name.startswith(prefix):
             return "language", int(name[len(prefix):].split(".")[0])
@@ -55,22 +57,29 @@ def _component(name: str, family: ModelFamily) -> tuple[str, int | None]:
 
 def select_lora_targets(model: nn.Module, *, target_modules="all-linear", finetune_language_layers=True,
                         finetune_vision_layers=False, finetune_audio_layers=False, finetune_attention_modules=True,
-                        finetune_mlp_modules=True, layers_to_transform=None) -> list[str]:
+                        finetune_mlp_modules=True, layers_to_transform=None,
+                        finetune_multimodal_embedders=False) -> list[str]:
     """Names of the base linears that get LoRA, in module order.
 
     "all-linear" means the attention and MLP linears of the selected components (decoder layers and/or towers),
     filtered by the attention/MLP flags. A list of names (e.g. ["q_proj", "v_proj"]) picks those linears in the
-    selected components. Embeddings, lm_head, routers and multimodal projectors are never targeted.
+    selected components. ``finetune_multimodal_embedders`` adds every linear of the multimodal embedders (Gemma 4:
+    ``embed_vision`` / ``embed_audio`` ``.embedding_projection``) whatever target_modules says. Embeddings,
+    lm_head and routers are never targeted.
 
     Raises:
         ConfigError: a flag asks for a component the model does not have, or nothing matches.
     """
     family = family_of(model)
     components = {"language": finetune_language_layers, "vision": finetune_vision_layers,
-                  "audio": finetune_audio_layers}
+                  "audio": finetune_audio_layers, "embedders": finetune_multimodal_embedders}
     if not any(components.values()):
-        raise ConfigError("all of finetune_language_layers / finetune_vision_layers / finetune_audio_layers are "
-                          "False: nothing would be trained. Enable at least one.")
+        raise ConfigError("all of finetune_language_layers / finetune_vision_layers / finetune_audio_layers / "
+                          "finetune_multimodal_embedders are False: nothing would be trained. Enable at least one.")
+    if finetune_multimodal_embedders and not any(
+            n.startswith(family.embedder_prefixes) for n, _ in model.named_modules()):
+        raise ConfigError("finetune_multimodal_embedders=True but this model has no multimodal embedders "
+                          "(text-only checkpoint or text_only load). Set it to False.")
     present = {comp for comp, prefix in family.tower_prefixes.items()
                if any(n.startswith(prefix) for n, _ in model.named_modules())}
     for comp in ("vision", "audio"):
@@ -98,6 +107,9 @@ def select_lora_targets(model: nn.Module, *, target_modules="all-linear", finetu
             continue
         comp, layer = _component(name, family)
         if comp == "other" or not components[comp]:
+            continue
+        if comp == "embedders":  # its own switch: not filtered by target_modules or the attention/MLP flags
+            targets.append(name)
             continue
         leaf = _leaf_name(name, model, family)
         seen_leaves.add(leaf)
@@ -135,7 +147,7 @@ def add_lora(model: nn.Module, *, r: int = 16, alpha: float = 16, dropout: float
              finetune_language_layers: bool = True, finetune_vision_layers: bool = False,
              finetune_audio_layers: bool = False, finetune_attention_modules: bool = True,
              finetune_mlp_modules: bool = True, use_rslora: bool = False, layers_to_transform=None,
-             seed: int = 0) -> nn.Module:
+             seed: int = 0, finetune_multimodal_embedders: bool = False) -> nn.Module:
     """Add trainable LoRA adapters to a model loaded by `load_model` (in place; returns the same model).
 
     Args:
@@ -143,6 +155,8 @@ def add_lora(model: nn.Module, *, r: int = 16, alpha: float = 16, dropout: float
         dropout: dropout on the adapter input, in [0, 1).
         target_modules: "all-linear" or a list of linear names such as ["q_proj", "v_proj"].
         finetune_*_layers: which components get adapters (text decoder, vision tower, audio tower).
+        finetune_multimodal_embedders: also adapt the projections from the towers into the text model
+            (embed_vision / embed_audio); default off.
         finetune_attention_modules / finetune_mlp_modules: with "all-linear", which blocks get adapters.
         layers_to_transform: decoder layer indices to adapt (None = all).
         seed: seeds the adapters' initialisation.
@@ -169,7 +183,7 @@ def add_lora(model: nn.Module, *, r: int = 16, alpha: float = 16, dropout: float
         model, target_modules=target_modules, finetune_language_layers=finetune_language_layers,
         finetune_vision_layers=finetune_vision_layers, finetune_audio_layers=finetune_audio_layers,
         finetune_attention_modules=finetune_attention_modules, finetune_mlp_modules=finetune_mlp_modules,
-        layers_to_transform=layers_to_transform)
+        layers_to_transform=layers_to_transform, finetune_multimodal_embedders=finetune_multimodal_embedders)
     inject_lora(model, targets, r=r, alpha=float(alpha), dropout=float(dropout), use_rslora=use_rslora, seed=seed)
     return model
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from slimtune.adapt.quantize import make_nf4_linear, quantizable_linear_names
 from slimtune.memory.host_embedding import HostOffloadedEmbedding
+from slimtune.models.loader import attention_plan
 from slimtune.models.geometry import build_config
 from slimtune.models.registry import family_of
 
@@ -51,7 +52,8 @@ def build_random_model(variant: str, *, mode: str = "qlora", multimodal: bool = 
     config = build_config(variant, tiny=tiny, text_only=not multimodal)
     cls = transformers.Gemma4ForConditionalGeneration if multimodal else transformers.Gemma4ForCausalLM
     with init_empty_weights(include_buffers=False):
-        model = cls._from_config(config, attn_implementation="sdpa", dtype=dtype)
+        # attention_plan: 5.24 declares the audio tower eager-only and refuses a blanket "sdpa"
+        model = cls._from_config(config, attn_implementation=attention_plan(cls), dtype=dtype)
     family = family_of(model)
     quantize = set(quantizable_linear_names(model, family)) if mode == "qlora" else set()
     gen = torch.Generator(device).manual_seed(seed)

@@ -3,6 +3,8 @@
 Method (identical to ../shared/bench/anchors): batch 1, LoRA r=16 alpha 16 on q/k/v/o/gate/up/down, AdamW lr 1e-4,
 6 steps, median step time of the last 4, peak = torch.cuda.max_memory_allocated() after
 reset_peak_memory_stats() just before the first step. Weights are excluded from nothing: the peak includes them.
+With --multimodal the seq tokens include one image and one audio clip (slimtune.bench.mm_batch), so the towers
+run every step (and train, with the tower LoRA options).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from slimtune.adapt.inject import add_lora, trainable_parameters
+from slimtune.bench.mm_batch import multimodal_batch
 from slimtune.bench.random_model import build_random_model
+from slimtune.data.multimodal import AUDIO_TYPE_ID, IMAGE_TYPE_ID
 from slimtune.data.tokenize import IGNORE_INDEX
 from slimtune.errors import ConfigError
 from slimtune.memory.activation_offload import enable_activation_offload
@@ -42,6 +46,8 @@ class BenchOptions:
     optimizer: str = "adamw"
     """adamw | adamw8bit."""
     loss_chunk_size: int = 0
+    finetune_vision_layers: bool = False
+    finetune_audio_layers: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -57,11 +63,17 @@ class BenchOptions:
             raise ConfigError("invalid bench options:\n  - " + "\n  - ".join(p))
 
 
-def _batch(seq: int, vocab: int, device, gen) -> tuple[dict, dict]:
+def _batch(seq: int, vocab: int, gen) -> dict:
     ids = torch.randint(3, vocab, (1, seq), generator=gen)
     targets = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE_INDEX)], dim=1)
-    cpu = {"input_ids": ids, "targets": targets}
-    return cpu, {k: v.to(device) for k, v in cpu.items()}
+    return {"input_ids": ids, "targets": targets}
+
+
+def bench_batch(model, seq: int, *, multimodal: bool, gen: torch.Generator) -> dict:
+    """The CPU batch of one benchmark step: random text, or one image + one audio clip + text (same seq)."""
+    if multimodal:
+        return multimodal_batch(model, seq, generator=gen)
+    return _batch(seq, model.config.get_text_config().vocab_size, gen)
 
 
 def bench_one(variant: str, mode: str, seq: int, *, steps: int = 6, multimodal: bool = False,
@@ -79,7 +91,8 @@ def bench_one(variant: str, mode: str, seq: int, *, steps: int = 6, multimodal: 
 
         enable_slimtune_attention(model)
     add_lora(model, r=16, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                     "up_proj", "down_proj"])
+                                                     "up_proj", "down_proj"],
+             finetune_vision_layers=options.finetune_vision_layers, finetune_audio_layers=options.finetune_audio_layers)
     if options.mlp_chunk_size:
         tile_decoder_mlps(model, options.mlp_chunk_size)
     if options.compile_layers:
@@ -95,7 +108,7 @@ def bench_one(variant: str, mode: str, seq: int, *, steps: int = 6, multimodal: 
     opt = make_optimizer(params, name=options.optimizer, lr=1e-4, fused=options.fused_adamw)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     gen = torch.Generator().manual_seed(0)
-    cpu_batch, _ = _batch(seq, model.config.get_text_config().vocab_size, device, gen)
+    cpu_batch = bench_batch(model, seq, multimodal=multimodal, gen=gen)
     torch.cuda.synchronize()
     weights_gib = torch.cuda.memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
@@ -117,6 +130,10 @@ def bench_one(variant: str, mode: str, seq: int, *, steps: int = 6, multimodal: 
                   predicted_gib=predicted_gib(variant, mode, seq, options, multimodal))
     if offloader is not None:  # per step: the counters ran over all `steps`
         result["offloaded_gib_per_step"] = round(offloader.offloaded_bytes / steps / 2**30, 3)
+    if multimodal:
+        types = cpu_batch["mm_token_type_ids"]
+        result.update(image_tokens=int((types == IMAGE_TYPE_ID).sum()),
+                      audio_tokens=int((types == AUDIO_TYPE_ID).sum()))
     del model, opt, params
     gc.collect()
     torch.cuda.empty_cache()

@@ -6,7 +6,10 @@ from __future__ import annotations
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmark training memory and speed on a real Gemma 4 geometry (GPU)")
     p.add_argument("--geometry", default="e2b", choices=["e2b", "e4b", "26b-a4b", "31b"])
-    p.add_argument("--multimodal", action="store_true", help="include the vision/audio towers")
+    p.add_argument("--multimodal", action="store_true",
+                   help="include the vision/audio towers; each step's batch holds one image and one audio clip")
+    p.add_argument("--finetune-vision-layers", action="store_true", help="with --multimodal: LoRA on the vision tower")
+    p.add_argument("--finetune-audio-layers", action="store_true", help="with --multimodal: LoRA on the audio tower")
     p.add_argument("--mode", default="qlora", help="qlora, lora16 or both comma-separated")
     p.add_argument("--seq", default="2048,8192", help="comma-separated sequence lengths")
     p.add_argument("--steps", type=int, default=6)
@@ -39,12 +42,16 @@ def run(args) -> int:
                         attention=args.attention, compile_layers=args.compile,
                         activation_offload=args.activation_offload, mlp_chunk_size=args.mlp_chunk_size,
                         optimizer=args.optimizer,
-                        loss_chunk_size=args.loss_chunk_size or 0)
+                        loss_chunk_size=args.loss_chunk_size or 0,
+                        finetune_vision_layers=args.finetune_vision_layers,
+                        finetune_audio_layers=args.finetune_audio_layers)
     explicit = frozenset(name for name, given in (("gradient_checkpointing", args.no_gradient_checkpointing),
                                                   ("loss_chunk_size", args.loss_chunk_size is not None),
                                                   ("activation_offload", args.activation_offload),
                                                   ("mlp_chunk_size", args.mlp_chunk_size != 0),
                                                   ("optimizer", args.optimizer != "adamw")) if given)
+    if (args.finetune_vision_layers or args.finetune_audio_layers) and not args.multimodal:
+        raise ConfigError("--finetune-vision-layers / --finetune-audio-layers need --multimodal (the towers).")
     run_bench(args.geometry, args.mode.split(","), [int(s) for s in args.seq.split(",")], steps=args.steps,
               multimodal=args.multimodal, options=opts, json_path=args.json, max_memory=budget, explicit=explicit)
     return 0

@@ -15,6 +15,8 @@ so a CSV header ``Instruction `` counts as ``instruction``. Accepted layouts, tr
   assistant turn) or a list of OpenAI turns; optional ``system``.
 * **alpaca**: ``instruction`` (or ``question``/``query``) + ``output`` (or ``response``/``answer``), optional
   ``input`` (or ``context``, appended to the instruction after a blank line) and ``system``.
+* Chat rows may carry their media in top-level ``image``/``images`` and ``audio``/``audios`` columns
+  (see `slimtune.data.media_columns`).
 * **text**: ``text``, a string trained on in full. Alpaca files that also carry a rendered ``text`` column are
   Alpaca, because Alpaca is tried first.
 
@@ -30,6 +32,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from slimtune.data.media_columns import attach_media_columns, reject_media_columns
 from slimtune.errors import ConfigError, DataError
 
 FORMATS: tuple[str, ...] = ("messages", "sharegpt", "prompt_completion", "alpaca", "text")
@@ -104,7 +107,8 @@ def normalize_record(record: Mapping[str, Any], fmt: str, *, tool_messages: str 
         (null-valued extras, which Parquet/Arrow add for absent struct fields, are dropped).
 
     Raises:
-        DataError: the row cannot be used; the message is the reason, without a file location.
+        DataError: the row cannot be used; the message is the reason, without a file location. Bad media
+            columns raise its subclass ``MediaColumnError`` (see slimtune.data.media_columns).
         ConfigError: `fmt` or `tool_messages` is not a supported value.
 
     Example:
@@ -119,12 +123,14 @@ def normalize_record(record: Mapping[str, Any], fmt: str, *, tool_messages: str 
         raise DataError(f"row is {describe(record)}, expected an object with named fields")
     fields = _fields(record)
     if fmt == "text":
+        reject_media_columns(fields)
         return {"text": _required_text(fields, ("text",))}
     messages = _CHAT_BUILDERS[fmt](fields)
     if fmt != "messages":  # OpenAI rows carry their system prompt as a turn already
         system = _optional_text(fields, ("system",))
         if system is not None and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
+    attach_media_columns(fields, messages)  # image/images, audio/audios columns → media parts
     _check_conversation(messages, tool_messages)
     return {"messages": messages}
 

@@ -13,7 +13,7 @@ text rows. Media tokens (begin/end markers and soft-token placeholders) are neve
 Row format (inside ``messages[i]["content"]`` lists)::
 
     {"type": "image", "path": "pics/cat.png"}          # relative to media_root
-    {"type": "image", "image": <PIL.Image | bytes | path>}
+    {"type": "image", "image": <PIL.Image | bytes | path | (H, W[, C]) numpy array>}
     {"type": "audio", "path": "clips/a.wav"}           # WAV (stdlib ``wave``; soundfile if installed)
     {"type": "audio", "audio": <1-D float array>, "sampling_rate": 22050}
     {"type": "audio", "audio": <WAV bytes>}
@@ -146,6 +146,8 @@ def _load_image(part: Mapping, media_root, row) -> tuple[Any, str]:
         src = part["url"]
     if isinstance(src, Image.Image):
         return src.convert("RGB"), "image (PIL)"
+    if isinstance(src, np.ndarray):
+        return _array_image(src, row), "image (array)"
     if isinstance(src, (bytes, bytearray)):
         name, opener = "image (bytes)", lambda: io.BytesIO(src)
     elif isinstance(src, (str, Path)):
@@ -164,6 +166,22 @@ def _load_image(part: Mapping, media_root, row) -> tuple[Any, str]:
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... on bad data
         raise DataError(f"{_where(row, name)}: corrupt or unsupported image ({type(exc).__name__}: {exc}).") \
             from exc
+
+
+def _array_image(array: np.ndarray, row) -> Any:
+    """(H, W) or (H, W, 1|3|4) pixels, uint8 or floats in [0, 1] (what numpy/datasets hand over) → RGB PIL."""
+    from PIL import Image
+
+    a = array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))) or a.size == 0:
+        raise DataError(f"{_where(row, 'image (array)')}: shape {array.shape} is not an image; expected (H, W) "
+                        "or (H, W, 3).")
+    if a.dtype != np.uint8:
+        a = a.astype(np.float32)
+        if not np.isfinite(a).all():
+            raise DataError(f"{_where(row, 'image (array)')}: the pixels contain NaN or infinite values.")
+        a = np.clip(a * 255.0 if a.max() <= 1.0 else a, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(a).convert("RGB")
 
 
 def _read_wav(source, name: str, row) -> tuple[np.ndarray, int]:

@@ -28,6 +28,7 @@ from slimtune.data import _files
 from slimtune.data._files import FILE_TYPES, RawRecord, file_type
 from slimtune.data.formats import (EXPECTED_LAYOUTS, TOOL_MESSAGE_POLICIES, describe, detect_format, layout_hint,
                                    normalize_record, short_names, text_size)
+from slimtune.data.media_columns import MediaColumnError
 from slimtune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -269,6 +270,8 @@ class _Collector:
                                            f"format (decided by {self.decided_at})")
         try:
             row = normalize_record(record, fmt, tool_messages=self.tool_messages)
+        except MediaColumnError as exc:  # media paired with the wrong text must not be skipped silently
+            raise DataError(f"{raw.location}: {exc}") from exc
         except DataError as exc:
             return self.skip(raw.location, str(exc))
         size = text_size(row)

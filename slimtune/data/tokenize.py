@@ -101,13 +101,14 @@ class TokenizeStats:
 
 
 def tokenize_rows(rows: list[dict], tokenizer_or_processor, *, max_seq_length: int,
-                  train_on: str = "assistant", media_root=None, media_front_end=None,
+                  train_on: str = "assistant", media_root=None, media_front_end=None, allow_media: bool = True,
                   ) -> tuple[list[Example], TokenizeStats]:
     """Tokenize normalised rows ({"messages": …} or {"text": …}), truncating to max_seq_length.
 
     Rows with no target token left after truncation are skipped and counted. Rows whose messages hold image or
     audio parts go through ``slimtune.data.multimodal`` (media paths relative to ``media_root``; the front end is
-    ``media_front_end`` or, when None, loaded from the tokenizer's checkpoint folder).
+    ``media_front_end`` or, when None, loaded from the tokenizer's checkpoint folder). ``allow_media=False``
+    (a text_only model, which has no towers) refuses such rows with a DataError naming the row.
     """
     from slimtune.data import multimodal
 
@@ -117,6 +118,10 @@ def tokenize_rows(rows: list[dict], tokenizer_or_processor, *, max_seq_length: i
     for n, row in enumerate(rows, 1):
         stats.n_rows += 1
         if "text" not in row and multimodal.has_media(row["messages"]):
+            if not allow_media:
+                raise DataError(f"row {n} has image/audio parts, but the model was loaded text_only (no vision or "
+                                "audio tower). Drop text_only (--text-only) to train on media, or remove the "
+                                "media from the data.")
             if media_front_end is None:
                 media_front_end = multimodal.load_media_front_end(
                     text_tokenizer(tokenizer_or_processor).name_or_path)

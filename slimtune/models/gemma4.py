@@ -17,5 +17,7 @@ GEMMA4 = register_family(
         # Text/vision GeGLU MLP; audio feed-forward blocks and the light-conv block's pointwise linears.
         mlp_modules=("gate_proj", "up_proj", "down_proj", "ffw_layer_1", "ffw_layer_2", "linear_start", "linear_end"),
         wrapper_classes=("Gemma4ClippableLinear",),
+        # Gemma4MultimodalEmbedder: RMSNorm (no weight) then `embedding_projection`, tower width -> text width.
+        embedder_prefixes=("model.embed_vision.", "model.embed_audio."),
     )
 )

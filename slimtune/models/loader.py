@@ -168,7 +168,7 @@ def freeze(model: nn.Module) -> None:
 
 
 def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_length: int | None = None,
-               device=None, offload_embeddings: bool | None = None, attention: str = "auto"):
+               device=None, offload_embeddings: bool | None = None, attention: str = "auto", text_only: bool = False):
     """Load a Gemma 4 checkpoint for fine-tuning.
 
     Args:
@@ -196,14 +196,24 @@ def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_
     family = family_for_model_type(config.get("model_type"))
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    check_weight_files(folder)
+    shards = check_weight_files(folder)
+    if not isinstance(text_only, bool):
+        raise ConfigError(f"text_only must be True or False, got {text_only!r}.")
     cls = model_class_for(config, family)
+    text_only = text_only and cls.__name__ == family.multimodal_class
     text_cfg = config.get("text_config", config)
     limit = text_cfg.get("max_position_embeddings")
     if max_seq_length is not None and (max_seq_length <= 0 or (limit and max_seq_length > limit)):
         raise ConfigError(f"max_seq_length={max_seq_length} is outside this model's range 1..{limit}.")
     try:
-        model = cls.from_pretrained(str(folder), dtype=dtype, attn_implementation=attention_plan(cls))
+        if text_only:
+            from slimtune.models.text_only import load_language_model  # noqa: PLC0415
+
+            model = load_language_model(folder, shards, dtype)
+        else:
+            model = cls.from_pretrained(str(folder), dtype=dtype, attn_implementation=attention_plan(cls))
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"transformers could not load {folder} as {cls.__name__}: {exc}") from exc
     freeze(model)
@@ -229,5 +239,7 @@ def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_
     model.slimtune_max_seq_length = max_seq_length or limit
     model.slimtune_source = str(name_or_path)
     model.slimtune_load_in_4bit = bool(load_in_4bit)
-    tokenizer = load_tokenizer(folder, multimodal=cls.__name__ == family.multimodal_class)
+    model.slimtune_text_only = text_only
+    # text_only: the plain tokenizer; image/audio rows are refused by the data path (no towers to feed them to).
+    tokenizer = load_tokenizer(folder, multimodal=cls.__name__ == family.multimodal_class and not text_only)
     return model, tokenizer

@@ -25,6 +25,7 @@ class ModelFamily:
         attention_modules: linear names inside attention blocks (text and towers).
         mlp_modules: linear names inside MLP / feed-forward / conv blocks (text and towers).
         wrapper_classes: class names of modules that wrap an inner `.linear` (LoRA goes on the inner one).
+        embedder_prefixes: module-name prefixes of the projections from tower outputs into the text model.
     """
 
     name: str
@@ -36,6 +37,7 @@ class ModelFamily:
     attention_modules: tuple[str, ...] = ()
     mlp_modules: tuple[str, ...] = ()
     wrapper_classes: tuple[str, ...] = ()
+    embedder_prefixes: tuple[str, ...] = ()
 
 
 _FAMILIES: dict[str, ModelFamily] = {}

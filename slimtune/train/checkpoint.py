@@ -17,8 +17,8 @@ import torch
 import yaml
 from torch import nn
 
-from slimtune.adapt.adapter_io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, read_adapter, save_adapter
-from slimtune.adapt.lora import lora_modules
+from slimtune.adapt.adapter_io import (CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, read_adapter, save_adapter,
+                                      saved_lora_modules)
 from slimtune.errors import ConfigError
 from slimtune.train.config import TrainConfig
 from slimtune.utils.atomic import atomic_dir
@@ -133,7 +133,7 @@ def restore_adapter(model: nn.Module, adapter_dir: Path) -> None:
         raise ConfigError(f"the adapter in {adapter_dir} does not match this model's LoRA layers (missing "
                           f"{missing}, unexpected {extra}); was the checkpoint written for another model?")
     with torch.no_grad():
-        for name, layer in lora_modules(model).items():
+        for name, layer in saved_lora_modules(model).items():  # file keys use checkpoint names (text_only)
             for part in ("lora_A", "lora_B"):
                 weight = getattr(layer, part).weight
                 weight.copy_(tensors[f"base_model.model.{name}.{part}.weight"].to(weight.device, weight.dtype))

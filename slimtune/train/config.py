@@ -47,6 +47,11 @@ class TrainConfig:
     finetune_language_layers: bool = True
     finetune_vision_layers: bool = False
     finetune_audio_layers: bool = False
+    finetune_multimodal_embedders: bool = False
+    """LoRA on the projections that map vision/audio tower outputs into the text model (embed_vision/audio)."""
+    text_only: bool = False
+    """Multimodal checkpoint: load only the language model (towers never read); the adapter still fits the full
+    model."""
     finetune_attention_modules: bool = True
     finetune_mlp_modules: bool = True
     batch_size: int = 1
@@ -140,6 +145,9 @@ class TrainConfig:
             ("image_max_soft_tokens", self.image_max_soft_tokens in (None, 70, 140, 280, 560, 1120),
              "one of 70, 140, 280, 560, 1120 or null"),
             ("resume", isinstance(self.resume, bool), "true or false"),
+            ("text_only", isinstance(self.text_only, bool), "true or false"),
+            ("finetune_multimodal_embedders", isinstance(self.finetune_multimodal_embedders, bool),
+             "true or false"),
             ("eval_data", self.eval_data is None or (isinstance(self.eval_data, str) and self.eval_data != ""),
              "a dataset path or null"),
             ("eval_fraction", isinstance(self.eval_fraction, (int, float)) and not isinstance(self.eval_fraction, bool)
@@ -162,6 +170,10 @@ class TrainConfig:
             p.append("activation_offload needs gradient_checkpointing (it offloads the inputs checkpointing keeps "
                      "per decoder layer): turn gradient_checkpointing on or activation_offload off")
         p += _max_memory_problems(self.max_memory)
+        if self.text_only is True:
+            p += [f"{name}=true needs the towers, which text_only=true does not load; set one of them to false"
+                  for name in ("finetune_vision_layers", "finetune_audio_layers", "finetune_multimodal_embedders")
+                  if getattr(self, name) is True]
         p += _seq_length_problems(self.model, self.max_seq_length)
         if self.extra:
             p.append(f"unknown settings: {sorted(self.extra)}")

@@ -38,7 +38,7 @@ class TrainResult:
 def prepare_model(cfg: TrainConfig):
     """Load the base model and add the configured LoRA adapters."""
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit,
-                                  max_seq_length=cfg.max_seq_length, device=cfg.device)
+                                  max_seq_length=cfg.max_seq_length, device=cfg.device, text_only=cfg.text_only)
     if cfg.chat_template != "auto":
         from slimtune.data.chat_template import GEMMA4_CHAT_TEMPLATE, GEMMA4_THINKING_CHAT_TEMPLATE  # noqa: PLC0415
 
@@ -49,6 +49,7 @@ def prepare_model(cfg: TrainConfig):
     add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
              finetune_language_layers=cfg.finetune_language_layers, finetune_vision_layers=cfg.finetune_vision_layers,
              finetune_audio_layers=cfg.finetune_audio_layers,
+             finetune_multimodal_embedders=cfg.finetune_multimodal_embedders,
              finetune_attention_modules=cfg.finetune_attention_modules,
              finetune_mlp_modules=cfg.finetune_mlp_modules, use_rslora=cfg.use_rslora, seed=cfg.seed)
     if cfg.mlp_chunk_size:
@@ -79,7 +80,9 @@ def media_root(data: str) -> Path:
 
 
 def media_front_end(cfg: TrainConfig):
-    """The image processor + feature extractor of a local multimodal checkpoint (None otherwise)."""
+    """The image processor + feature extractor of a local multimodal checkpoint (None otherwise, or text_only)."""
+    if cfg.text_only:
+        return None
     return _media_front_end(str(Path(cfg.model).expanduser()), cfg.image_max_soft_tokens)
 
 
@@ -97,7 +100,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, log=print):
     loaded = load_records(cfg.data, tool_messages=cfg.tool_messages)
     examples, stats = tokenize_rows(loaded.rows, tokenizer, max_seq_length=cfg.max_seq_length,
                                     train_on=cfg.train_on, media_root=media_root(cfg.data),
-                                    media_front_end=media_front_end(cfg))
+                                    media_front_end=media_front_end(cfg), allow_media=not cfg.text_only)
     log(f"data: {loaded.n_read} rows read ({loaded.format}), {loaded.n_skipped} skipped, "
         f"{stats.n_truncated} truncated to {cfg.max_seq_length} tokens, {stats.n_skipped_no_targets} without "
         f"targets; {len(examples)} samples, {stats.n_target_tokens} target tokens")
@@ -120,7 +123,8 @@ def prepare_eval_data(cfg: TrainConfig, tokenizer, examples: list, log=print) ->
     if cfg.eval_data:
         loaded = load_records(cfg.eval_data, tool_messages=cfg.tool_messages)
         held, _ = tokenize_rows(loaded.rows, tokenizer, max_seq_length=cfg.max_seq_length, train_on=cfg.train_on,
-                                media_root=media_root(cfg.eval_data), media_front_end=media_front_end(cfg))
+                                media_root=media_root(cfg.eval_data), media_front_end=media_front_end(cfg),
+                                allow_media=not cfg.text_only)
         if not held:
             raise DataError(f"eval_data {cfg.eval_data}: no usable samples ({loaded.n_read} rows read, "
                             f"{loaded.n_skipped} skipped); point eval_data at a dataset with assistant replies.")
