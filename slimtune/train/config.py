@@ -90,6 +90,9 @@ class TrainConfig:
     packing: bool = False
     """Pack several samples into each max_seq_length sequence (attention and loss kept inside each sample);
     batch_size then counts packed sequences."""
+    distributed: str = "auto"
+    """auto | ddp | fsdp: how processes started by torchrun (or --nproc) share the work. ddp (= auto) keeps a
+    full model per GPU; fsdp shards the 16-bit model over the GPUs (FSDP2, not with load_in_4bit)."""
     extra: dict = field(default_factory=dict)
     """Reserved for settings of later stages; must be empty for now."""
 
@@ -135,6 +138,7 @@ class TrainConfig:
             ("eval_steps", isinstance(self.eval_steps, int) and self.eval_steps >= 0, ">= 0"),
             ("early_stopping_patience", isinstance(self.early_stopping_patience, int)
              and self.early_stopping_patience >= 0, ">= 0"),
+            ("distributed", self.distributed in ("auto", "ddp", "fsdp"), "auto, ddp or fsdp"),
             ("dtype", self.dtype in (None, "auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"),
              "bfloat16, float16, float32 or null"),
         ]
@@ -142,6 +146,9 @@ class TrainConfig:
             if not ok:
                 p.append(f"{name} must be {want} (got {getattr(self, name)!r})")
         p += self._eval_problems()
+        if self.distributed == "fsdp" and self.load_in_4bit is True:
+            p.append("distributed=fsdp does not support load_in_4bit (QLoRA): bitsandbytes' NF4 weights cannot "
+                     "be sharded by FSDP2; use distributed: ddp (each GPU keeps the whole 4-bit base model)")
         p += _seq_length_problems(self.model, self.max_seq_length)
         if self.extra:
             p.append(f"unknown settings: {sorted(self.extra)}")
