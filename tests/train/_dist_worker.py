@@ -74,6 +74,37 @@ def grads_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str)
         torch.save({"loss": loss, "n": n, "grads": grads}, Path(out_dir) / f"{kind}.pt")
 
 
+def sync_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str, always_sync: bool) -> None:
+    """Whether gradients were reduced over ranks BEFORE the window's last micro-batch (they must not be).
+
+    DDP: a comm hook counts bucket all-reduces. FSDP2: a reduce-scatter leaves sharded .grad set, so every
+    trainable parameter's .grad must still be None when the last micro-batch starts. always_sync=True is the
+    negative control (a sync on every micro-batch), showing the probe sees the difference.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook  # noqa: PLC0415
+
+    model = make_model(model_dir)
+    parallel = ParallelModel(model, kind, DistInfo(rank=rank, world_size=world), torch.device("cpu"))
+    calls: list[int] = []
+    if kind == "ddp":
+        parallel.wrapped.register_comm_hook(None, lambda state, bucket: (calls.append(1), allreduce_hook(None, bucket))[1])
+    seen: dict = {}
+    real_sync = parallel.sync
+
+    def sync(last: bool):
+        if last:  # the last micro-batch is about to run: what was reduced so far?
+            seen["reduced_before_last"] = (len(calls) > 0 if kind == "ddp"
+                                           else any(p.grad is not None for p in parallel.parameters()))
+        return real_sync(True if always_sync else last)
+
+    parallel.sync = sync
+    batches = window(make_examples(model.config.vocab_size), rank, world)
+    accumulate_gradients(model, batches, device=torch.device("cpu"), dtype=torch.float64, parallel=parallel)
+    seen["reduced_at_end"] = len(calls) > 0 if kind == "ddp" else all(p.grad is not None for p in parallel.parameters())
+    if rank == 0:
+        (Path(out_dir) / f"sync-{kind}-{'always' if always_sync else 'window'}.json").write_text(json.dumps(seen))
+
+
 def record_writes(run_dir: Path, log_path: Path) -> None:
     """Log every file this process opens for writing (or renames into place) under run_dir."""
     run_dir, real_open, real_replace, real_rename = str(run_dir), io.open, os.replace, os.rename
@@ -111,6 +142,8 @@ def entry(rank: int, world: int, port: int, model_dir: str, out_dir: str, train_
     try:
         for kind in ("ddp", "fsdp"):
             grads_worker(rank, world, model_dir, out_dir, kind)
+            for always in (False, True):
+                sync_worker(rank, world, model_dir, out_dir, kind, always)
         if train_kwargs:
             from slimtune.train.config import TrainConfig  # noqa: PLC0415
             from slimtune.train.run import train  # noqa: PLC0415

@@ -94,6 +94,17 @@ def test_per_rank_normalisation_would_differ(spawned):
     assert worst > 1e-2, worst
 
 
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_gradients_are_reduced_once_per_window(spawned, kind):
+    """With grad_accum 2, nothing is all-reduced (DDP) / reduce-scattered (FSDP2) on the first micro-batch,
+    only on the last. The control run that syncs every micro-batch is seen reducing early, so the probe works."""
+    out, _, _ = spawned
+    window = json.loads((out / f"sync-{kind}-window.json").read_text())
+    control = json.loads((out / f"sync-{kind}-always.json").read_text())
+    assert window == {"reduced_before_last": False, "reduced_at_end": True}
+    assert control["reduced_before_last"] is True
+
+
 @pytest.mark.parametrize("n,batch,world", [(11, 2, 2), (7, 3, 3), (5, 4, 2), (1, 1, 3)])
 def test_ranks_share_an_epoch_without_duplicates(n, batch, world):
     """The union of every rank's samples over one epoch is each sample exactly once; ragged last batches
