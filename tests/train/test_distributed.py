@@ -8,6 +8,7 @@ tests below check what it left behind. The reference is always ONE process on th
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ def _train_kwargs(model_dir: Path, run: Path) -> dict:
     # eval). grad_accum 2 and an eval split exercise no_sync and the dummy eval batches.
     return dict(model=str(model_dir), data=str(BUNDLED), output=str(run), max_steps=3, save_steps=2, lr=1e-3,
                 lora_r=4, lora_alpha=8, batch_size=2, grad_accum=2, max_seq_length=64, seed=3, device="cpu",
-                dtype="float32", eval_fraction=0.05, distributed="fsdp")
+                dtype="float32", eval_fraction=0.04, distributed="fsdp")  # 13 eval samples: 7 batches, a dummy
 
 
 @pytest.fixture(scope="module")
@@ -150,13 +151,35 @@ def test_only_rank0_writes_and_the_step_counts_global_samples(spawned):
     assert [r["loss"] for r in history1] == [r["loss"] for r in _metrics(run)]  # the loss is the global one
 
 
-def test_two_process_checkpoint_resumes_in_one_process(spawned):
+def test_sharded_eval_equals_one_process_eval(spawned):
+    """The FSDP2 run's final eval (each rank every 2nd batch, rank 1 a dummy in the last round, sums
+    all-reduced) equals one process evaluating the saved adapter on the same eval split."""
+    from slimtune.train.checkpoint import restore_adapter  # noqa: PLC0415
+    from slimtune.train.evaluate import evaluate  # noqa: PLC0415
+    from slimtune.train.run import prepare_data, prepare_eval_data  # noqa: PLC0415
+
+    _, _, kwargs = spawned
+    run = Path(kwargs["output"])
+    cfg = TrainConfig(**kwargs)
+    model, tokenizer = slimtune.load_model(cfg.model, dtype="float32", device="cpu")
+    slimtune.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, seed=cfg.seed)
+    restore_adapter(model, run / "adapter")
+    _, held = prepare_eval_data(cfg, tokenizer, prepare_data(cfg, tokenizer, log=lambda m: None), log=lambda m: None)
+    assert len(held) == 13
+    loss, _ = evaluate(model, held, pad_id=0, device=torch.device("cpu"), dtype=torch.float32, batch_size=2)
+    logged = _metrics(run)[-1]["eval_loss"]
+    assert abs(logged - loss) <= 1e-5 * loss, (logged, loss)
+
+
+def test_two_process_checkpoint_resumes_in_one_process(spawned, tmp_path):
     """The step-2 checkpoint of the 2-process FSDP2 run holds full tensors and a position in GLOBAL samples
     (16 = 2 steps × 8); one process resumes there: step 3 trains on samples [16, 20) (its window is 2 × 2)."""
     from slimtune.train.run import train  # noqa: PLC0415
 
     _, _, kwargs = spawned
-    run = Path(kwargs["output"])
+    run = tmp_path / "run"  # a copy: the other tests keep reading the 2-process run's own files
+    shutil.copytree(kwargs["output"], run)
+    kwargs = {**kwargs, "output": str(run)}
     point = find_resume_point(run)
     assert point.step == 2 and point.state["data"]["index"] == 16 and point.state["data"]["epoch"] == 0
     assert all(not hasattr(v, "device_mesh") for s in point.state["optimizer"]["state"].values() for v in s.values())
