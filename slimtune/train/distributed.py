@@ -226,6 +226,33 @@ def _fully_shard(wrapper: nn.Module, model: nn.Module, device: torch.device):
     return fully_shard(wrapper, mesh=mesh)
 
 
+def rank_rng_states(info: DistInfo, device: torch.device) -> list | None:
+    """Every rank's (CPU, own-GPU) RNG state, gathered on every rank; None when not distributed.
+
+    A collective. Stored in checkpoints so a resume with the SAME number of processes gives each rank its own
+    dropout stream back (rank 0's is also stored the single-process way, for any other count).
+    """
+    if not info.enabled:
+        return None
+    mine = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    states: list = [None] * info.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def restore_rank_rng(states: list | None, info: DistInfo, device: torch.device, fallback_seed: int) -> bool:
+    """Put this rank's RNG back from rank_rng_states; returns False (after seeding with fallback_seed) when
+    the checkpoint came from another number of processes, so this rank's stream cannot be continued."""
+    if not states or len(states) != info.world_size:
+        torch.manual_seed(fallback_seed)
+        return False
+    cpu, gpu = states[info.rank]
+    torch.set_rng_state(cpu)
+    if gpu is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(gpu, device)
+    return True
+
+
 def grad_norm_value(norm) -> float:
     """clip_grad_norm_'s result as a float (a DTensor under FSDP2: reduced over the shards first)."""
     return float(norm.full_tensor() if _is_dtensor(norm) else norm)

@@ -19,7 +19,8 @@ from slimtune.errors import ConfigError
 from slimtune.train.checkpoint import ResumePoint, restore_adapter, restore_rng, save_checkpoint
 from slimtune.train.config import TrainConfig
 from slimtune.train.data_stream import DataStream, collate_share, epoch_order, steps_per_epoch
-from slimtune.train.distributed import DistInfo, ParallelModel, all_reduce_sum
+from slimtune.train.distributed import (DistInfo, ParallelModel, all_reduce_sum, rank_rng_states,
+                                        restore_rank_rng)
 from slimtune.train.evaluate import EvalTracker, evaluate, save_best
 from slimtune.train.metrics import MetricsWriter, TensorBoardLogger, read_metrics, truncate_metrics
 from slimtune.train.schedule import make_scheduler
@@ -104,11 +105,14 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
         stream.load_state_dict(state["data"])
         tracker.load_state_dict(state["eval"])
         first_step, elapsed_before = resume.step + 1, state.get("elapsed_s", 0.0)
+        # After manual_seed: the checkpoint's RNG position wins. Each rank gets its own stream back when the
+        # process count is unchanged; otherwise rank 0 continues the saved (rank-0 / single-process) stream.
+        if not restore_rank_rng(state.get("rank_rng"), info, device, cfg.seed + info.rank * 1_000_003 + resume.step):
+            if main:
+                restore_rng(state)
         if main:
-            restore_rng(state)  # after manual_seed: the checkpoint's RNG position wins (rank 0's was saved)
             history = truncate_metrics(run_dir / "metrics.jsonl", resume.step)
         else:
-            torch.manual_seed(cfg.seed + info.rank * 1_000_003 + resume.step)
             history = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("step", 0) <= resume.step]
     writer = MetricsWriter(run_dir / "metrics.jsonl", append=resume is not None) if main else _Silent()
     tb = TensorBoardLogger(run_dir, purge_step=first_step, log=log) if main else _Silent()
@@ -162,7 +166,7 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
             if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
                 _checkpoint(parallel, optimizer, scheduler, scaler, run_dir, step, extra={
                     "data": stream.state_dict(), "eval": tracker.state_dict(), "config": cfg.to_dict(),
-                    "elapsed_s": time.perf_counter() - start})
+                    "elapsed_s": time.perf_counter() - start, "rank_rng": rank_rng_states(info, device)})
     finally:
         bar.close()
         writer.close()

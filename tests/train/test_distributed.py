@@ -182,6 +182,7 @@ def test_two_process_checkpoint_resumes_in_one_process(spawned, tmp_path):
     kwargs = {**kwargs, "output": str(run)}
     point = find_resume_point(run)
     assert point.step == 2 and point.state["data"]["index"] == 16 and point.state["data"]["epoch"] == 0
+    assert len(point.state["rank_rng"]) == 2  # each rank's dropout stream, for a resume with 2 processes
     assert all(not hasattr(v, "device_mesh") for s in point.state["optimizer"]["state"].values() for v in s.values())
     result = train(TrainConfig(**{**kwargs, "resume": True, "distributed": "auto"}), log=lambda m: None)
     assert [r["step"] for r in result.history] == [1, 2, 3]
