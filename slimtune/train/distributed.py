@@ -136,7 +136,7 @@ class ParallelModel:
             # checkpointing keeps the forward graph complete, so the unused-parameter search stays exact.
             self.wrapped = DistributedDataParallel(
                 wrapper, device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False, find_unused_parameters=True)
+                find_unused_parameters=True, **_no_buffer_sync_kwargs(DistributedDataParallel))
         elif kind == "fsdp":
             self.wrapped = _fully_shard(wrapper, model, device)
         else:
@@ -197,6 +197,15 @@ class ParallelModel:
                                 for k, v in s.items()}
             state = {"state": sharded, "param_groups": state["param_groups"]}
         optimizer.load_state_dict(state)
+
+
+def _no_buffer_sync_kwargs(ddp_cls) -> dict:
+    """Do not re-broadcast buffers (rotary tables, …) every forward: they are identical and never trained.
+    Newer torch renamed broadcast_buffers to forward_sync_buffers and warns on the old name."""
+    import inspect  # noqa: PLC0415
+
+    params = inspect.signature(ddp_cls.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -24,16 +24,21 @@ from slimtune.train.step import accumulate_gradients
 BATCH, ACCUM = 2, 2  # per rank; 5 samples over 2 ranks: the 2nd global micro-batch leaves rank 1 empty
 
 
-def make_model(model_dir: str, dtype=torch.float64):
-    """The tiny text model with LoRA whose B is non-zero, so every adapter gets a non-trivial gradient."""
-    model, _ = slimtune.load_model(model_dir, dtype="float32", device="cpu")
+def make_model(model_dir: str, dtype=torch.float64, load_in_4bit: bool = False):
+    """The tiny text model with LoRA whose B is non-zero, so every adapter gets a non-trivial gradient.
+
+    load_in_4bit: QLoRA (NF4 base, bf16 compute); `dtype` then does not apply.
+    """
+    model, _ = slimtune.load_model(model_dir, dtype="bfloat16" if load_in_4bit else "float32",
+                                   load_in_4bit=load_in_4bit, device="cpu")
     slimtune.add_lora(model, r=4, alpha=8, seed=1)
     with torch.no_grad():
         g = torch.Generator().manual_seed(5)
         for layer in lora_modules(model).values():
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
-    model.to(dtype).train()
-    return model
+    if not load_in_4bit:
+        model.to(dtype)
+    return model.train()
 
 
 def make_examples(vocab: int) -> list[Example]:
@@ -61,17 +66,17 @@ def _grads(parallel: ParallelModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def grads_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str) -> None:
-    """Window loss and full LoRA gradients under `kind` (ddp | fsdp); rank 0 saves them to out_dir/kind.pt."""
+def grads_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str, qlora: bool = False) -> None:
+    """Window loss and full LoRA gradients under `kind` (ddp | fsdp); rank 0 saves them to out_dir/<name>.pt."""
     info = DistInfo(rank=dist.get_rank(), world_size=world)
-    model = make_model(model_dir)
+    model = make_model(model_dir, load_in_4bit=qlora)
     parallel = ParallelModel(model, kind, info, torch.device("cpu"))
     batches = window(make_examples(model.config.vocab_size), rank, world)
-    loss, n = accumulate_gradients(model, batches, device=torch.device("cpu"), dtype=torch.float64,
-                                   parallel=parallel)
+    loss, n = accumulate_gradients(model, batches, device=torch.device("cpu"),
+                                   dtype=torch.bfloat16 if qlora else torch.float64, parallel=parallel)
     grads = _grads(parallel)
     if rank == 0:
-        torch.save({"loss": loss, "n": n, "grads": grads}, Path(out_dir) / f"{kind}.pt")
+        torch.save({"loss": loss, "n": n, "grads": grads}, Path(out_dir) / f"{kind}{'-qlora' if qlora else ''}.pt")
 
 
 def sync_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str, always_sync: bool) -> None:
@@ -144,6 +149,7 @@ def entry(rank: int, world: int, port: int, model_dir: str, out_dir: str, train_
             grads_worker(rank, world, model_dir, out_dir, kind)
             for always in (False, True):
                 sync_worker(rank, world, model_dir, out_dir, kind, always)
+        grads_worker(rank, world, model_dir, out_dir, "ddp", qlora=True)
         if train_kwargs:
             from slimtune.train.config import TrainConfig  # noqa: PLC0415
             from slimtune.train.run import train  # noqa: PLC0415
