@@ -267,11 +267,11 @@ def grad_norm_value(norm) -> float:
     return float(norm.full_tensor() if _is_dtensor(norm) else norm)
 
 
-def all_reduce_sum(value: int | float, device: torch.device) -> float:
-    """Sum a number over ranks (for metrics such as tokens per step); the value itself when not distributed."""
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum numbers over ranks in one collective (eval sums, tokens per step); as given when not distributed."""
     if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64,
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64,
                      device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
-    return t.item()
+    return t.tolist()

@@ -13,8 +13,9 @@ from slimtune.adapt.adapter_io import CONFIG_NAME, WEIGHTS_NAME, adapter_config,
 from slimtune.data.collate import count_targets
 from slimtune.data.tokenize import Example
 from slimtune.memory.host_embedding import prefetch_host_embeddings
-from slimtune.train.loss import loss_sum
 from slimtune.train.data_stream import collate_share
+from slimtune.train.distributed import all_reduce_sum
+from slimtune.train.loss import loss_sum
 from slimtune.train.step import autocast
 from slimtune.utils.atomic import atomic_dir
 
@@ -75,17 +76,9 @@ def evaluate(model: nn.Module, examples: list[Example], *, pad_id: int, device: 
     finally:
         model.train(was_training)
     if world > 1:
-        total, n_targets = _all_reduce_pair(total, n_targets)
+        total, n = all_reduce_sum([total, n_targets], device)
+        n_targets = int(n)
     return (total / n_targets if n_targets else float("nan")), n_targets
-
-
-def _all_reduce_pair(total: float, n: int) -> tuple[float, int]:
-    """(sum of total, sum of n) over ranks."""
-    backend_cuda = torch.distributed.get_backend() == "nccl"
-    t = torch.tensor([total, float(n)], dtype=torch.float64,
-                     device=torch.device("cuda", torch.cuda.current_device()) if backend_cuda else "cpu")
-    torch.distributed.all_reduce(t)
-    return float(t[0]), int(t[1])
 
 
 def save_best(model: nn.Module, run_dir: Path, step: int, eval_loss: float, state: dict | None = None) -> Path:

@@ -107,9 +107,9 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
         first_step, elapsed_before = resume.step + 1, state.get("elapsed_s", 0.0)
         # After manual_seed: the checkpoint's RNG position wins. Each rank gets its own stream back when the
         # process count is unchanged; otherwise rank 0 continues the saved (rank-0 / single-process) stream.
-        if not restore_rank_rng(state.get("rank_rng"), info, device, cfg.seed + info.rank * 1_000_003 + resume.step):
-            if main:
-                restore_rng(state)
+        fallback_seed = cfg.seed + info.rank * 1_000_003 + resume.step
+        if not restore_rank_rng(state.get("rank_rng"), info, device, fallback_seed) and main:
+            restore_rng(state)
         if main:
             history = truncate_metrics(run_dir / "metrics.jsonl", resume.step)
         else:
@@ -133,7 +133,7 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
             grad_norm = clip_and_step(params, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm, scaler=scaler)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            n_tokens = int(all_reduce_sum(sum(count_real_tokens(b) for b, n in batches if n), device))
+            n_tokens = int(all_reduce_sum([sum(count_real_tokens(b) for b, n in batches if n)], device)[0])
             dt = time.perf_counter() - t0
             record = {"step": step, "epoch": round(epoch + 1, 3), "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": n_tokens / dt, "tokens": n_tokens, "target_tokens": n_targets,

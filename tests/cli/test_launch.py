@@ -54,6 +54,18 @@ def test_distributed_setting_is_validated(tmp_path):
     TrainConfig(**base, distributed="ddp", load_in_4bit=True)  # QLoRA is fine under DDP
 
 
+def test_distributed_is_a_yaml_key(tmp_path):
+    from slimtune.train.config_io import resolve_config  # noqa: PLC0415
+
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(f"model: {tmp_path}\ndata: d.jsonl\noutput: {tmp_path / 'o'}\ndistributed: fsdp\n")
+    assert resolve_config(run_file).distributed == "fsdp"
+    assert resolve_config(run_file, distributed="ddp").distributed == "ddp"  # the flag wins
+    run_file.write_text(f"model: {tmp_path}\ndata: d.jsonl\noutput: {tmp_path / 'o'}\ndistributed: 2\n")
+    with pytest.raises(ConfigError, match="distributed: expected str"):
+        resolve_config(run_file)
+
+
 def test_cli_rejects_a_bad_distributed_value(tmp_path, capsys):
     code = main(["train", "--model", str(tmp_path), "--data", str(BUNDLED), "--output", str(tmp_path / "r"),
                  "--distributed", "zero3", "--nproc", "2"])
