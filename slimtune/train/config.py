@@ -92,7 +92,8 @@ class TrainConfig:
     batch_size then counts packed sequences."""
     distributed: str = "auto"
     """auto | ddp | fsdp: how processes started by torchrun (or --nproc) share the work. ddp (= auto) keeps a
-    full model per GPU; fsdp shards the 16-bit model over the GPUs (FSDP2, not with load_in_4bit)."""
+    full model per GPU; fsdp shards the 16-bit weights and LoRA over the GPUs (FSDP2; NF4 weights of
+    load_in_4bit stay whole on every GPU)."""
     extra: dict = field(default_factory=dict)
     """Reserved for settings of later stages; must be empty for now."""
 
@@ -146,9 +147,6 @@ class TrainConfig:
             if not ok:
                 p.append(f"{name} must be {want} (got {getattr(self, name)!r})")
         p += self._eval_problems()
-        if self.distributed == "fsdp" and self.load_in_4bit is True:
-            p.append("distributed=fsdp does not support load_in_4bit (QLoRA): bitsandbytes' NF4 weights cannot "
-                     "be sharded by FSDP2; use distributed: ddp (each GPU keeps the whole 4-bit base model)")
         p += _seq_length_problems(self.model, self.max_seq_length)
         if self.extra:
             p.append(f"unknown settings: {sorted(self.extra)}")

@@ -221,18 +221,35 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
+def _is_nf4(p: nn.Parameter) -> bool:
+    return type(p).__name__ == "Params4bit"  # by name: bitsandbytes is only imported for QLoRA runs
+
+
 def _fully_shard(wrapper: nn.Module, model: nn.Module, device: torch.device):
-    """FSDP2: one shard group per decoder layer (all-gathered just in time), the rest in the root."""
+    """FSDP2: one shard group per decoder layer (all-gathered just in time), the rest in the root.
+
+    QLoRA: bitsandbytes' NF4 weights (Params4bit) keep their quantisation state beside the tensor and cannot
+    become DTensor shards, so they are left out (`ignored_params`): every rank keeps the whole frozen 4-bit base,
+    as under DDP, and only the 16-bit rest (embeddings, norms) and the LoRA weights are sharded.
+    """
+    import inspect  # noqa: PLC0415
+
     from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
     from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
 
-    if getattr(model, "slimtune_load_in_4bit", False):
-        raise ConfigError("distributed=fsdp does not support QLoRA (load_in_4bit): bitsandbytes' NF4 weights "
-                          "cannot be sharded as DTensors. Use distributed: ddp (each GPU keeps the 4-bit base).")
+    nf4 = {p for p in model.parameters() if _is_nf4(p)}
+    if nf4 and "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise ConfigError("distributed=fsdp with load_in_4bit needs a torch whose fully_shard accepts "
+                          "ignored_params (2.7 or newer) to keep the NF4 weights out of the sharding; upgrade "
+                          "torch or use distributed: ddp.")
+
+    def ignoring(module: nn.Module) -> dict:
+        return {"ignored_params": {p for p in module.parameters() if p in nf4}} if nf4 else {}
+
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(wrapper, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **ignoring(layer))
+    return fully_shard(wrapper, mesh=mesh, **ignoring(wrapper))
 
 
 def rank_rng_states(info: DistInfo, device: torch.device) -> list | None:

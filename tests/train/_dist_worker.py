@@ -75,8 +75,11 @@ def grads_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str,
     loss, n = accumulate_gradients(model, batches, device=torch.device("cpu"),
                                    dtype=torch.bfloat16 if qlora else torch.float64, parallel=parallel)
     grads = _grads(parallel)
+    sharded = all(hasattr(p, "device_mesh") for p in parallel.parameters())
+    nf4_sharded = any(hasattr(p, "device_mesh") for p in model.parameters() if type(p).__name__ == "Params4bit")
     if rank == 0:
-        torch.save({"loss": loss, "n": n, "grads": grads}, Path(out_dir) / f"{kind}{'-qlora' if qlora else ''}.pt")
+        torch.save({"loss": loss, "n": n, "grads": grads, "sharded": sharded, "nf4_sharded": nf4_sharded},
+                   Path(out_dir) / f"{kind}{'-qlora' if qlora else ''}.pt")
 
 
 def sync_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str, always_sync: bool) -> None:
@@ -149,7 +152,7 @@ def entry(rank: int, world: int, port: int, model_dir: str, out_dir: str, train_
             grads_worker(rank, world, model_dir, out_dir, kind)
             for always in (False, True):
                 sync_worker(rank, world, model_dir, out_dir, kind, always)
-        grads_worker(rank, world, model_dir, out_dir, "ddp", qlora=True)
+            grads_worker(rank, world, model_dir, out_dir, kind, qlora=True)
         if train_kwargs:
             from slimtune.train.config import TrainConfig  # noqa: PLC0415
             from slimtune.train.run import train  # noqa: PLC0415

@@ -75,6 +75,7 @@ def test_two_ranks_give_the_one_process_gradients(spawned, kind):
     batch 4 × GA 2. (fp64 model, fp32 loss sum: agreement ~2e-7; see the negative control below.)"""
     out, model_dir, _ = spawned
     got = torch.load(out / f"{kind}.pt")
+    assert got["sharded"] == (kind == "fsdp")  # FSDP2 really held DTensor shards, DDP whole tensors
     loss, n, ref = _reference(model_dir, lambda ex: worker.window(ex, 0, 1, batch_size=worker.BATCH * WORLD))
     assert got["n"] == n == sum(e.n_targets for e in worker.make_examples(100))  # all samples, all ranks
     # (make_examples(100): target counts depend on lengths and masks only, not on the token ids)
@@ -85,12 +86,15 @@ def test_two_ranks_give_the_one_process_gradients(spawned, kind):
         assert _rel(got["grads"][name], g) <= 1e-5, (name, _rel(got["grads"][name], g))
 
 
-def test_qlora_under_ddp_gives_the_one_process_gradients(spawned):
-    """QLoRA (NF4 base, bf16 compute) under DDP. bf16 rounding differs between batch-4 and batch-2 kernel
-    shapes (measured ~2.4e-3 worst relative difference), so the bound is 2e-2; per-rank normalisation is off
-    by ~0.6 (test below)."""
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_qlora_gives_the_one_process_gradients(spawned, kind):
+    """QLoRA (NF4 base, bf16 compute) under DDP, and under FSDP2 with the NF4 weights left unsharded. bf16
+    rounding differs between batch-4 and batch-2 kernel shapes (measured ~2.4e-3 worst relative difference),
+    so the bound is 2e-2; per-rank normalisation is off by ~0.6 (test below)."""
     out, model_dir, _ = spawned
-    got = torch.load(out / "ddp-qlora.pt")
+    got = torch.load(out / f"{kind}-qlora.pt")
+    if kind == "fsdp":  # the LoRA weights really were sharded (the NF4 ones were not: they would have failed)
+        assert got["sharded"] and not got["nf4_sharded"]
     loss, n, ref = _reference(model_dir, lambda ex: worker.window(ex, 0, 1, batch_size=worker.BATCH * WORLD),
                               qlora=True)
     assert got["n"] == n and abs(got["loss"] - loss) <= 1e-2 * loss
