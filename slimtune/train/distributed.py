@@ -126,14 +126,16 @@ class ParallelModel:
     """
 
     def __init__(self, model: nn.Module, kind: str, info: DistInfo, device: torch.device) -> None:
+        if kind not in ("single", "ddp", "fsdp"):
+            raise ConfigError(f"unknown parallel kind {kind!r}; use 'single', 'ddp' or 'fsdp'.")
         self.model, self.kind, self.info = model, kind, info
         wrapper = _LossModule(model)
         if kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
 
-            # find_unused_parameters: LoRA layers that get no gradient on a step (a multimodal tower on a
-            # text-only micro-batch, a dummy sample) must not leave the all-reduce waiting. Non-reentrant
-            # checkpointing keeps the forward graph complete, so the unused-parameter search stays exact.
+            # find_unused_parameters: LoRA layers that get no gradient on some rank (a vision tower on a
+            # text-only micro-batch, MoE experts no token was routed to) must not leave the all-reduce
+            # waiting. Non-reentrant checkpointing keeps the forward graph complete, so the search is exact.
             self.wrapped = DistributedDataParallel(
                 wrapper, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=True, **_no_buffer_sync_kwargs(DistributedDataParallel))
@@ -249,7 +251,12 @@ def _fully_shard(wrapper: nn.Module, model: nn.Module, device: torch.device):
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, **ignoring(layer))
-    return fully_shard(wrapper, mesh=mesh, **ignoring(wrapper))
+    root = fully_shard(wrapper, mesh=mesh, **ignoring(wrapper))
+    if hasattr(root, "set_reduce_scatter_unused_params"):
+        # A parameter one rank used and another did not (a tower on text-only data, an MoE expert) would make
+        # the ranks' reduce-scatters disagree; zeros for the unused ones keep them matched (torch >= 2.9).
+        root.set_reduce_scatter_unused_params(True)
+    return root
 
 
 def rank_rng_states(info: DistInfo, device: torch.device) -> list | None:

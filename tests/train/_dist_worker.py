@@ -71,7 +71,7 @@ def grads_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str,
     info = DistInfo(rank=dist.get_rank(), world_size=world)
     model = make_model(model_dir, load_in_4bit=qlora)
     parallel = ParallelModel(model, kind, info, torch.device("cpu"))
-    batches = window(make_examples(model.config.vocab_size), rank, world)
+    batches = window(make_examples(model.config.get_text_config().vocab_size), rank, world)
     loss, n = accumulate_gradients(model, batches, device=torch.device("cpu"),
                                    dtype=torch.bfloat16 if qlora else torch.float64, parallel=parallel)
     grads = _grads(parallel)
@@ -106,7 +106,7 @@ def sync_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str, 
         return real_sync(True if always_sync else last)
 
     parallel.sync = sync
-    batches = window(make_examples(model.config.vocab_size), rank, world)
+    batches = window(make_examples(model.config.get_text_config().vocab_size), rank, world)
     accumulate_gradients(model, batches, device=torch.device("cpu"), dtype=torch.float64, parallel=parallel)
     seen["reduced_at_end"] = len(calls) > 0 if kind == "ddp" else all(p.grad is not None for p in parallel.parameters())
     if rank == 0:

@@ -57,7 +57,7 @@ def spawned(tiny_dir, tmp_path_factory):
 def _reference(model_dir, batches_of, qlora: bool = False):
     """(loss, tokens, grads) of one process: a fresh model, the given micro-batches, no torch.distributed."""
     model = worker.make_model(str(model_dir), load_in_4bit=qlora)
-    ex = worker.make_examples(model.config.vocab_size)
+    ex = worker.make_examples(model.config.get_text_config().vocab_size)
     loss, n = accumulate_gradients(model, batches_of(ex), device=torch.device("cpu"),
                                    dtype=torch.bfloat16 if qlora else torch.float64)
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
