@@ -89,8 +89,12 @@ def adapter_config(model: nn.Module) -> dict:
     }
 
 
-def save_adapter(model: nn.Module, directory) -> Path:
+def save_adapter(model: nn.Module, directory, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model's LoRA adapter to `directory` in PEFT format (atomically: temp folder, then rename).
+
+    Args:
+        state: the PEFT-keyed tensors to write (default: adapter_state_dict(model)); distributed training
+            passes the full tensors it gathered from the FSDP2 shards.
 
     Raises:
         ConfigError: the model has no LoRA layers.
@@ -101,7 +105,8 @@ def save_adapter(model: nn.Module, directory) -> Path:
         raise ConfigError("this model has no LoRA adapters to save; call slimtune.add_lora(model) first.")
     directory = Path(directory)
     with atomic_dir(directory, overwrite=True) as tmp:
-        save_file(adapter_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(state if state is not None else adapter_state_dict(model), str(tmp / WEIGHTS_NAME),
+                  metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(adapter_config(model), indent=2) + "\n")
     return directory
 

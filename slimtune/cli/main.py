@@ -39,6 +39,7 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # `train --nproc` re-runs the same command
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

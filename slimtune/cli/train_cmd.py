@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 # flag → (TrainConfig field, type, help). Defaults live in TrainConfig; unset flags do not override the file.
 _FLAGS = [
@@ -39,6 +41,7 @@ _FLAGS = [
     ("--optimizer", "optimizer", str, "adamw (default) | adamw8bit"),
     ("--early-stopping-patience", "early_stopping_patience", int,
      "stop after N evaluations without improvement (0 = off)"),
+    ("--distributed", "distributed", str, "with several processes: auto (= ddp) | ddp | fsdp (16-bit LoRA only)"),
 ]
 _BOOLS = [
     ("--load-in-4bit", "load_in_4bit", "QLoRA: NF4 base weights"),
@@ -63,6 +66,8 @@ def register(sub) -> None:
         p.add_argument(flag, dest=dest, type=typ, help=help_, default=argparse.SUPPRESS)
     for flag, dest, help_ in _BOOLS:
         p.add_argument(flag, dest=dest, action="store_true", help=help_, default=argparse.SUPPRESS)
+    p.add_argument("--nproc", dest="nproc", type=int, default=argparse.SUPPRESS,
+                   help="train with N processes (GPUs): re-runs this command under torchrun")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                    default=argparse.SUPPRESS, help="keep all activations (faster, more memory)")
     p.set_defaults(func=run)
@@ -72,9 +77,16 @@ def run(args) -> int:
     from slimtune.train.config_io import resolve_config  # noqa: PLC0415
     from slimtune.train.run import train  # noqa: PLC0415
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
-    cfg = resolve_config(args.config, **overrides)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "argv", "nproc")}
+    cfg = resolve_config(args.config, **overrides)  # bad settings are reported before any process starts
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc != 1:
+        from slimtune.cli.launch import relaunch  # noqa: PLC0415
+
+        return relaunch(nproc, getattr(args, "argv", None) or sys.argv[1:])
     result = train(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+        return 0
     last = result.history[-1] if result.history else {}
     print(f"done: {len(result.history)} steps, final loss {last.get('loss', float('nan')):.4f}; "
           f"adapter in {result.adapter_dir}")

@@ -28,8 +28,9 @@ _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 # Settings that may change between an interrupted run and its resume: they decide where and how often things are
 # written, never the numbers the run computes. Everything else must match the checkpoint.
-# max_memory only chooses other settings, and those are compared themselves
-RESUME_SAFE_KEYS = frozenset({"output", "resume", "log_every", "save_steps", "max_memory"})
+# max_memory only chooses other settings, and those are compared themselves; `distributed` is safe too: ddp and
+# fsdp compute the same gradients and checkpoints hold full tensors.
+RESUME_SAFE_KEYS = frozenset({"output", "resume", "log_every", "save_steps", "max_memory", "distributed"})
 
 
 @dataclass
@@ -45,20 +46,25 @@ class ResumePoint:
 
 
 def save_checkpoint(model: nn.Module, run_dir: Path, step: int, optimizer, scheduler, scaler,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, *, adapter_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
     """Write adapter + trainer state under checkpoints/step-NNNNNN atomically; returns the folder.
 
     Args:
         extra: more resumable state (data position, eval bookkeeping, config, elapsed time) stored as is.
+        adapter_state, optimizer_state: full (unsharded) LoRA tensors and optimizer state gathered by
+            distributed training (default: read from model and optimizer), so a checkpoint looks the same
+            whatever the number of processes that wrote it.
     """
     target = Path(run_dir) / "checkpoints" / f"step-{step:06d}"
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    opt_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+    state = {"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None,
              "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
              **(extra or {})}
     with atomic_dir(target, overwrite=True) as tmp:
-        save_adapter(model, tmp / "adapter")
+        save_adapter(model, tmp / "adapter", state=adapter_state)
         torch.save(state, tmp / STATE_NAME)
         if "config" in state:  # for people: what this checkpoint's run was (resume reads trainer_state.pt)
             (tmp / "config.yaml").write_text(yaml.safe_dump(state["config"], sort_keys=False))

@@ -107,6 +107,10 @@ class TrainConfig:
     max_memory: str | None = None
     """GPU memory budget such as "8GiB", "8GB" or "8000MiB": the planner chooses the settings you left unset so
     the predicted peak fits (slimtune.memory.planner)."""
+    distributed: str = "auto"
+    """auto | ddp | fsdp: how processes started by torchrun (or --nproc) share the work. ddp (= auto) keeps a
+    full model per GPU; fsdp shards the 16-bit weights and LoRA over the GPUs (FSDP2; NF4 weights of
+    load_in_4bit stay whole on every GPU)."""
     extra: dict = field(default_factory=dict)
     """Reserved for settings of later stages; must be empty for now."""
 
@@ -159,6 +163,7 @@ class TrainConfig:
             ("loss_chunk_size", _non_negative_int(self.loss_chunk_size), "an integer >= 0 (0 = automatic)"),
             ("optimizer", self.optimizer in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
             ("activation_offload", isinstance(self.activation_offload, bool), "true or false"),
+            ("distributed", self.distributed in ("auto", "ddp", "fsdp"), "auto, ddp or fsdp"),
             ("dtype", self.dtype in (None, "auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"),
              "bfloat16, float16, float32 or null"),
         ]

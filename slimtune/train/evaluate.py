@@ -10,9 +10,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slimtune.adapt.adapter_io import CONFIG_NAME, WEIGHTS_NAME, adapter_config, adapter_state_dict
-from slimtune.data.collate import collate, count_targets
+from slimtune.data.collate import count_targets
 from slimtune.data.tokenize import Example
 from slimtune.memory.host_embedding import prefetch_host_embeddings
+from slimtune.train.data_stream import collate_share
+from slimtune.train.distributed import all_reduce_sum
 from slimtune.train.loss import loss_sum
 from slimtune.train.step import autocast
 from slimtune.utils.atomic import atomic_dir
@@ -36,12 +38,15 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[Example], *, pad_id: int, device: torch.device,
-             dtype: torch.dtype, batch_size: int = 8) -> tuple[float, int]:
+             dtype: torch.dtype, batch_size: int = 8, parallel=None) -> tuple[float, int]:
     """Token-weighted mean cross-entropy over every target token of `examples`, in eval mode.
 
     Args:
         examples: tokenized eval samples (labels masked as for training).
         batch_size: samples per forward pass; padding does not change the result.
+        parallel: a slimtune.train.distributed.ParallelModel when distributed: each rank evaluates every
+            world_size-th batch through the wrapper (FSDP2 must all-gather in its forward), ranks short of a
+            batch run a dummy one so the collectives line up, and the sums are all-reduced.
 
     Returns:
         (mean CE per target token, number of target tokens). The model's train/eval mode is restored after.
@@ -51,28 +56,41 @@ def evaluate(model: nn.Module, examples: list[Example], *, pad_id: int, device: 
     """
     was_training = model.training
     model.eval()  # no dropout: the eval loss must not depend on the RNG (and must not consume it)
+    rank, world = (parallel.info.rank, parallel.info.world_size) if parallel is not None else (0, 1)
+    starts = list(range(0, len(examples), batch_size))
+    rounds = -(-len(starts) // world)  # every rank runs the same number of forwards (FSDP2 collectives)
     total, n_targets = 0.0, 0
     try:
-        for i in range(0, len(examples), batch_size):
-            cpu_batch = collate(examples[i : i + batch_size], pad_id)
+        for r in range(rounds):
+            j = r * world + rank
+            chunk = examples[starts[j] : starts[j] + batch_size] if j < len(starts) else []
+            cpu_batch, _ = collate_share(chunk, pad_id)
             n = count_targets(cpu_batch)
-            if n == 0:
+            if n == 0 and (parallel is None or parallel.kind != "fsdp"):
                 continue
             batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
             prefetch_host_embeddings(model, cpu_batch, batch)
             with autocast(device, dtype):
-                total += float(loss_sum(model, batch))
+                total += float(parallel.eval_loss(batch) if parallel is not None else loss_sum(model, batch))
             n_targets += n
     finally:
         model.train(was_training)
+    if world > 1:
+        total, n = all_reduce_sum([total, n_targets], device)
+        n_targets = int(n)
     return (total / n_targets if n_targets else float("nan")), n_targets
 
 
-def save_best(model: nn.Module, run_dir: Path, step: int, eval_loss: float) -> Path:
-    """Write the current adapter and {step, eval_loss} to RUN_DIR/best/ atomically (replacing the old best)."""
+def save_best(model: nn.Module, run_dir: Path, step: int, eval_loss: float, state: dict | None = None) -> Path:
+    """Write the current adapter and {step, eval_loss} to RUN_DIR/best/ atomically (replacing the old best).
+
+    Args:
+        state: PEFT-keyed LoRA tensors to write (default: the model's; distributed runs pass gathered ones).
+    """
     target = Path(run_dir) / "best"
     with atomic_dir(target, overwrite=True) as tmp:
-        save_file(adapter_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(state if state is not None else adapter_state_dict(model), str(tmp / WEIGHTS_NAME),
+                  metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(adapter_config(model), indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps({"step": step, "eval_loss": eval_loss}, indent=2) + "\n")
     return target

@@ -13,66 +13,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimtune.adapt.adapter_io import save_adapter
-from slimtune.adapt.inject import trainable_parameters
-from slimtune.data.collate import collate, count_real_tokens
+from slimtune.data.collate import count_real_tokens
 from slimtune.data.tokenize import Example
 from slimtune.errors import ConfigError
 from slimtune.train.checkpoint import ResumePoint, restore_adapter, restore_rng, save_checkpoint
 from slimtune.train.config import TrainConfig
+from slimtune.train.data_stream import DataStream, collate_share, epoch_order, steps_per_epoch
+from slimtune.train.distributed import (DistInfo, ParallelModel, all_reduce_sum, rank_rng_states,
+                                        restore_rank_rng)
 from slimtune.train.evaluate import EvalTracker, evaluate, save_best
-from slimtune.train.metrics import MetricsWriter, TensorBoardLogger, truncate_metrics
+from slimtune.train.metrics import MetricsWriter, TensorBoardLogger, read_metrics, truncate_metrics
 from slimtune.train.optimizer import make_optimizer
 from slimtune.train.schedule import make_scheduler
 from slimtune.train.step import accumulate_gradients, clip_and_step
 
-__all__ = ["DataStream", "FitResult", "MetricsWriter", "epoch_order", "fit", "save_checkpoint",
+__all__ = ["DataStream", "FitResult", "MetricsWriter", "epoch_order", "fit", "parallel_kind", "save_checkpoint",
            "steps_per_epoch"]
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """Shuffled sample order of one epoch; a pure function of (seed, epoch) so runs and resumes repeat it."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
-class DataStream:
-    """The endless stream of (epoch, micro-batch) in shuffled order, epoch after epoch.
-
-    Its position (epoch, index) is what resume restores.
-
-    `index` is the offset into the current epoch's order of the next sample to hand out; since the order is
-    `epoch_order(n, seed, epoch)`, (epoch, index) is all a checkpoint needs to continue the same sequence.
-    """
-
-    def __init__(self, examples: list[Example], batch_size: int, seed: int) -> None:
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.epoch, self.index = 0, 0
-        self._order = epoch_order(len(examples), seed, 0)
-
-    def next(self) -> tuple[int, list[Example]]:
-        """(epoch, micro-batch); the last batch of an epoch may be smaller."""
-        epoch = self.epoch
-        picked = self._order[self.index : self.index + self.batch_size]
-        self.index += len(picked)
-        if self.index >= len(self._order):
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = epoch_order(len(self.examples), self.seed, self.epoch)
-        return epoch, [self.examples[j] for j in picked]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "n_examples": len(self.examples)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["n_examples"] != len(self.examples):
-            raise ConfigError(f"the checkpoint was written for {state['n_examples']} training samples but the "
-                              f"data now gives {len(self.examples)}; the dataset changed, so the run cannot be "
-                              "resumed exactly. Restore the original data or start a new run.")
-        self.epoch, self.index = state["epoch"], state["index"]
-        self._order = epoch_order(len(self.examples), self.seed, self.epoch)
-
-
-def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
-    return max(1, math.ceil(math.ceil(n_examples / batch_size) / grad_accum))
 
 
 @dataclass
@@ -86,47 +42,84 @@ class FitResult:
     stopped_early: bool = False
 
 
+class _Silent:
+    """Stands in for the metrics/TensorBoard writers and the progress bar on ranks other than 0."""
+
+    def write(self, *_args) -> None: ...
+    def update(self, *_args) -> None: ...
+    def set_postfix(self, **_kwargs) -> None: ...
+    def close(self) -> None: ...
+
+
+def parallel_kind(cfg: TrainConfig, info: DistInfo) -> str:
+    """single (one process), or cfg.distributed resolved: auto means ddp."""
+    if not info.enabled:
+        return "single"
+    return "fsdp" if cfg.distributed == "fsdp" else "ddp"
+
+
 def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Path, *, pad_id: int,
         device: torch.device, dtype: torch.dtype, on_step: Callable[[dict], None] | None = None,
         eval_examples: list[Example] | None = None, resume: ResumePoint | None = None,
-        log: Callable[[str], None] = tqdm.write) -> FitResult:
+        log: Callable[[str], None] = tqdm.write, dist_info: DistInfo | None = None) -> FitResult:
     """Train the model's LoRA parameters on tokenized examples; writes metrics.jsonl and adapter/ in run_dir.
 
     Args:
         eval_examples: held-out samples; evaluated every cfg.eval_steps steps and at the end, with the best
             adapter copied to run_dir/best/ and early stopping after cfg.early_stopping_patience bad evals.
         resume: a checkpoint to continue from exactly (see slimtune.train.checkpoint).
+        dist_info: this process's place in a torchrun job (see slimtune.train.distributed). Every rank calls
+            fit; each trains on its own share of every global micro-batch (batch_size × world_size samples),
+            and only rank 0 writes metrics, TensorBoard, progress, logs, checkpoints and the adapter.
     """
     run_dir = Path(run_dir)
-    params = trainable_parameters(model)
+    info = dist_info or DistInfo()
+    main = info.is_main
+    if not main:
+        log = _silent_log
+    torch.manual_seed(cfg.seed + info.rank)  # ranks draw different dropout masks; rank 0 matches 1 process
+    if resume is not None:
+        restore_adapter(model, resume.path / "adapter")  # before wrapping: FSDP2 then shards these values
+    parallel = ParallelModel(model, parallel_kind(cfg, info), info, device)
+    if parallel.kind == "fsdp" and dtype == torch.float16:
+        raise ConfigError("distributed=fsdp with float16 is not supported: the loss scaler would skip steps "
+                          "on some ranks and not others (each sees only its gradient shards). Use dtype "
+                          "bfloat16, or distributed: ddp.")
+    params = parallel.parameters()
     optimizer = make_optimizer(params, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per_epoch = steps_per_epoch(len(examples), cfg.batch_size, cfg.grad_accum)
+    per_epoch = steps_per_epoch(len(examples), cfg.batch_size, cfg.grad_accum, info.world_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.03 * total))
     scheduler = make_scheduler(optimizer, warmup=min(warmup, total), total=total, kind=cfg.lr_scheduler)
     # fp16 has too little range for small gradients: scale the loss (bf16 and fp32 do not need it).
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    stream = DataStream(examples, cfg.batch_size, cfg.seed)
+    stream = DataStream(examples, cfg.batch_size, cfg.seed, rank=info.rank, world_size=info.world_size)
     tracker = EvalTracker(cfg.early_stopping_patience)
     history: list[dict] = []
     first_step, elapsed_before = 1, 0.0
-    torch.manual_seed(cfg.seed)
     if resume is not None:
         state = resume.state
-        restore_adapter(model, resume.path / "adapter")
-        optimizer.load_state_dict(state["optimizer"])
+        parallel.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         stream.load_state_dict(state["data"])
         tracker.load_state_dict(state["eval"])
-        restore_rng(state)  # after manual_seed: the checkpoint's RNG position wins
         first_step, elapsed_before = resume.step + 1, state.get("elapsed_s", 0.0)
-        history = truncate_metrics(run_dir / "metrics.jsonl", resume.step)
-    writer = MetricsWriter(run_dir / "metrics.jsonl", append=resume is not None)
-    tb = TensorBoardLogger(run_dir, purge_step=first_step, log=log)
+        # After manual_seed: the checkpoint's RNG position wins. Each rank gets its own stream back when the
+        # process count is unchanged; otherwise rank 0 continues the saved (rank-0 / single-process) stream.
+        fallback_seed = cfg.seed + info.rank * 1_000_003 + resume.step
+        if not restore_rank_rng(state.get("rank_rng"), info, device, fallback_seed) and main:
+            restore_rng(state)
+        if main:
+            history = truncate_metrics(run_dir / "metrics.jsonl", resume.step)
+        else:
+            history = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("step", 0) <= resume.step]
+    writer = MetricsWriter(run_dir / "metrics.jsonl", append=resume is not None) if main else _Silent()
+    tb = TensorBoardLogger(run_dir, purge_step=first_step, log=log) if main else _Silent()
     model.train()
-    bar = tqdm(total=total, initial=first_step - 1, desc="training", unit="step", dynamic_ncols=True)
+    bar = (tqdm(total=total, initial=first_step - 1, desc="training", unit="step", dynamic_ncols=True)
+           if main else _Silent())
     start = time.perf_counter() - elapsed_before
     stopped_early = False
     try:
@@ -134,14 +127,15 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
             t0 = time.perf_counter()
             window = [stream.next() for _ in range(cfg.grad_accum)]
             epoch = window[-1][0]
-            batches = [collate(mb, pad_id) for _, mb in window]
+            batches = [collate_share(share, pad_id) for _, share in window]  # empty share → dummy batch
             lr = scheduler.get_last_lr()[0]
-            loss, n_targets = accumulate_gradients(model, batches, device=device, dtype=dtype, scaler=scaler)
+            loss, n_targets = accumulate_gradients(model, [b for b, _ in batches], device=device, dtype=dtype,
+                                                   scaler=scaler, parallel=parallel)
             grad_norm = clip_and_step(params, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm, scaler=scaler)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            n_tokens = int(all_reduce_sum([sum(count_real_tokens(b) for b, n in batches if n)], device)[0])
             dt = time.perf_counter() - t0
-            n_tokens = sum(count_real_tokens(b) for b in batches)
             record = {"step": step, "epoch": round(epoch + 1, 3), "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": n_tokens / dt, "tokens": n_tokens, "target_tokens": n_targets,
                       "step_s": dt, "elapsed_s": time.perf_counter() - start}
@@ -149,9 +143,11 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
                 record["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total):
                 record["eval_loss"], _ = evaluate(model, eval_examples, pad_id=pad_id, device=device, dtype=dtype,
-                                                  batch_size=cfg.batch_size)
-                if tracker.update(step, record["eval_loss"]):
-                    save_best(model, run_dir, step, record["eval_loss"])
+                                                  batch_size=cfg.batch_size, parallel=parallel)
+                if tracker.update(step, record["eval_loss"]):  # same eval loss on every rank: same decision
+                    best_state = parallel.adapter_state()  # a collective under FSDP2: every rank gathers
+                    if main:
+                        save_best(model, run_dir, step, record["eval_loss"], state=best_state)
             writer.write(record)
             tb.write(record)
             history.append(record)
@@ -161,7 +157,7 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
                 extra = f"  eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
                 log(f"step {step:>5}/{total}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {grad_norm:.3f}  "
                     f"tok/s {record['tokens_per_s']:.0f}{extra}")
-            if on_step is not None:
+            if on_step is not None and main:
                 on_step(record)
             if tracker.should_stop and step < total:
                 log(f"early stopping at step {step}: eval loss has not improved for {tracker.bad_evals} "
@@ -169,14 +165,30 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
                 stopped_early = True
                 break
             if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
-                save_checkpoint(model, run_dir, step, optimizer, scheduler, scaler, extra={
+                _checkpoint(parallel, optimizer, scheduler, scaler, run_dir, step, extra={
                     "data": stream.state_dict(), "eval": tracker.state_dict(), "config": cfg.to_dict(),
-                    "elapsed_s": time.perf_counter() - start})
+                    "elapsed_s": time.perf_counter() - start, "rank_rng": rank_rng_states(info, device)})
     finally:
         bar.close()
         writer.close()
         tb.close()
     model.eval()
-    adapter_dir = save_adapter(model, run_dir / "adapter")
+    final_state = parallel.adapter_state()
+    adapter_dir = run_dir / "adapter"
+    if main:
+        save_adapter(model, adapter_dir, state=final_state)
     return FitResult(history=history, adapter_dir=adapter_dir, best_step=tracker.best_step,
                      best_eval_loss=tracker.best_loss, stopped_early=stopped_early)
+
+
+def _silent_log(_message: str) -> None:
+    """Progress lines of ranks other than 0 go nowhere (rank 0 reports the global numbers)."""
+
+
+def _checkpoint(parallel: ParallelModel, optimizer, scheduler, scaler, run_dir: Path, step: int, extra: dict):
+    """Gather the full LoRA and optimizer state on every rank (collectives under FSDP2); rank 0 writes it."""
+    adapter_state = parallel.adapter_state()
+    optimizer_state = parallel.optimizer_state(optimizer)
+    if parallel.info.is_main:
+        save_checkpoint(parallel.model, run_dir, step, optimizer, scheduler, scaler, extra=extra,
+                        adapter_state=adapter_state, optimizer_state=optimizer_state)

@@ -18,6 +18,7 @@ from slimtune.memory.tiled_mlp import tile_decoder_mlps
 from slimtune.models.loader import load_model
 from slimtune.train.checkpoint import check_resume_config, find_resume_point
 from slimtune.train.config import TrainConfig
+from slimtune.train.distributed import DistInfo, init_distributed, shutdown_distributed
 from slimtune.train.evaluate import split_eval
 from slimtune.train.loop import FitResult, fit
 from slimtune.utils.atomic import atomic_write_text
@@ -35,10 +36,15 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def prepare_model(cfg: TrainConfig):
-    """Load the base model and add the configured LoRA adapters."""
+def prepare_model(cfg: TrainConfig, device: str | None = None):
+    """Load the base model and add the configured LoRA adapters.
+
+    Args:
+        device: overrides cfg.device (under torchrun each process uses cuda:LOCAL_RANK).
+    """
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit,
-                                  max_seq_length=cfg.max_seq_length, device=cfg.device, text_only=cfg.text_only)
+                                  max_seq_length=cfg.max_seq_length, device=device or cfg.device,
+                                  text_only=cfg.text_only)
     if cfg.chat_template != "auto":
         from slimtune.data.chat_template import GEMMA4_CHAT_TEMPLATE, GEMMA4_THINKING_CHAT_TEMPLATE  # noqa: PLC0415
 
@@ -146,10 +152,28 @@ def write_run_config(cfg: TrainConfig, run_dir: Path) -> None:
 
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:
-    """Run a full fine-tune described by `cfg`; returns where the adapter and metrics were written."""
+    """Run a full fine-tune described by `cfg`; returns where the adapter and metrics were written.
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this: it joins the process group (nccl on
+    cuda:LOCAL_RANK, gloo on CPU), trains its share of the data with DDP or FSDP2 (cfg.distributed), lets
+    rank 0 alone write and print, and destroys the group at the end.
+    """
     from slimtune.memory.train_plan import apply_memory_plan  # noqa: PLC0415
 
-    cfg = apply_memory_plan(cfg, log)  # prints the prediction; with max_memory, fills in the unset settings
+    info, device = init_distributed(cfg.device)
+    try:
+        # prints the prediction (rank 0); with max_memory, fills in the unset settings alike on every rank
+        cfg = apply_memory_plan(cfg, log if info.is_main else _quiet)
+        return _train(cfg, log if info.is_main else _quiet, info, device)
+    finally:
+        shutdown_distributed(info)
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """Ranks other than 0 print nothing: rank 0 reports for the whole job."""
+
+
+def _train(cfg: TrainConfig, log, info: DistInfo, device_name: str | None) -> TrainResult:
     run_dir = Path(cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = None
@@ -161,8 +185,12 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         else:
             check_resume_config(resume.state.get("config", {}), cfg, resume.path)
             log(f"resuming from {resume.path} (step {resume.step})")
-    write_run_config(cfg, run_dir)
-    model, tokenizer = prepare_model(cfg)
+    if info.is_main:
+        write_run_config(cfg, run_dir)
+    if info.enabled:
+        log(f"distributed: {info.world_size} processes, {cfg.distributed}"
+            f"{' (ddp)' if cfg.distributed == 'auto' else ''} on {device_name}")
+    model, tokenizer = prepare_model(cfg, device=device_name)
     examples = prepare_data(cfg, tokenizer, log)
     examples, eval_examples = prepare_eval_data(cfg, tokenizer, examples, log)
     if cfg.packing:  # after the eval split: eval samples stay whole and unpacked
@@ -175,7 +203,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     pad_id = text_tokenizer(tokenizer).pad_token_id or 0
     try:
         result: FitResult = fit(model, examples, cfg, run_dir, pad_id=pad_id, device=device, dtype=dtype,
-                                eval_examples=eval_examples, resume=resume)
+                                eval_examples=eval_examples, resume=resume, dist_info=info)
     except torch.OutOfMemoryError as exc:
         from slimtune.memory.oom import explain_oom  # noqa: PLC0415
 

@@ -51,26 +51,34 @@ def _world_size() -> int:
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict], *, device: torch.device,
-                         dtype: torch.dtype, scaler=None) -> tuple[float, int]:
+                         dtype: torch.dtype, scaler=None, parallel=None) -> tuple[float, int]:
     """Run forward/backward over the window; returns (normalised loss of the window, its target tokens).
 
-    Gradients end up equal to those of `sum_CE(window) / N_window`. Under DDP, gradients are averaged over
-    ranks, so each rank's loss is multiplied by the world size to keep the global normalisation exact.
+    Gradients end up equal to those of `sum_CE(window) / N_window`. Under DDP and FSDP2, gradients are averaged
+    over ranks, so each rank's loss is multiplied by the world size to keep the global normalisation exact.
+
+    Args:
+        model: the plain model (its host-offloaded embeddings are prefetched per batch).
+        parallel: a slimtune.train.distributed.ParallelModel; the loss then runs through the DDP/FSDP2 wrapper
+            and gradients are reduced over ranks on the last micro-batch only. Every rank must pass the same
+            number of micro-batches (an empty share is a dummy batch, see data_stream.dummy_example).
     """
     n_total = window_target_tokens(micro_batches)
     if n_total == 0:
         return 0.0, 0
     scale = _world_size() / n_total
     total = torch.zeros((), dtype=torch.float32, device=device)
-    for cpu_batch in micro_batches:
+    for i, cpu_batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
         for key in _MEDIA_INPUTS:  # the processors emit fp32; half-precision towers need their own dtype
             if key in batch and dtype != torch.float32:
                 batch[key] = batch[key].to(dtype)
         prefetch_host_embeddings(model, cpu_batch, batch)
-        with autocast(device, dtype):
-            loss = loss_sum(model, batch) * scale
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        last = i == len(micro_batches) - 1
+        with parallel.sync(last) if parallel is not None else contextlib.nullcontext():
+            with autocast(device, dtype):
+                loss = (parallel.loss(batch) if parallel is not None else loss_sum(model, batch)) * scale
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach() / _world_size()
     if _world_size() > 1:
         torch.distributed.all_reduce(total)
@@ -83,7 +91,9 @@ def clip_and_step(params: list[nn.Parameter], optimizer, scheduler, *, max_grad_
     if scaler is not None:
         scaler.unscale_(optimizer)
     limit = max_grad_norm if max_grad_norm > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    # Under FSDP2 the grads are DTensor shards and the norm a DTensor: reduce it over the shards first.
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     if scaler is not None:
         scaler.step(optimizer)  # skips the update when the scaled grads overflowed
         scaler.update()

@@ -1,0 +1,164 @@
+"""Code run inside each spawned rank of tests/train/test_distributed.py (gloo, CPU, 2 processes).
+
+Kept out of the test module so torch.multiprocessing's spawn children import only this (not pytest's module).
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import slimtune
+from slimtune.adapt.lora import lora_modules
+from slimtune.data.tokenize import Example
+from slimtune.train.data_stream import DataStream, collate_share
+from slimtune.train.distributed import DistInfo, ParallelModel
+from slimtune.train.step import accumulate_gradients
+
+BATCH, ACCUM = 2, 2  # per rank; 5 samples over 2 ranks: the 2nd global micro-batch leaves rank 1 empty
+
+
+def make_model(model_dir: str, dtype=torch.float64, load_in_4bit: bool = False):
+    """The tiny text model with LoRA whose B is non-zero, so every adapter gets a non-trivial gradient.
+
+    load_in_4bit: QLoRA (NF4 base, bf16 compute); `dtype` then does not apply.
+    """
+    model, _ = slimtune.load_model(model_dir, dtype="bfloat16" if load_in_4bit else "float32",
+                                   load_in_4bit=load_in_4bit, device="cpu")
+    slimtune.add_lora(model, r=4, alpha=8, seed=1)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for layer in lora_modules(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
+    if not load_in_4bit:
+        model.to(dtype)
+    return model.train()
+
+
+def make_examples(vocab: int) -> list[Example]:
+    """Five samples with uneven lengths and uneven target counts."""
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for n, n_masked in ((9, 2), (23, 10), (14, 0), (31, 25), (6, 1)):
+        ids = torch.randint(5, vocab, (n,), generator=g).tolist()
+        out.append(Example(ids, [-100] * n_masked + ids[n_masked:]))
+    return out
+
+
+def window(examples, rank: int, world: int, batch_size: int = BATCH) -> list[dict]:
+    """The rank's micro-batches of the first optimizer window, as the training loop builds them."""
+    stream = DataStream(examples, batch_size, seed=0, rank=rank, world_size=world)
+    return [collate_share(stream.next()[1], pad_id=0)[0] for _ in range(ACCUM)]
+
+
+def _grads(parallel: ParallelModel) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in parallel.model.named_parameters():
+        if p.requires_grad:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            out[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().cpu()
+    return out
+
+
+def grads_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str, qlora: bool = False) -> None:
+    """Window loss and full LoRA gradients under `kind` (ddp | fsdp); rank 0 saves them to out_dir/<name>.pt."""
+    info = DistInfo(rank=dist.get_rank(), world_size=world)
+    model = make_model(model_dir, load_in_4bit=qlora)
+    parallel = ParallelModel(model, kind, info, torch.device("cpu"))
+    batches = window(make_examples(model.config.get_text_config().vocab_size), rank, world)
+    loss, n = accumulate_gradients(model, batches, device=torch.device("cpu"),
+                                   dtype=torch.bfloat16 if qlora else torch.float64, parallel=parallel)
+    grads = _grads(parallel)
+    sharded = all(hasattr(p, "device_mesh") for p in parallel.parameters())
+    nf4_sharded = any(hasattr(p, "device_mesh") for p in model.parameters() if type(p).__name__ == "Params4bit")
+    if rank == 0:
+        torch.save({"loss": loss, "n": n, "grads": grads, "sharded": sharded, "nf4_sharded": nf4_sharded},
+                   Path(out_dir) / f"{kind}{'-qlora' if qlora else ''}.pt")
+
+
+def sync_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str, always_sync: bool) -> None:
+    """Whether gradients were reduced over ranks BEFORE the window's last micro-batch (they must not be).
+
+    DDP: a comm hook counts bucket all-reduces. FSDP2: a reduce-scatter leaves sharded .grad set, so every
+    trainable parameter's .grad must still be None when the last micro-batch starts. always_sync=True is the
+    negative control (a sync on every micro-batch), showing the probe sees the difference.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook  # noqa: PLC0415
+
+    model = make_model(model_dir)
+    parallel = ParallelModel(model, kind, DistInfo(rank=rank, world_size=world), torch.device("cpu"))
+    calls: list[int] = []
+    if kind == "ddp":
+        parallel.wrapped.register_comm_hook(None, lambda state, bucket: (calls.append(1), allreduce_hook(None, bucket))[1])
+    seen: dict = {}
+    real_sync = parallel.sync
+
+    def sync(last: bool):
+        if last:  # the last micro-batch is about to run: what was reduced so far?
+            seen["reduced_before_last"] = (len(calls) > 0 if kind == "ddp"
+                                           else any(p.grad is not None for p in parallel.parameters()))
+        return real_sync(True if always_sync else last)
+
+    parallel.sync = sync
+    batches = window(make_examples(model.config.get_text_config().vocab_size), rank, world)
+    accumulate_gradients(model, batches, device=torch.device("cpu"), dtype=torch.float64, parallel=parallel)
+    seen["reduced_at_end"] = len(calls) > 0 if kind == "ddp" else all(p.grad is not None for p in parallel.parameters())
+    if rank == 0:
+        (Path(out_dir) / f"sync-{kind}-{'always' if always_sync else 'window'}.json").write_text(json.dumps(seen))
+
+
+def record_writes(run_dir: Path, log_path: Path) -> None:
+    """Log every file this process opens for writing (or renames into place) under run_dir."""
+    run_dir, real_open, real_replace, real_rename = str(run_dir), io.open, os.replace, os.rename
+    seen: list[str] = []
+
+    def note(path) -> None:
+        if str(path).startswith(run_dir):
+            seen.append(str(path))
+            log_path.write_text(json.dumps(seen))
+
+    def open_(file, mode="r", *a, **k):
+        if any(c in mode for c in "wax+"):
+            note(file)
+        return real_open(file, mode, *a, **k)
+
+    def replace(src, dst, *a, **k):
+        note(dst)
+        return real_replace(src, dst, *a, **k)
+
+    def rename(src, dst, *a, **k):
+        note(dst)
+        return real_rename(src, dst, *a, **k)
+
+    builtins.open = io.open = open_  # io.open: pathlib's write_text goes through it
+    os.replace, os.rename = replace, rename
+    log_path.write_text("[]")
+
+
+def entry(rank: int, world: int, port: int, model_dir: str, out_dir: str, train_kwargs: dict) -> None:
+    """torch.multiprocessing.spawn target: set torchrun's variables, then run every distributed scenario."""
+    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for kind in ("ddp", "fsdp"):
+            grads_worker(rank, world, model_dir, out_dir, kind)
+            for always in (False, True):
+                sync_worker(rank, world, model_dir, out_dir, kind, always)
+            grads_worker(rank, world, model_dir, out_dir, kind, qlora=True)
+        if train_kwargs:
+            from slimtune.train.config import TrainConfig  # noqa: PLC0415
+            from slimtune.train.run import train  # noqa: PLC0415
+
+            record_writes(Path(train_kwargs["output"]), Path(out_dir) / f"writes-rank{rank}.json")
+            result = train(TrainConfig(**train_kwargs), log=lambda msg: None)
+            (Path(out_dir) / f"history-rank{rank}.json").write_text(json.dumps(result.history))
+    finally:
+        dist.destroy_process_group()
