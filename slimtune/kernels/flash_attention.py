@@ -321,7 +321,8 @@ def flash_attention(
                                   key_padding_mask=key_padding_mask)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    key_valid = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None
+    # a (B, T) copy rather than a bool→uint8 view: inductor cannot lower view(dtype) from bool (H200 run 2026-11-28)
+    key_valid = key_padding_mask.to(torch.uint8).contiguous() if key_padding_mask is not None else None
     if dstart is None:  # one document per row: the kernels always read document bounds (one compare per element)
         dstart, dend = _single_document_bounds(b, t, q.device)
     kernel_window = window if window is not None else t + 1  # W > T: every causal key is inside the window
