@@ -19,6 +19,24 @@ def _deterministic():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny-model training: its ops are too small to split, so extra threads only fight over CI cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+_ONE_THREAD_DIRS = ("tests/train/", "tests/memory/test_activation_offload.py", "tests/memory/test_tiled_mlp.py")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(d in item.nodeid for d in _ONE_THREAD_DIRS):
+            item.add_marker(pytest.mark.usefixtures("one_thread"))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Factory: tiny_dir(variant="e2b", text_only=False) → path of a tiny checkpoint folder (cached)."""

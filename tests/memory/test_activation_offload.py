@@ -8,17 +8,13 @@ from slimtune.adapt.lora import lora_modules
 from slimtune.data.collate import collate
 from slimtune.data.tokenize import Example
 from slimtune.errors import ConfigError
-from slimtune.memory.activation_offload import ActivationOffloader, activation_offloader, enable_activation_offload
+from slimtune.memory.activation_offload import (
+    ActivationOffloader,
+    activation_offloader,
+    enable_activation_offload,
+)
 from slimtune.train.run import enable_checkpointing
 from slimtune.train.step import accumulate_gradients
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(tiny_dir, variant):

@@ -3,7 +3,10 @@
 import torch
 
 import slimtune
-from slimtune.memory.host_embedding import HostOffloadedEmbedding, offload_per_layer_embeddings
+from slimtune.memory.host_embedding import (
+    HostOffloadedEmbedding,
+    offload_per_layer_embeddings,
+)
 
 
 def test_same_output_as_scaled_embedding(tiny_dir):

@@ -3,7 +3,13 @@
 import pytest
 
 from slimtune.errors import ConfigError
-from slimtune.memory.planner import MemoryBudgetError, longest_context, plan_memory, predict, with_settings
+from slimtune.memory.planner import (
+    MemoryBudgetError,
+    longest_context,
+    plan_memory,
+    predict,
+    with_settings,
+)
 
 GIB = 2**30
 

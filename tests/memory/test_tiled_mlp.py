@@ -13,14 +13,6 @@ from slimtune.train.run import enable_checkpointing
 from slimtune.train.step import accumulate_gradients
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model(tiny_dir, variant, *, dropout=0.0, load_in_4bit=False):
     dtype = "float32"
     model, _ = slimtune.load_model(tiny_dir(variant, text_only=True), dtype=dtype, device="cpu",
