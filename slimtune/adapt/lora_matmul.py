@@ -42,15 +42,16 @@ class LoraMatmul(torch.autograd.Function):
         xa = xd2 @ a.t()
         out.addmm_(xa, b.t(), alpha=scaling)
         ctx.scaling, ctx.parts, ctx.same_input = scaling, parts, xd is None
-        ctx.save_for_backward(xd2, xa, weight, lora_a, lora_b)
+        ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype)
+        # the compute-dtype copies of A and B (r·(in+out) values) are kept: casting again in backward costs launches
+        ctx.save_for_backward(xd2, xa, weight, a, b)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        xd2, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        xd2, xa, weight, a, b = ctx.saved_tensors
         dtype = xd2.dtype
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
         gb = (g @ b) * ctx.scaling  # (n, r): gradient of the update wrt x·Aᵀ
         grad_x = grad_xd = grad_a = grad_b = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
@@ -61,9 +62,9 @@ class LoraMatmul(torch.autograd.Function):
                 grad_xd = (gb @ a).reshape(*grad_out.shape[:-1], a.shape[1])
             grad_x = grad_x.reshape(*grad_out.shape[:-1], grad_x.shape[-1])
         if ctx.needs_input_grad[4]:
-            grad_a = (gb.t() @ xd2).to(lora_a.dtype)
+            grad_a = (gb.t() @ xd2).to(ctx.lora_dtypes[0])
         if ctx.needs_input_grad[5]:
-            grad_b = (g.t() @ xa).mul_(ctx.scaling).to(lora_b.dtype)
+            grad_b = (g.t() @ xa).mul_(ctx.scaling).to(ctx.lora_dtypes[1])
         if ctx.same_input:
             grad_xd = None
         return grad_x, grad_xd, None, None, grad_a, grad_b, None
