@@ -47,7 +47,7 @@ def _fakes() -> tuple[tuple[str, ...], tuple[str, ...]]:
     if not (have("slimtune.infer.generate", "generate") and have("slimtune.adapt", "load_adapter")):
         fake.append("chat")
     lib = [name for name, ok in [("summary", have("slimtune.data", "summarize_dataset")),
-                                 ("memory", have("slimtune.memory", "estimate_training_memory")),
+                                 ("memory", have("slimtune.memory.train_plan", "plan_for_config")),
                                  ("formats", have("slimtune.export", "EXPORT_FORMATS"))] if not ok]
     if "formats" in lib:
         fake.append("export")

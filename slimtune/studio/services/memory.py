@@ -1,0 +1,60 @@
+"""The Train form's memory panel: what `slimtune train` would predict, or plan for a budget, with these settings.
+
+The settings go through the same TrainConfig validation and the same planner call (``plan_for_config``) as the
+worker's, so the panel shows the numbers and the chosen settings the run will print when it starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import HTTPException
+
+from slimtune.studio import library
+from slimtune.studio.context import Studio
+from slimtune.studio.schemas import MemoryEstimate, MemoryRequest, MemoryTerm
+from slimtune.studio.services import models as models_svc
+from slimtune.studio.services.runs import check_config
+
+GIB = 2**30
+# The planner's settings that are TrainConfig fields too (offload_ple is always on, so never worth showing).
+SHOWN_SETTINGS = ("load_in_4bit", "gradient_checkpointing", "activation_offload", "mlp_chunk_size",
+                  "loss_chunk_size", "batch_size", "grad_accum", "optimizer")
+# TrainConfig needs a data file and a run folder to be valid; the estimate reads neither.
+_NO_PATH = "(memory estimate)"
+
+
+def estimate(studio: Studio, body: MemoryRequest) -> MemoryEstimate:
+    """Prediction or plan for the form's settings.
+
+    Raises:
+        HTTPException: 404 unknown model; 422 the model's config cannot be read.
+        slimtune.errors.ConfigError: settings TrainConfig refuses, e.g. an unreadable max_memory (422).
+    """
+    ref = models_svc.model_ref(studio, body.model_id)
+    cfg = check_config(body, model_ref=ref, data_path=_NO_PATH, output=_NO_PATH)
+    try:
+        out = library.memory_plan(cfg)
+    except (ValueError, OSError) as exc:  # no config.json to read: a hub id offline, or a broken folder
+        raise HTTPException(status_code=422, detail=f"No memory estimate for {ref}: {exc}") from exc
+    return to_estimate(out["plan"], out["message"], out["longest_seq_length"])
+
+
+def to_estimate(plan: Any, message: str | None = None, longest: int | None = None) -> MemoryEstimate:
+    """The API's view of a planner Plan (and of its "does not fit" message)."""
+    budget = plan.budget_bytes
+    planned = {name: new for name, (_, new) in plan.changes.items() if name in SHOWN_SETTINGS} if budget else {}
+    return MemoryEstimate(
+        total_gib=round(plan.predicted_bytes / GIB, 3),
+        breakdown={str(k): float(v) for k, v in plan.breakdown.items()},
+        main_terms=[MemoryTerm(name=str(k), gib=float(v)) for k, v in plan.main_terms()],
+        phase=str(plan.phase),
+        budget_gib=round(budget / GIB, 3) if budget else None,
+        fits=message is None and plan.fits,
+        planned=planned,
+        settings={k: plan.settings[k] for k in SHOWN_SETTINGS if k in plan.settings},
+        notes=[str(n) for n in plan.notes],
+        message=message,
+        longest_seq_length=longest if message is not None else None,
+        summary=message if message is not None else plan.summary(),
+    )
