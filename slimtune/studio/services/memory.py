@@ -6,6 +6,7 @@ worker's, so the panel shows the numbers and the chosen settings the run will pr
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import HTTPException
@@ -16,6 +17,7 @@ from slimtune.studio.schemas import MemoryEstimate, MemoryRequest, MemoryTerm
 from slimtune.studio.services import models as models_svc
 from slimtune.studio.services.runs import check_config
 
+log = logging.getLogger("slimtune.studio.memory")
 GIB = 2**30
 # The planner's settings that are TrainConfig fields too (offload_ple is always on, so never worth showing).
 SHOWN_SETTINGS = ("load_in_4bit", "gradient_checkpointing", "activation_offload", "mlp_chunk_size",
@@ -35,8 +37,15 @@ def estimate(studio: Studio, body: MemoryRequest) -> MemoryEstimate:
     cfg = check_config(body, model_ref=ref, data_path=_NO_PATH, output=_NO_PATH)
     try:
         out = library.memory_plan(cfg)
-    except (ValueError, OSError) as exc:  # no config.json to read: a hub id offline, or a broken folder
-        raise HTTPException(status_code=422, detail=f"No memory estimate for {ref}: {exc}") from exc
+    except library.LibraryUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see below
+        # The model's config cannot be read or is not Gemma 4's (a hub id while offline, a broken folder, another
+        # architecture: ValueError, OSError, AttributeError...). The panel is advisory; the run itself still
+        # reports the problem when it loads the model. Logged in full in case it is a bug of ours.
+        log.warning("memory estimate for %s failed", ref, exc_info=True)
+        raise HTTPException(status_code=422, detail=f"No memory estimate for {ref}: "
+                                                    f"{type(exc).__name__}: {exc}") from exc
     return to_estimate(out["plan"], out["message"], out["longest_seq_length"])
 
 
