@@ -115,6 +115,14 @@ def test_train_watch_chat_download_export(browser, tmp_path):
         page.fill("#f-max_seq_length", "128")
         # Selector-based waits: the app's CSP forbids eval, which string wait_for_function needs.
         page.wait_for_selector("#mem-total:text-matches('[0-9.]+ [MG]iB')", timeout=90_000)
+        page.wait_for_selector("#mem-terms span")  # the main terms of the prediction, by name
+        # Advanced memory: a budget nothing fits says so (with what does), one that fits shows the plan and is
+        # what the run is started with (the real trainer plans for it again before it starts).
+        page.click("#advanced-memory summary")
+        page.fill("#f-max_memory", "1KiB")
+        page.wait_for_selector("#mem-error:text-matches('^no settings fit')")
+        page.fill("#f-max_memory", "4GiB")
+        page.wait_for_selector("#mem-fits:text-matches('Fits the 4 GiB budget')")
         shot(page, "04-train")
         page.click("#start-run")
         page.wait_for_url(re.compile(r".*#/runs/[a-z0-9]+$"), timeout=90_000)

@@ -137,8 +137,8 @@ def test_estimate_changes_with_each_memory_switch(estimate):
 
 def test_estimate_with_a_budget_is_the_plan_the_cli_would_apply(estimate, tmp_path):
     # The same settings through the CLI's path: the worker's argv -> the real parser -> resolve_config ->
-    # plan_for_config (what the trainer applies before it starts) give the same plan as the Studio's panel.
-    from slimtune.memory.train_plan import plan_for_config
+    # apply_memory_plan (what the trainer runs before it starts) give the settings the panel says it will use.
+    from slimtune.memory.train_plan import apply_memory_plan, plan_for_config
     from slimtune.train.config_io import resolve_config
 
     settings = {"max_memory": "8GiB", "batch_size": 1, "grad_accum": 4, "lora_r": 16, "max_seq_length": SEQ}
@@ -146,12 +146,16 @@ def test_estimate_with_a_budget_is_the_plan_the_cli_would_apply(estimate, tmp_pa
     studio_cfg = TrainConfig(model_id=estimate.model_id, dataset_id="abcdef123456", max_steps=1, **settings)
     argv = build_train_argv(["slimtune", "train"], studio_cfg, model_ref=estimate.ref,
                             data_path=tmp_path / "d.jsonl", run_dir=tmp_path / "r", resume=False)
-    cli_plan = plan_for_config(resolve_config(None, **cli_values(argv[1:])))
+    cli_cfg = resolve_config(None, **cli_values(argv[1:]))
+    printed: list[str] = []
+    applied = apply_memory_plan(cli_cfg, printed.append)
+    changed = {k: getattr(applied, k) for k in body["settings"] if getattr(applied, k) != getattr(cli_cfg, k)}
     assert body["fits"] and body["budget_gib"] == 8.0 and body["message"] is None
-    assert body["planned"] == {k: new for k, (_, new) in cli_plan.changes.items()} != {}
-    assert body["settings"] == {k: cli_plan.settings[k] for k in body["settings"]}
-    assert body["total_gib"] == pytest.approx(cli_plan.predicted_gib, abs=1e-3) and body["total_gib"] <= 8.0
-    assert "memory plan:" in body["summary"]
+    assert body["planned"] == changed != {}
+    assert body["settings"] == {k: getattr(applied, k) for k in body["settings"]}
+    assert body["total_gib"] == pytest.approx(plan_for_config(cli_cfg).predicted_gib, abs=1e-3)
+    assert body["total_gib"] <= 8.0
+    assert body["summary"].splitlines() == printed
 
 
 def test_estimate_keeps_the_settings_you_fixed(estimate):

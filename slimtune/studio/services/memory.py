@@ -19,7 +19,8 @@ from slimtune.studio.services.runs import check_config
 
 log = logging.getLogger("slimtune.studio.memory")
 GIB = 2**30
-# The planner's settings that are TrainConfig fields too (offload_ple is always on, so never worth showing).
+# The planner's settings that are TrainConfig fields too, i.e. what a budget can change in a run (offload_ple is
+# always on and not a field). Same list as slimtune.memory.train_plan's.
 SHOWN_SETTINGS = ("load_in_4bit", "gradient_checkpointing", "activation_offload", "mlp_chunk_size",
                   "loss_chunk_size", "batch_size", "grad_accum", "optimizer")
 # TrainConfig needs a data file and a run folder to be valid; the estimate reads neither.
@@ -46,13 +47,22 @@ def estimate(studio: Studio, body: MemoryRequest) -> MemoryEstimate:
         log.warning("memory estimate for %s failed", ref, exc_info=True)
         raise HTTPException(status_code=422, detail=f"No memory estimate for {ref}: "
                                                     f"{type(exc).__name__}: {exc}") from exc
-    return to_estimate(out["plan"], out["message"], out["longest_seq_length"])
+    return to_estimate(cfg, out["plan"], out["message"], out["longest_seq_length"])
 
 
-def to_estimate(plan: Any, message: str | None = None, longest: int | None = None) -> MemoryEstimate:
-    """The API's view of a planner Plan (and of its "does not fit" message)."""
+def to_estimate(cfg: Any, plan: Any, message: str | None = None, longest: int | None = None) -> MemoryEstimate:
+    """The API's view of a planner Plan for ``cfg`` (and of its "does not fit" message).
+
+    ``planned`` is what the trainer's apply_memory_plan will change in cfg: every planned setting that differs
+    from cfg's value. Not ``plan.changes``, which compares with the planner's starting point (the fastest
+    levels): a budget that fits without gradient checkpointing turns it off, which is a change to the run
+    although it is none to the planner.
+    """
     budget = plan.budget_bytes
-    planned = {name: new for name, (_, new) in plan.changes.items() if name in SHOWN_SETTINGS} if budget else {}
+    planned = {}
+    if budget and message is None:
+        planned = {k: plan.settings[k] for k in SHOWN_SETTINGS
+                   if k in plan.settings and getattr(cfg, k, plan.settings[k]) != plan.settings[k]}
     return MemoryEstimate(
         total_gib=round(plan.predicted_bytes / GIB, 3),
         breakdown={str(k): float(v) for k, v in plan.breakdown.items()},
