@@ -93,11 +93,11 @@ class TrainSettings(BaseModel):
                                                "the memory settings left unset so the predicted peak fits.")
     activation_offload: bool = Field(default=False, description="Keep checkpointed layer inputs in pinned host "
                                                                 "memory: less GPU memory, a small speed cost.")
-    mlp_chunk_size: int | None = Field(default=None, description="Tiled MLP: tokens per chunk (0 = off); less "
+    mlp_chunk_size: int | None = Field(default=None, strict=True, description="Tiled MLP: tokens per chunk (0 = off); less "
                                                                  "memory on long sequences, slower.")
     optimizer: str | None = Field(default=None, max_length=32,
                                   description="adamw | adamw8bit (optimizer state in a quarter of the memory).")
-    loss_chunk_size: int | None = Field(default=None, description="Rows per lm_head + loss chunk (0 = automatic).")
+    loss_chunk_size: int | None = Field(default=None, strict=True, description="Rows per lm_head + loss chunk (0 = automatic).")
 
 
 class TrainConfig(TrainSettings):

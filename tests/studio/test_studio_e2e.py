@@ -121,6 +121,7 @@ def test_train_watch_chat_download_export(browser, tmp_path):
         page.click("#advanced-memory summary")
         page.fill("#f-max_memory", "1KiB")
         page.wait_for_selector("#mem-error:text-matches('^no settings fit')")
+        shot(page, "04a-train-budget-too-small")
         page.fill("#f-max_memory", "4GiB")
         page.wait_for_selector("#mem-fits:text-matches('Fits the 4 GiB budget')")
         shot(page, "04-train")

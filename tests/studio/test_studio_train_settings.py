@@ -78,6 +78,12 @@ def test_run_with_settings_the_trainer_refuses_is_422_with_its_message(client, s
     assert client.get("/api/runs").json() == []  # nothing recorded, nothing queued
 
 
+def test_a_switch_is_not_a_chunk_size(client):
+    # JSON true would otherwise be read as 1 (a one-token chunk): refused before it reaches TrainConfig.
+    r = _start(client, mlp_chunk_size=True)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "mlp_chunk_size"
+
+
 def test_run_launches_with_the_new_flags(client):
     r = _start(client, max_memory="6GiB", activation_offload=True, mlp_chunk_size=2048, optimizer="adamw8bit",
                loss_chunk_size=0, text_only=True)

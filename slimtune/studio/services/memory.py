@@ -40,7 +40,7 @@ def estimate(studio: Studio, body: MemoryRequest) -> MemoryEstimate:
         out = library.memory_plan(cfg)
     except library.LibraryUnavailable:
         raise
-    except Exception as exc:  # noqa: BLE001 - see below
+    except Exception as exc:  # deliberately broad: see below
         # The model's config cannot be read or is not Gemma 4's (a hub id while offline, a broken folder, another
         # architecture: ValueError, OSError, AttributeError...). The panel is advisory; the run itself still
         # reports the problem when it loads the model. Logged in full in case it is a bug of ours.
