@@ -40,11 +40,33 @@ def summarize_dataset(path: Path, n_preview: int = 5) -> dict[str, Any]:
     return _get("slimtune.data", "summarize_dataset")(path, n_preview=n_preview)
 
 
-def estimate_training_memory(model: str, *, seq_len: int, batch_size: int, load_in_4bit: bool,
-                             lora_r: int) -> dict[str, Any]:
-    """GPU memory a run would need (``slimtune.memory.estimate_training_memory``)."""
-    fn = _get("slimtune.memory", "estimate_training_memory")
-    return fn(model, seq_len=seq_len, batch_size=batch_size, load_in_4bit=load_in_4bit, lora_r=lora_r)
+def check_train_config(values: dict[str, Any]) -> Any:
+    """A ``slimtune.train.TrainConfig`` from settings named as its fields, checked as ``slimtune train`` checks
+    its flags (``resolve_config``): the keys given count as set by the user, which is what the planner reads.
+
+    Raises:
+        slimtune.errors.ConfigError: every problem at once, in the trainer's words (the app answers 422).
+    """
+    return _get("slimtune.train.config_io", "resolve_config")(None, **values)
+
+
+def memory_plan(cfg: Any) -> dict[str, Any]:
+    """What ``slimtune train`` prints before training (``slimtune.memory.train_plan.plan_for_config``): the
+    prediction for cfg's settings or, with ``cfg.max_memory``, the plan chosen for that budget.
+
+    Returns:
+        ``{"plan": Plan, "message": None, "longest_seq_length": None}``; when nothing fits the budget, the smallest
+        plan with the planner's message and the longest max_seq_length that fits (0: none).
+
+    Raises:
+        ValueError: the model's config cannot be read (e.g. a hub id while offline).
+    """
+    plan_for_config = _get("slimtune.memory.train_plan", "plan_for_config")
+    budget_error = _get("slimtune.memory.planner", "MemoryBudgetError")
+    try:
+        return {"plan": plan_for_config(cfg), "message": None, "longest_seq_length": None}
+    except budget_error as exc:
+        return {"plan": exc.plan, "message": str(exc), "longest_seq_length": exc.longest_seq}
 
 
 def export_formats() -> list[dict[str, str]]:

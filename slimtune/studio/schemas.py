@@ -73,23 +73,47 @@ class DatasetPreview(BaseModel):
 
 
 # ---- runs ----------------------------------------------------------------------------------------
-class TrainConfig(BaseModel):
-    """Settings of one training run; each maps onto a flag of ``slimtune train``."""
+# Field names are TrainConfig's (slimtune/train/config.py). Values here are only type- and size-checked: the run and
+# the estimate hand them to TrainConfig itself, so the Studio accepts exactly what `slimtune train` accepts and
+# reports its messages. A None (or False for a switch) means "not given", as a flag left off the command line: the
+# trainer's default applies, or, with max_memory, the planner's choice.
+# `distributed` (ddp | fsdp) is deliberately absent: it only acts on processes started by torchrun, and the Studio
+# launches one worker process per run.
+class TrainSettings(BaseModel):
+    """The settings that decide a run's GPU memory; shared by the run form and the memory estimate."""
 
     model_id: str = _ID
+    lora_r: int = Field(default=16, ge=1, le=1024)
+    batch_size: int = Field(default=1, ge=1, le=4096)
+    grad_accum: int = Field(default=4, ge=1, le=4096)
+    max_seq_length: int = Field(default=2048, ge=8, le=1_048_576)
+    load_in_4bit: bool = False
+    max_memory: str | None = Field(default=None, max_length=32, examples=["8GiB"],
+                                   description="GPU memory budget such as 8GiB, 8GB or 8000MiB: the planner chooses "
+                                               "the memory settings left unset so the predicted peak fits.")
+    activation_offload: bool = Field(default=False, description="Keep checkpointed layer inputs in pinned host "
+                                                                "memory: less GPU memory, a small speed cost.")
+    mlp_chunk_size: int | None = Field(default=None, strict=True, description="Tiled MLP: tokens per chunk (0 = off); less "
+                                                                 "memory on long sequences, slower.")
+    optimizer: str | None = Field(default=None, max_length=32,
+                                  description="adamw | adamw8bit (optimizer state in a quarter of the memory).")
+    loss_chunk_size: int | None = Field(default=None, strict=True, description="Rows per lm_head + loss chunk (0 = automatic).")
+
+
+class TrainConfig(TrainSettings):
+    """Settings of one training run; each maps onto the `slimtune train` flag of the same name."""
+
     dataset_id: str = _ID
     name: str | None = Field(default=None, max_length=100, description="Display name; defaults to the id.")
     max_steps: int | None = Field(default=None, ge=1, le=10_000_000)
     epochs: float | None = Field(default=None, gt=0, le=1000)
     lr: float = Field(default=2e-4, gt=0, le=1)
-    lora_r: int = Field(default=16, ge=1, le=1024)
     lora_alpha: int = Field(default=32, ge=1, le=4096)
-    batch_size: int = Field(default=1, ge=1, le=4096)
-    grad_accum: int = Field(default=4, ge=1, le=4096)
-    max_seq_length: int = Field(default=2048, ge=8, le=1_048_576)
-    load_in_4bit: bool = False
     seed: int = Field(default=3407, ge=0, le=2**31 - 1)
     save_steps: int | None = Field(default=None, ge=1, le=10_000_000)
+    text_only: bool = Field(default=False, description="Multimodal checkpoint: load only the language model.")
+    finetune_multimodal_embedders: bool = Field(
+        default=False, description="LoRA on the projections from the vision/audio towers into the text model.")
 
 
 class RunInfo(BaseModel):
@@ -128,17 +152,31 @@ class ArtifactFile(BaseModel):
 
 
 # ---- memory --------------------------------------------------------------------------------------
-class MemoryRequest(BaseModel):
-    model_id: str = _ID
-    max_seq_length: int = Field(default=2048, ge=8, le=1_048_576)
-    batch_size: int = Field(default=1, ge=1, le=4096)
-    load_in_4bit: bool = False
-    lora_r: int = Field(default=16, ge=1, le=1024)
+class MemoryRequest(TrainSettings):
+    """The run form's memory settings; answered with what `slimtune train` would predict or plan for them."""
+
+
+class MemoryTerm(BaseModel):
+    name: str
+    gib: float
 
 
 class MemoryEstimate(BaseModel):
-    total_gib: float
-    breakdown: dict[str, float]
+    """The planner's prediction for the settings (no budget), or the plan it chose for the budget."""
+
+    total_gib: float = Field(description="Predicted peak GPU memory (of the smallest plan when nothing fits).")
+    breakdown: dict[str, float] = Field(description="Every term of the prediction, GiB.")
+    main_terms: list[MemoryTerm] = Field(description="The largest terms, largest first.")
+    phase: str = Field(description="Where the peak falls: 'loss' or 'backward'.")
+    budget_gib: float | None = Field(description="max_memory in GiB, when one was given.")
+    fits: bool = Field(description="True without a budget, or when the plan fits it.")
+    planned: dict[str, bool | int | str] = Field(
+        description="Settings the planner filled in (only with a budget): name -> value the run will use.")
+    settings: dict[str, bool | int | str] = Field(description="Every memory setting the run would use.")
+    notes: list[str]
+    message: str | None = Field(description="Why nothing fits the budget (with the longest context that does).")
+    longest_seq_length: int | None = Field(description="Longest max_seq_length that fits, when nothing else does.")
+    summary: str = Field(description="The lines `slimtune train` prints about memory before it starts.")
 
 
 # ---- chat ----------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def main() -> None:
         if "summary" in fake_lib:
             library.summarize_dataset = fake.summarize_dataset
         if "memory" in fake_lib:
-            library.estimate_training_memory = fake.estimate_training_memory
+            library.memory_plan = fake.memory_plan
         if "formats" in fake_lib:
             library.export_formats = lambda: list(fake.FAKE_FORMATS)
     settings = StudioSettings(host="127.0.0.1", port=args.port, data_dir=Path(args.data_dir), password=args.password,

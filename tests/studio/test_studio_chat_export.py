@@ -7,6 +7,7 @@ import json
 import sys
 import zipfile
 
+import pytest
 from fastapi.testclient import TestClient
 from studio_testkit import BASE_URL, fake_settings, studio_of
 
@@ -154,7 +155,9 @@ def test_memory_estimate(client):
                                                   "batch_size": 2, "load_in_4bit": True, "lora_r": 16})
     assert r.status_code == 200
     body = r.json()
-    assert body["total_gib"] == sum(body["breakdown"].values())
+    assert body["total_gib"] == pytest.approx(sum(body["breakdown"].values()), abs=1e-3)
+    assert body["main_terms"][0] == {"name": "activations", "gib": 2.0}
+    assert body["fits"] is True and body["budget_gib"] is None and body["planned"] == {}
     assert client.post("/api/memory/estimate", json={"model_id": "embeddedtiny", "batch_size": 0}).status_code == 422
 
 
@@ -165,7 +168,7 @@ def test_library_errors_map_to_422(client, monkeypatch):
     def boom(*a, **k):
         raise ConfigError("model 'x' has no known geometry; pass e2b, e4b, 26b-a4b or 31b")
 
-    monkeypatch.setattr(library, "estimate_training_memory", boom)
+    monkeypatch.setattr(library, "memory_plan", boom)
     r = client.post("/api/memory/estimate", json={"model_id": "embeddedtiny"})
     assert r.status_code == 422 and "no known geometry" in r.json()["detail"]
 

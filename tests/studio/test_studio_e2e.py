@@ -47,7 +47,7 @@ def _fakes() -> tuple[tuple[str, ...], tuple[str, ...]]:
     if not (have("slimtune.infer.generate", "generate") and have("slimtune.adapt", "load_adapter")):
         fake.append("chat")
     lib = [name for name, ok in [("summary", have("slimtune.data", "summarize_dataset")),
-                                 ("memory", have("slimtune.memory", "estimate_training_memory")),
+                                 ("memory", have("slimtune.memory.train_plan", "plan_for_config")),
                                  ("formats", have("slimtune.export", "EXPORT_FORMATS"))] if not ok]
     if "formats" in lib:
         fake.append("export")
@@ -115,6 +115,15 @@ def test_train_watch_chat_download_export(browser, tmp_path):
         page.fill("#f-max_seq_length", "128")
         # Selector-based waits: the app's CSP forbids eval, which string wait_for_function needs.
         page.wait_for_selector("#mem-total:text-matches('[0-9.]+ [MG]iB')", timeout=90_000)
+        page.wait_for_selector("#mem-terms span")  # the main terms of the prediction, by name
+        # Advanced memory: a budget nothing fits says so (with what does), one that fits shows the plan and is
+        # what the run is started with (the real trainer plans for it again before it starts).
+        page.click("#advanced-memory summary")
+        page.fill("#f-max_memory", "1KiB")
+        page.wait_for_selector("#mem-error:text-matches('^no settings fit')")
+        shot(page, "04a-train-budget-too-small")
+        page.fill("#f-max_memory", "4GiB")
+        page.wait_for_selector("#mem-fits:text-matches('Fits the 4 GiB budget')")
         shot(page, "04-train")
         page.click("#start-run")
         page.wait_for_url(re.compile(r".*#/runs/[a-z0-9]+$"), timeout=90_000)

@@ -62,3 +62,20 @@ def test_pages_and_assets_are_served(client):
         assert r.status_code == 200, url
     assert client.get("/static/js/main.js").headers["content-type"].startswith(("text/javascript",
                                                                                  "application/javascript"))
+
+
+def test_train_form_offers_every_run_setting():
+    # A setting the API accepts but the form never sends could only be set by hand-written requests.
+    from slimtune.studio.schemas import MemoryRequest, TrainConfig
+
+    train_js = (STATIC_DIR / "js" / "views" / "train.js").read_text()
+    for name in TrainConfig.model_fields:
+        assert re.search(rf"\b{name}\b", train_js), f"the Train form has no field for {name}"
+    assert "Advanced memory" in train_js and 'id: "f-max_memory"' in train_js and 'id: "f-optimizer"' in train_js
+    for help_text in ("small speed cost", "slower", "a quarter of the memory"):  # each switch's trade-off
+        assert help_text in train_js, help_text
+    # The memory panel posts exactly the settings the estimate endpoint reads.
+    memory_js = (STATIC_DIR / "js" / "memory.js").read_text()
+    keys = re.search(r"const MEMORY_KEYS = \[([^\]]*)\]", memory_js).group(1)
+    assert set(re.findall(r'"(\w+)"', keys)) == set(MemoryRequest.model_fields)
+    assert '"/api/memory/estimate"' in memory_js

@@ -10,37 +10,61 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from slimtune.studio import library
 from slimtune.studio.context import Studio
 from slimtune.studio.db import ACTIVE_STATES, QUEUED, dumps
 from slimtune.studio.jobs import Job
 from slimtune.studio.paths import check_id, new_id
-from slimtune.studio.schemas import TrainConfig
+from slimtune.studio.schemas import TrainConfig, TrainSettings
 from slimtune.studio.services import datasets as datasets_svc
 from slimtune.studio.services import models as models_svc
 from slimtune.studio.services.tails import last_metric
 
-# TrainConfig field -> `slimtune train` flag; None values are left out so the trainer's defaults apply.
-_FLAGS: dict[str, str] = {
-    "max_steps": "--max-steps", "epochs": "--epochs", "lr": "--lr", "lora_r": "--lora-r",
-    "lora_alpha": "--lora-alpha", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
-    "max_seq_length": "--max-seq-length", "seed": "--seed", "save_steps": "--save-steps",
-}
+# Studio settings handed to `slimtune train`, each as the flag of the same name (--max-seq-length for
+# max_seq_length). The names are TrainConfig's fields: check_train_config validates the same values the worker gets.
+TRAIN_FIELDS = ("max_steps", "epochs", "lr", "lora_r", "lora_alpha", "batch_size", "grad_accum", "max_seq_length",
+                "seed", "save_steps", "max_memory", "mlp_chunk_size", "loss_chunk_size", "optimizer",
+                "load_in_4bit", "activation_offload", "text_only", "finetune_multimodal_embedders")
 RESUMABLE = ("stopped", "failed", "interrupted")
+
+
+def train_values(settings: TrainSettings) -> dict[str, Any]:
+    """The settings given, as TrainConfig keyword arguments. None, and a switch left off, are not given: like a
+    flag left off the command line, the trainer's default applies or, with max_memory, the planner chooses."""
+    values = {}
+    for name in TRAIN_FIELDS:
+        value = getattr(settings, name, None)
+        if value is not None and value is not False:  # `is`: 0 (e.g. mlp_chunk_size=0, "off") is a given value
+            values[name] = value
+    return values
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def build_train_argv(command: list[str], cfg: TrainConfig, *, model_ref: str, data_path: Path,
                      run_dir: Path, resume: bool) -> list[str]:
-    """The worker's command line: ``<command> --model M --data FILE --output RUN_DIR [flags]``."""
+    """The worker's command line: ``<command> --model M --data FILE --output RUN_DIR [--flag value...] [switches]``."""
     argv = [*command, "--model", model_ref, "--data", str(data_path), "--output", str(run_dir)]
-    for field, flag in _FLAGS.items():
-        value = getattr(cfg, field)
-        if value is not None:
-            argv += [flag, str(value)]
-    if cfg.load_in_4bit:
-        argv.append("--load-in-4bit")
+    values = train_values(cfg)
+    for name, value in values.items():
+        if value is not True:
+            argv += [_flag(name), str(value)]
+    argv += [_flag(name) for name, value in values.items() if value is True]  # store_true switches
     if resume:
         argv.append("--resume")
     return argv
+
+
+def check_config(cfg: TrainSettings, *, model_ref: str, data_path: Path | str, output: Path | str) -> Any:
+    """The run's ``slimtune.train.TrainConfig``, validated as the worker will validate it.
+
+    Raises:
+        slimtune.errors.ConfigError: bad settings, with the trainer's own message (answered as 422).
+    """
+    return library.check_train_config({"model": model_ref, "data": str(data_path), "output": str(output),
+                                       **train_values(cfg)})
 
 
 def run_dir(studio: Studio, run_id: str) -> Path:
@@ -74,9 +98,11 @@ def create_run(studio: Studio, cfg: TrainConfig) -> dict[str, Any]:
     """Record a run and queue its worker (it starts now if the GPU is free)."""
     if cfg.max_steps is None and cfg.epochs is None:
         raise HTTPException(status_code=422, detail="Set max_steps or epochs (or both).")
-    datasets_svc.dataset_path(studio, datasets_svc.get_dataset(studio, cfg.dataset_id))
+    data_path = datasets_svc.dataset_path(studio, datasets_svc.get_dataset(studio, cfg.dataset_id))
     model_ref = models_svc.model_ref(studio, cfg.model_id)
     run_id = new_id()
+    # Refused here, with the trainer's message, rather than as a failed run a moment later.
+    check_config(cfg, model_ref=model_ref, data_path=data_path, output=run_dir(studio, run_id))
     row = {
         "id": run_id, "name": (cfg.name or "").strip() or f"run-{run_id[:6]}", "status": QUEUED,
         "model_id": cfg.model_id, "model_ref": model_ref, "dataset_id": cfg.dataset_id,

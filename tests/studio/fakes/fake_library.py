@@ -32,16 +32,30 @@ def summarize_dataset(path, n_preview=5):
             "n_skipped": len(skipped), "skipped": skipped, "preview": rows[:n_preview]}
 
 
-def estimate_training_memory(model, *, seq_len, batch_size, load_in_4bit, lora_r):
-    weights = 0.5 if load_in_4bit else 2.0
-    acts = seq_len * batch_size / 4096
-    lora = lora_r / 256
-    return {"total_gib": weights + acts + lora,
-            "breakdown": {"weights": weights, "activations": acts, "lora+optimizer": lora}}
+def memory_plan(cfg):
+    """A made-up prediction with the real Plan type, so the panel and API work without torch; a budget is only
+    compared, never planned for."""
+    from slimtune.memory.planner import Plan
+    from slimtune.memory.sizes import parse_memory_size
+
+    gib = 2**30
+    terms = {"weights": 0.5 if cfg.load_in_4bit else 2.0,
+             "activations": cfg.max_seq_length * cfg.batch_size / 4096 / (2 if cfg.activation_offload else 1),
+             "lora_and_optimizer": cfg.lora_r / 256 / (4 if cfg.optimizer == "adamw8bit" else 1)}
+    budget = parse_memory_size(cfg.max_memory) if cfg.max_memory else None
+    settings = {"load_in_4bit": cfg.load_in_4bit, "gradient_checkpointing": True, "batch_size": cfg.batch_size,
+                "grad_accum": cfg.grad_accum, "optimizer": cfg.optimizer,
+                "activation_offload": cfg.activation_offload, "mlp_chunk_size": cfg.mlp_chunk_size,
+                "loss_chunk_size": cfg.loss_chunk_size}
+    plan = Plan(model=cfg.model, seq_len=cfg.max_seq_length, settings=settings, breakdown=terms, phase="backward",
+                predicted_bytes=sum(terms.values()) * gib, budget_bytes=budget)
+    if plan.fits:
+        return {"plan": plan, "message": None, "longest_seq_length": None}
+    return {"plan": plan, "message": f"fake planner: nothing fits {cfg.max_memory}", "longest_seq_length": 0}
 
 
 def install(monkeypatch) -> None:
     """Swap the library facade's functions for the fakes (pytest monkeypatch undoes it)."""
     monkeypatch.setattr(library, "summarize_dataset", summarize_dataset)
-    monkeypatch.setattr(library, "estimate_training_memory", estimate_training_memory)
+    monkeypatch.setattr(library, "memory_plan", memory_plan)
     monkeypatch.setattr(library, "export_formats", lambda: list(FAKE_FORMATS))

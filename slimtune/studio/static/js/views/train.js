@@ -1,7 +1,7 @@
 // Train tab: presets, the run settings, and the memory estimate refreshed as settings change.
 import { api } from "../api.js";
-import { h, toast, prefs, field } from "../ui.js";
-import { PALETTE } from "../charts.js";
+import { h, prefs, field } from "../ui.js";
+import { memoryPanel } from "../memory.js";
 
 export const PRESETS = {
   quick: { label: "Quick test (tiny model)", model_id: "embeddedtiny", max_steps: 30, epochs: null, lr: 3e-3, lora_r: 16, lora_alpha: 32,
@@ -18,10 +18,18 @@ const NUMBERS = [
   ["max_seq_length", "Max sequence length", "tokens", 1], ["seed", "Seed", "", 1], ["save_steps", "Save every N steps", "empty = only at the end", 1],
 ];
 
-/** GiB for real models, MiB for small ones (the tiny model needs a few dozen MiB). */
-function fmtGiB(gib) {
-  return gib >= 1 ? `${gib.toFixed(2)} GiB` : `${Math.max(gib * 1024, 0.1).toFixed(1)} MiB`;
-}
+// Advanced memory: empty / auto / off = not given, so the trainer's default applies or, with a budget, the planner
+// chooses (as with a CLI flag left off). `distributed` is not offered: it only acts under torchrun, and the Studio
+// starts one worker process per run.
+const MEMORY_NUMBERS = [
+  ["mlp_chunk_size", "Tiled MLP chunk (tokens)", "Runs each MLP over chunks: less memory on long sequences, slower. 0 = off, empty = auto."],
+  ["loss_chunk_size", "Loss chunk (rows)", "Rows per lm_head + loss chunk: smaller = less memory, a bit slower. Empty = auto."],
+];
+const SWITCHES = [
+  ["activation_offload", "Offload activations to CPU RAM", "Less GPU memory for a small speed cost."],
+  ["text_only", "Text only (multimodal checkpoint)", "Loads only the language model; the vision/audio towers are never read."],
+  ["finetune_multimodal_embedders", "LoRA on the multimodal embedders", "Also adapts the projections from the vision/audio towers into the text model (needs the towers: not with text only)."],
+];
 
 export async function render(root) {
   const [models, datasets] = await Promise.all([api("/api/models"), api("/api/datasets")]);
@@ -37,11 +45,12 @@ export async function render(root) {
   const preset = h("select", { id: "preset" }, h("option", { value: "" }, "Custom"),
     Object.entries(PRESETS).map(([k, p]) => h("option", { value: k }, p.label)));
   for (const [key, , , step] of NUMBERS) inputs[key] = h("input", { type: "number", id: `f-${key}`, step: String(step), min: "0" });
-
-  const memTotal = h("div", { class: "big-number", id: "mem-total" }, "–");
-  const memBar = h("div", { class: "membar" });
-  const memLegend = h("div", { class: "legend" });
-  const memNote = h("div", { class: "small muted" });
+  for (const [key] of MEMORY_NUMBERS) inputs[key] = h("input", { type: "number", id: `f-${key}`, step: "1", min: "0", placeholder: "auto" });
+  const switches = Object.fromEntries(SWITCHES.map(([key]) => [key, h("input", { type: "checkbox", id: `f-${key}` })]));
+  const budget = h("input", { type: "text", id: "f-max_memory", placeholder: "e.g. 8GiB", maxlength: "32" });
+  const optimizer = h("select", { id: "f-optimizer" }, h("option", { value: "" }, "auto"),
+    h("option", { value: "adamw" }, "adamw"), h("option", { value: "adamw8bit" }, "adamw8bit"));
+  const memory = memoryPanel();
   const submit = h("button", { class: "primary", type: "submit", id: "start-run" }, "Start training");
   const formError = h("div", { class: "alert hidden" });
 
@@ -60,37 +69,18 @@ export async function render(root) {
   function config() {
     const num = (k) => (inputs[k].value === "" ? null : Number(inputs[k].value));
     const cfg = { model_id: modelSel.value, dataset_id: dataSel.value, name: name.value || null, load_in_4bit: fourbit.checked };
-    for (const [k] of NUMBERS) cfg[k] = num(k);
+    for (const [k] of [...NUMBERS, ...MEMORY_NUMBERS]) cfg[k] = num(k);
     for (const k of ["lr", "lora_r", "lora_alpha", "batch_size", "grad_accum", "max_seq_length", "seed"]) if (cfg[k] == null) delete cfg[k];
+    for (const [k] of SWITCHES) cfg[k] = switches[k].checked;
+    cfg.max_memory = budget.value.trim() || null;
+    cfg.optimizer = optimizer.value || null;
     return cfg;
   }
 
-  let timer = null;
-  let seq = 0;
-  function estimate() {
-    clearTimeout(timer);
-    timer = setTimeout(async () => {
-      const mine = ++seq;
-      const c = config();
-      memNote.textContent = "estimating…";
-      try {
-        const r = await api("/api/memory/estimate", { method: "POST", body: {
-          model_id: c.model_id, max_seq_length: c.max_seq_length || 2048, batch_size: c.batch_size || 1,
-          load_in_4bit: c.load_in_4bit, lora_r: c.lora_r || 16 } });
-        if (mine !== seq) return;
-        memTotal.textContent = fmtGiB(r.total_gib);
-        const parts = Object.entries(r.breakdown).filter(([, v]) => v > 0);
-        const total = parts.reduce((a, [, v]) => a + v, 0) || 1;
-        memBar.replaceChildren(...parts.map(([, v], i) => h("span", { style: `width:${(100 * v) / total}%;background:${PALETTE[i % PALETTE.length]}` })));
-        memLegend.replaceChildren(...parts.flatMap(([k, v], i) => [h("i", { style: `background:${PALETTE[i % PALETTE.length]}` }),
-          h("span", {}, k.replaceAll("_", " ")), h("span", { class: "mono" }, fmtGiB(v))]));
-        memNote.textContent = "Estimated peak GPU memory for these settings.";
-      } catch (e) {
-        if (mine !== seq) return;
-        memTotal.textContent = "–"; memBar.replaceChildren(); memLegend.replaceChildren();
-        memNote.textContent = `No estimate: ${e.message}`;
-      }
-    }, 250);
+  const estimate = () => memory.update(config());
+  function switchField(key) {
+    const [, label, hint] = SWITCHES.find(([k]) => k === key);
+    return h("label", { class: "check", style: "margin-top:10px" }, switches[key], h("span", {}, label, " ", h("span", { class: "hint muted small" }, hint)));
   }
 
   const form = h("form", { id: "train-form" },
@@ -99,6 +89,14 @@ export async function render(root) {
     h("h3", { style: "margin-top:18px" }, "Settings"),
     h("div", { class: "form-grid" }, NUMBERS.map(([k, label, hint]) => field(label, inputs[k], hint))),
     h("label", { class: "check", style: "margin-top:14px" }, fourbit, "Load the base model in 4-bit (QLoRA)"),
+    h("details", { class: "params", id: "advanced-memory", style: "margin-top:14px" }, h("summary", {}, "Advanced memory"),
+      h("div", { class: "form-grid" },
+        field("Memory budget", budget, "GPU memory for the run. The planner fills in the settings left on auto (4-bit too, when unticked) so the predicted peak fits; batch size stays as entered."),
+        field("Optimizer", optimizer, "adamw8bit: optimizer state in a quarter of the memory. Auto = adamw, or 8-bit if a budget needs it."),
+        MEMORY_NUMBERS.map(([k, label, hint]) => field(label, inputs[k], hint))),
+      switchField("activation_offload")),
+    h("details", { class: "params", id: "multimodal", style: "margin-top:10px" }, h("summary", {}, "Multimodal"),
+      switchField("text_only"), switchField("finetune_multimodal_embedders")),
     h("div", { class: "row", style: "margin-top:18px" }, submit, formError));
   form.addEventListener("input", (ev) => { if (ev.target !== preset && ev.target !== name) preset.value = ""; estimate(); });
   form.addEventListener("change", estimate);
@@ -122,7 +120,7 @@ export async function render(root) {
     datasets.length ? "" : h("div", { class: "alert warn", style: "margin-bottom:16px" }, "No dataset yet: add one on the Data tab (the bundled sample works)."),
     h("div", { class: "grid sidebar" },
       h("div", { class: "panel" }, form),
-      h("div", { class: "panel", id: "memory-panel" }, h("h2", {}, "Memory estimate"), memTotal, memBar, memLegend, h("div", { style: "margin-top:8px" }, memNote))),
+      memory.el),
   );
   estimate();
 }
