@@ -41,17 +41,20 @@ class ModelShape:
     multimodal: bool
 
 
-def read_model_shape(model: str, multimodal: bool = False) -> ModelShape:
+def read_model_shape(model: str, multimodal: bool = False, text_only: bool = False) -> ModelShape:
     """Counted sizes of a geometry name (e2b, e4b, 26b-a4b, 31b) or a local model folder with a config.json.
+
+    A folder's own config says whether it has towers; `text_only` counts only its language model (what
+    ``load_model(..., text_only=True)`` loads).
 
     Raises:
         ValueError: the model is neither (hub ids must be downloaded first).
     """
-    return _read(str(model), bool(multimodal))
+    return _read(str(model), bool(multimodal), bool(text_only))
 
 
 @functools.lru_cache(maxsize=16)
-def _read(model: str, multimodal: bool) -> ModelShape:
+def _read(model: str, multimodal: bool, text_only: bool = False) -> ModelShape:
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
@@ -70,6 +73,8 @@ def _read(model: str, multimodal: bool) -> ModelShape:
                              f"or one of {', '.join(VARIANTS)}")
         config = transformers.AutoConfig.from_pretrained(str(folder))
     multimodal = getattr(config, "model_type", "") == "gemma4"
+    if multimodal and text_only:
+        config, multimodal = config.get_text_config(), False
     cls = transformers.Gemma4ForConditionalGeneration if multimodal else transformers.Gemma4ForCausalLM
     with torch.device("meta"):
         m = cls(config)

@@ -51,7 +51,7 @@ def _context(cfg) -> dict:
     import torch  # noqa: PLC0415
 
     cuda = cfg.device == "cuda" or (cfg.device is None and torch.cuda.is_available())
-    return {"lora_r": cfg.lora_r, "attention": "slimtune" if cuda else "sdpa",
+    return {"lora_r": cfg.lora_r, "attention": "slimtune" if cuda else "sdpa", "text_only": bool(cfg.text_only),
             "activation_bytes": 4 if cfg.dtype in ("float32", "fp32") else 2}
 
 
@@ -73,6 +73,22 @@ def plan_for_config(cfg) -> Plan:
     return plan_memory(ref, cfg.max_seq_length, parse_memory_size(cfg.max_memory), **user, **_context(cfg))
 
 
+def plan_changes(cfg, plan: Plan) -> dict:
+    """The settings the plan changes in cfg (not `plan.changes`, which compares with the planner's fastest start:
+    a budget that fits without checkpointing turns it off, a change to the run although none to the planner)."""
+    return {k: plan.settings[k] for k in (*_PLANNED_FIELDS, "grad_accum") if getattr(cfg, k) != plan.settings[k]}
+
+
+def report_lines(cfg, plan: Plan) -> list[str]:
+    """What the trainer prints before it starts (the Studio shows the same lines)."""
+    lines = [line for line in plan.summary().splitlines() if not line.startswith("memory plan:")]
+    if cfg.max_memory is not None:
+        changes = plan_changes(cfg, plan)
+        lines.insert(1, "memory plan: " + (", ".join(f"{k}={v} (was {getattr(cfg, k)})" for k, v in changes.items())
+                                           if changes else "your settings already fit; nothing changed"))
+    return lines
+
+
 def apply_memory_plan(cfg, log=print):
     """Print the memory prediction; with max_memory, return cfg with the planned settings (else cfg itself).
 
@@ -88,12 +104,12 @@ def apply_memory_plan(cfg, log=print):
             raise ConfigError(f"max_memory={cfg.max_memory!r} needs the model's config to plan: {exc}") from exc
         log(f"memory: no prediction ({exc})")
         return cfg
-    for line in plan.summary().splitlines():
+    for line in report_lines(cfg, plan):
         log(line)
     if cfg.max_memory is None:
         _warn_if_over_gpu(cfg, plan, log)
         return cfg
-    changes = {k: plan.settings[k] for k in (*_PLANNED_FIELDS, "grad_accum") if getattr(cfg, k) != plan.settings[k]}
+    changes = plan_changes(cfg, plan)
     if not changes:
         return cfg
     planned = dataclasses.replace(cfg, **changes)

@@ -95,3 +95,12 @@ def test_bad_arguments_are_refused(bad):
     budget = bad.pop("budget_bytes")
     with pytest.raises(ValueError):
         plan_memory("e2b", 2048, budget, **bad)
+
+
+def test_text_only_counts_only_the_language_model_of_a_multimodal_checkpoint(tiny_dir):
+    folder = tiny_dir("e2b", text_only=False)
+    full = predict(folder, 256, load_in_4bit=False)
+    text = predict(folder, 256, load_in_4bit=False, text_only=True)
+    assert text.predicted_bytes < full.predicted_bytes  # the towers' weights are not loaded
+    same = predict(tiny_dir("e2b", text_only=True), 256, load_in_4bit=False)
+    assert text.predicted_bytes == same.predicted_bytes  # exactly what a text-only checkpoint of that decoder needs

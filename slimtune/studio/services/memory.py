@@ -58,6 +58,8 @@ def to_estimate(cfg: Any, plan: Any, message: str | None = None, longest: int | 
     levels): a budget that fits without gradient checkpointing turns it off, which is a change to the run
     although it is none to the planner.
     """
+    from slimtune.memory.train_plan import report_lines  # noqa: PLC0415 - the trainer's own printed lines
+
     budget = plan.budget_bytes
     planned = {}
     if budget and message is None:
@@ -75,5 +77,5 @@ def to_estimate(cfg: Any, plan: Any, message: str | None = None, longest: int | 
         notes=[str(n) for n in plan.notes],
         message=message,
         longest_seq_length=longest if message is not None else None,
-        summary=message if message is not None else plan.summary(),
+        summary=message if message is not None else "\n".join(report_lines(cfg, plan)),
     )
