@@ -1,0 +1,262 @@
+"""Streaming load (slimtune.models.stream_load): the streamed model is exactly from_pretrained (+ quantize_model_nf4),
+each checkpoint tensor is read once and dropped before the next read, and broken shards fail with the file's name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import weakref
+
+import pytest
+import safetensors
+import torch
+import transformers
+
+import slimtune
+from slimtune.adapt.quantize import is_nf4_linear, quantize_model_nf4
+from slimtune.errors import ModelLoadError
+from slimtune.memory.host_embedding import HostOffloadedEmbedding
+from slimtune.models.loader import attention_plan, freeze
+from slimtune.models.registry import family_of
+from slimtune.models.tiny import build_tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:returning the tokenizer instead of the processor")
+
+CASES = [("e2b", False), ("e2b", True), ("31b", True), ("26b-a4b", True)]
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_dir, tmp_path_factory):
+    """Factory: (variant, text_only, dtype) → a tiny checkpoint saved in many small shards (cached)."""
+    cache = {}
+
+    def make(variant, text_only, dtype=torch.float32):
+        key = (variant, text_only, dtype)
+        if key not in cache:
+            src = tiny_dir(variant, text_only=text_only)
+            out = tmp_path_factory.mktemp(f"sharded-{variant}-{text_only}") / "model"
+            build_tiny_model(variant=variant, text_only=text_only).to(dtype).save_pretrained(out, max_shard_size="100KB")
+            for f in src.iterdir():
+                if not f.name.startswith("model") and not (out / f.name).exists():
+                    shutil.copy(f, out / f.name)
+            assert len(list(out.glob("*.safetensors"))) > 10
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+def _cls(text_only):
+    return transformers.Gemma4ForCausalLM if text_only else transformers.Gemma4ForConditionalGeneration
+
+
+def _reference(path, text_only, dtype, four_bit):
+    """Today's path: transformers' from_pretrained, frozen, then quantize_model_nf4."""
+    cls = _cls(text_only)
+    model = cls.from_pretrained(str(path), dtype=dtype, attn_implementation=attention_plan(cls))
+    freeze(model)
+    if four_bit:
+        quantize_model_nf4(model, family_of(model), dtype, "cpu")
+    return model
+
+
+def _no_from_pretrained(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("load_model fell back to from_pretrained")
+
+    for cls in (transformers.Gemma4ForCausalLM, transformers.Gemma4ForConditionalGeneration):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("four_bit", [True, False], ids=["nf4", "16bit"])
+@pytest.mark.parametrize(("variant", "text_only"), CASES, ids=[f"{v}-{'text' if t else 'mm'}" for v, t in CASES])
+def test_streamed_model_equals_from_pretrained(sharded, monkeypatch, variant, text_only, four_bit):
+    path = sharded(variant, text_only)
+    ref = _reference(path, text_only, torch.float32, four_bit)
+    with monkeypatch.context() as m:
+        _no_from_pretrained(m)
+        ours, _ = slimtune.load_model(path, dtype="float32", device="cpu", load_in_4bit=four_bit,
+                                      offload_embeddings=False, attention="sdpa")
+    a, b = ref.state_dict(), ours.state_dict()
+    assert list(a) == list(b)
+    # NF4: packed codes, absmax (double-quantized), quant maps: identical bytes, same dtypes
+    assert not [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    # buffers outside the state dict (RoPE tables, embed scales) are built the way from_pretrained builds them
+    ra, rb = dict(ref.named_buffers()), dict(ours.named_buffers())
+    assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
+    assert ref.config.to_dict() == ours.config.to_dict()
+    assert ours.generation_config.eos_token_id == ref.generation_config.eos_token_id
+    n_nf4 = sum(is_nf4_linear(x) for x in ours.modules())
+    assert (n_nf4 > 0) == four_bit and n_nf4 == sum(is_nf4_linear(x) for x in ref.modules())
+    assert ours.get_output_embeddings().weight is ours.get_input_embeddings().weight
+    assert all(not p.requires_grad and not p.is_meta for p in ours.parameters())
+    if variant == "26b-a4b":  # fused 3-D expert tensors are parameters, not nn.Linear: they stay 16-bit
+        experts = ours.model.layers[0].experts
+        assert experts.gate_up_proj.dim() == 3 and experts.gate_up_proj.dtype == torch.float32
+    # train mode: bitsandbytes' CPU eval kernel cannot run the tiny model's odd widths; training dequantizes
+    ref.train()
+    ours.train()
+    ids = torch.randint(20, 250, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_bf16_streamed_state_dict_equals_from_pretrained(sharded, monkeypatch):
+    """bf16 (what GPUs load): same bytes, including buffers transformers recomputes in fp32 then stores in bf16."""
+    path = sharded("e2b", False)
+    ref = _reference(path, False, torch.bfloat16, True)
+    with monkeypatch.context() as m:
+        _no_from_pretrained(m)
+        ours, _ = slimtune.load_model(path, dtype="bfloat16", device="cpu", load_in_4bit=True,
+                                      offload_embeddings=False, attention="sdpa")
+    a, b = ref.state_dict(), ours.state_dict()
+    assert list(a) == list(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    ra, rb = dict(ref.named_buffers()), dict(ours.named_buffers())
+    assert all(ra[k].dtype == rb[k].dtype and torch.equal(ra[k], rb[k]) for k in ra)
+
+
+class _TrackingFile:
+    """A safe_open handle that records every 16-bit/fp32 tensor it hands out and whether it is still alive."""
+
+    def __init__(self, handle, log):
+        self._h, self._log = handle, log
+
+    def __enter__(self):
+        self._h.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._h.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self._h, name)
+
+    def _track(self, key, tensor):
+        log = self._log
+        log["alive_before_read"].append(sum(log["alive"].values()))
+        log["reads"].append(key)
+        token = object()
+        log["alive"][id(token)] = tensor.nbytes
+        weakref.finalize(tensor, log["alive"].pop, id(token), None)
+        log["peak"] = max(log["peak"], sum(log["alive"].values()))
+        return tensor
+
+    def get_tensor(self, key):
+        return self._track(key, self._h.get_tensor(key))
+
+    def get_slice(self, key):
+        outer, inner = self, self._h.get_slice(key)
+
+        class _Slice:
+            def get_shape(self):
+                return inner.get_shape()
+
+            def __getitem__(self, rows):
+                return outer._track(key, inner[rows])
+
+        return _Slice()
+
+
+@pytest.mark.parametrize("four_bit", [True, False], ids=["nf4", "16bit"])
+def test_one_tensor_at_a_time_and_no_fp32_weights(sharded, monkeypatch, four_bit):
+    """fp32 checkpoint → bf16 model: each tensor read is cast (a new tensor), so a read still alive at the next
+    read would be a held 16/32-bit copy. None is: host memory never holds more than one checkpoint tensor."""
+    path = sharded("e2b", False)
+    log = {"alive": {}, "alive_before_read": [], "reads": [], "peak": 0}
+    real_open = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: _TrackingFile(real_open(*a, **k), log))
+    model, _ = slimtune.load_model(path, dtype="bfloat16", device="cpu", load_in_4bit=four_bit,
+                                   offload_embeddings=True, attention="sdpa")
+    monkeypatch.undo()
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    sizes = {}
+    for shard in set(index.values()):
+        with safetensors.safe_open(str(path / shard), framework="pt") as f:
+            sizes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
+    largest = max(torch.Size(s).numel() * 4 for s in sizes.values())
+    assert log["reads"] and max(log["alive_before_read"]) == 0
+    assert log["peak"] <= largest
+    # every key read at most once (the PLE table in row slices), and only keys the model uses
+    ple_key = "model.language_model.embed_tokens_per_layer.weight"
+    whole = [k for k in log["reads"] if k != ple_key]
+    assert len(whole) == len(set(whole)) and ple_key in log["reads"]
+    # no frozen weight upcast: every floating tensor the model holds is bf16 (NF4 codes are uint8)
+    floats = {n: t.dtype for n, t in model.state_dict().items() if t.is_floating_point()}
+    not_bf16 = {n: d for n, d in floats.items() if d != torch.bfloat16 and "absmax" not in n and "quant_map" not in n}
+    assert not not_bf16, list(not_bf16.items())[:5]
+    ple = model.model.language_model.embed_tokens_per_layer
+    assert isinstance(ple, HostOffloadedEmbedding) and ple.host_weight.dtype == torch.bfloat16
+    if four_bit:
+        nf4 = [m for m in model.modules() if is_nf4_linear(m)]
+        assert nf4 and all(m.weight.dtype == torch.uint8 and m.compute_dtype == torch.bfloat16 for m in nf4)
+
+
+def test_offloaded_table_equals_the_checkpoint_rows(sharded):
+    path = sharded("e2b", True)
+    model, _ = slimtune.load_model(path, dtype="float32", device="cpu", offload_embeddings=True, attention="sdpa")
+    ref = _reference(path, True, torch.float32, False)
+    table = model.model.embed_tokens_per_layer
+    assert isinstance(table, HostOffloadedEmbedding)
+    assert torch.equal(table.host_weight, ref.model.embed_tokens_per_layer.weight)
+    ids = torch.randint(0, table.num_embeddings, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(table(ids), ref.model.embed_tokens_per_layer(ids))
+
+
+def _copy(path, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(path, out)
+    return out, json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def test_missing_shard_names_the_file(sharded, tmp_path):
+    out, weight_map = _copy(sharded("31b", True), tmp_path)
+    victim = sorted(set(weight_map.values()))[3]
+    (out / victim).unlink()
+    with pytest.raises(ModelLoadError, match=victim):
+        slimtune.load_model(out, dtype="float32", device="cpu", load_in_4bit=True)
+
+
+def test_truncated_shard_names_the_file(sharded, tmp_path):
+    out, weight_map = _copy(sharded("31b", True), tmp_path)
+    victim = sorted(set(weight_map.values()))[5]
+    data = (out / victim).read_bytes()
+    (out / victim).write_bytes(data[: len(data) - 100])
+    with pytest.raises(ModelLoadError, match=victim):
+        slimtune.load_model(out, dtype="float32", device="cpu", load_in_4bit=True)
+
+
+def test_index_pointing_at_the_wrong_shard_names_file_and_key(sharded, tmp_path):
+    out, weight_map = _copy(sharded("31b", True), tmp_path)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    wrong = next(s for s in sorted(set(weight_map.values())) if s != weight_map[key])
+    weight_map[key] = wrong
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(ModelLoadError, match=f"{wrong}.*{key}|{key}.*{wrong}"):
+        slimtune.load_model(out, dtype="float32", device="cpu", load_in_4bit=True)
+
+
+def test_checkpoint_of_another_shape_is_refused(sharded, tmp_path):
+    out, _ = _copy(sharded("31b", True), tmp_path)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["intermediate_size"] = cfg["intermediate_size"] * 2
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="gate_proj.weight has shape"):
+        slimtune.load_model(out, dtype="float32", device="cpu", load_in_4bit=True)
+
+
+def test_unusual_layout_falls_back_to_from_pretrained(sharded, tmp_path):
+    """Keys that are not the model's own names (here: a checkpoint saved from the bare text model, without the
+    `model.` prefix) go through from_pretrained, which knows the renamings; the result is the same model."""
+    path = sharded("31b", True)
+    out = tmp_path / "bare"
+    transformers.Gemma4ForCausalLM.from_pretrained(str(path), dtype=torch.float32).model.save_pretrained(out)
+    for f in path.iterdir():
+        if not f.name.startswith("model") and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    shutil.copy(path / "config.json", out / "config.json")
+    with pytest.warns(UserWarning, match="not streamable"):
+        model, _ = slimtune.load_model(out, dtype="float32", device="cpu", load_in_4bit=True)
+    ref = _reference(path, True, torch.float32, True)
+    a, b = ref.state_dict(), model.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
