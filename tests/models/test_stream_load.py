@@ -260,3 +260,21 @@ def test_unusual_layout_falls_back_to_from_pretrained(sharded, tmp_path):
     ref = _reference(path, True, torch.float32, True)
     a, b = ref.state_dict(), model.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_tiny_model_then_train_load_in_4bit(tmp_path, monkeypatch):
+    """`slimtune tiny-model` + `slimtune train --load-in-4bit` end to end, through the streaming loader."""
+    from slimtune.cli.main import main
+
+    model = tmp_path / "tiny"
+    assert main(["tiny-model", str(model), "--variant", "e2b"]) == 0
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello there."}]}))
+    _no_from_pretrained(monkeypatch)
+    rc = main(["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "run"),
+               "--load-in-4bit", "--max-steps", "2", "--device", "cpu", "--dtype", "float32", "--lora-r", "4"])
+    assert rc == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
