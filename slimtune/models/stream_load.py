@@ -112,7 +112,8 @@ class _Reader:
             try:
                 self._handle = self._open(str(shard), framework="pt").__enter__()
             except Exception as exc:
-                raise ModelLoadError(f"weight file {shard} is corrupt or truncated ({exc}); download it again.") from exc
+                raise ModelLoadError(f"weight file {shard} is corrupt or truncated ({exc}); download it "
+                                     "again.") from exc
             self._shard = shard
         return self._handle
 
@@ -178,7 +179,7 @@ def stream_weights(model: nn.Module, folder: Path, shards: list[Path], *, device
     ple = getattr(text, _PLE, None) if offload_ple else None
     ple_name = _module_name(model, ple)
     modules = dict(model.named_modules(remove_duplicate=False))
-    # Read in file order: each shard is opened once and read front to back.
+    # Shard by shard (each opened once); within a shard, key order. Nothing read is kept past its own step.
     plan = sorted(((where[key_for(n)], key_for(n), n) for n in targets if n != tied and key_for(n) in where),
                   key=lambda t: (str(t[0]), t[1]))
     pending: dict[str, dict[str, torch.Tensor]] = {}  # quantized linears waiting for their bias / weight

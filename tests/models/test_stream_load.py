@@ -27,15 +27,15 @@ CASES = [("e2b", False), ("e2b", True), ("31b", True), ("26b-a4b", True)]
 
 @pytest.fixture(scope="module")
 def sharded(tiny_dir, tmp_path_factory):
-    """Factory: (variant, text_only, dtype) → a tiny checkpoint saved in many small shards (cached)."""
+    """Factory: (variant, text_only) → a tiny fp32 checkpoint saved in many small shards (cached)."""
     cache = {}
 
-    def make(variant, text_only, dtype=torch.float32):
-        key = (variant, text_only, dtype)
+    def make(variant, text_only):
+        key = (variant, text_only)
         if key not in cache:
             src = tiny_dir(variant, text_only=text_only)
             out = tmp_path_factory.mktemp(f"sharded-{variant}-{text_only}") / "model"
-            build_tiny_model(variant=variant, text_only=text_only).to(dtype).save_pretrained(out, max_shard_size="100KB")
+            build_tiny_model(variant=variant, text_only=text_only).save_pretrained(out, max_shard_size="100KB")
             for f in src.iterdir():
                 if not f.name.startswith("model") and not (out / f.name).exists():
                     shutil.copy(f, out / f.name)
