@@ -213,7 +213,12 @@ def stream_weights(model: nn.Module, folder: Path, shards: list[Path], *, device
                     setattr(modules[parent], child, make_nf4_linear(lin, module.weight.dtype, device))
                 del tensor, got
                 continue
-            tensor = tensor.to(device)
+            moved = tensor.to(device)
+            # safetensors hands out CPU tensors that view the shard's mmap. Kept as a weight (CPU, same dtype), one
+            # small norm would keep the whole shard mapped and its read pages resident, and the model would change
+            # if the file were rewritten; a copy lets the mapping go when the shard is closed.
+            tensor = moved.clone() if moved.data_ptr() == tensor.data_ptr() else moved
+            del moved
             if is_param:
                 module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
             else:
