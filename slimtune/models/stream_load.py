@@ -11,7 +11,9 @@ becomes its final form as soon as it is read, and is dropped before the next rea
 * the per-layer-embedding (PLE) table, when offloaded, is read in row slices straight into (pinned) host memory
   for ``HostOffloadedEmbedding``: it never visits the GPU and never exists twice on the host.
 
-So the peak while loading is the final footprint plus one 16-bit tensor (the largest is the embedding table).
+So the peak while loading is the final footprint plus one 16-bit tensor (the largest is the embedding table) and,
+on the host, the pages of the one shard being read (safetensors maps it; weights kept on the CPU are copied out
+of the mapping so that it is released when the next shard is opened).
 Gemma 4 checkpoints store tensors under the model's own state-dict names in transformers 5.17 and 5.24 (neither
 has a Gemma 4 entry in its key-conversion table; MoE experts are fused 3-D parameters in both), so the key map is
 the identity for a full model and ``text_only.checkpoint_key_for`` for the decoder of a multimodal checkpoint.
