@@ -62,6 +62,7 @@ def build_empty(cls, config, dtype: torch.dtype, attn_implementation) -> nn.Modu
         for module in model.modules():
             if module._non_persistent_buffers_set:
                 model._init_weights(module)
+    model.tie_weights()  # transformers' own rule (the config's tie_word_embeddings); meta models start untied
     return model
 
 
@@ -84,11 +85,15 @@ def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
 
 
 def tied_output_name(model: nn.Module) -> str | None:
-    """State-dict name of the output embedding when it is tied to the input embedding (not read from disk)."""
-    if not getattr(model.config.get_text_config(), "tie_word_embeddings", True):
+    """State-dict name of the output embedding when it is tied to the input embedding (not read from disk).
+
+    Asked of the model built by ``build_empty``, which let transformers tie (or not) its meta parameters by its
+    own rule (5.x reads the top-level ``tie_word_embeddings``): we follow it rather than re-deriving it.
+    """
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out.weight is not inp.weight:
         return None
-    name = _module_name(model, model.get_output_embeddings())
-    return f"{name}.weight" if name else None
+    return f"{_module_name(model, out)}.weight"
 
 
 def missing_keys(model: nn.Module, where: dict[str, Path], key_for: Callable[[str], str | None]) -> list[str]:

@@ -337,3 +337,25 @@ def test_peak_host_memory_is_final_weights_plus_one_shard(tiny_dir, tmp_path):
     # overhead in 2 * largest + 16 MB
     assert peaks["stream"] <= final + shard + 2 * largest + 16 * 2**20, (peaks, final, shard)
     assert peaks["stream"] < 0.6 * bf16_bytes < peaks["from_pretrained"], (peaks, bf16_bytes)
+
+
+def test_untied_output_embedding_is_read_from_the_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    """Tying follows transformers' own decision on the meta model: an untied lm_head is its own tensor."""
+    from slimtune.models.geometry import build_config
+
+    config = build_config("31b", tiny=True, text_only=True)
+    config.tie_word_embeddings = False
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        transformers.Gemma4ForCausalLM(config).save_pretrained(tmp_path / "untied", max_shard_size="100KB")
+    for f in tiny_dir("31b", text_only=True).iterdir():
+        if not f.name.startswith("model") and not (tmp_path / "untied" / f.name).exists():
+            shutil.copy(f, tmp_path / "untied" / f.name)
+    ref = _reference(tmp_path / "untied", True, torch.float32, True)
+    with monkeypatch.context() as m:
+        _no_from_pretrained(m)
+        ours, _ = slimtune.load_model(tmp_path / "untied", dtype="float32", device="cpu", load_in_4bit=True)
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight
+    assert not torch.equal(ours.lm_head.weight, ours.model.embed_tokens.weight)
+    a, b = ref.state_dict(), ours.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
