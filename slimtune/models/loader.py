@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimtune.adapt.quantize import is_nf4_linear, quantize_model_nf4
 from slimtune.errors import ConfigError, ModelLoadError
 from slimtune.models import gemma4 as _gemma4  # noqa: F401 - registers the family
 from slimtune.models.registry import ModelFamily, family_for_model_type
@@ -167,6 +168,22 @@ def freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def _load_full(cls, folder: Path, shards: list[Path], config: dict, dtype, device, quantize_family, offload: bool):
+    """Stream the checkpoint (NF4 and PLE offload while reading; host memory near one tensor), or, for anything
+    the streaming reader does not handle (pre-quantized, renamed keys), transformers' from_pretrained."""
+    from slimtune.models.stream_load import stream_load, streamable  # noqa: PLC0415
+
+    attn = attention_plan(cls)
+    if streamable(config):
+        model = stream_load(cls, folder, shards, dtype=dtype, device=device, attn_implementation=attn,
+                            quantize_family=quantize_family, offload_ple=offload)
+        if model is not None:
+            return model
+    warnings.warn(f"{folder}: checkpoint layout not streamable; loading through from_pretrained, which holds the "
+                  "whole model in host memory before quantizing.", stacklevel=3)
+    return cls.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn)
+
+
 def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_length: int | None = None,
                device=None, offload_embeddings: bool | None = None, attention: str = "auto", text_only: bool = False):
     """Load a Gemma 4 checkpoint for fine-tuning.
@@ -205,26 +222,27 @@ def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_
     limit = text_cfg.get("max_position_embeddings")
     if max_seq_length is not None and (max_seq_length <= 0 or (limit and max_seq_length > limit)):
         raise ConfigError(f"max_seq_length={max_seq_length} is outside this model's range 1..{limit}.")
+    offload = offload_embeddings if offload_embeddings is not None else device.type == "cuda"
+    quantize_family = family if load_in_4bit else None
     try:
         if text_only:
             from slimtune.models.text_only import load_language_model  # noqa: PLC0415
 
-            model = load_language_model(folder, shards, dtype)
+            model = load_language_model(folder, shards, dtype, device=device, quantize_family=quantize_family,
+                                        offload_ple=offload)
         else:
-            model = cls.from_pretrained(str(folder), dtype=dtype, attn_implementation=attention_plan(cls))
+            model = _load_full(cls, folder, shards, config, dtype, device, quantize_family, offload)
     except ModelLoadError:
         raise
     except Exception as exc:
         raise ModelLoadError(f"transformers could not load {folder} as {cls.__name__}: {exc}") from exc
     freeze(model)
-    if load_in_4bit:
-        from slimtune.adapt.quantize import quantize_model_nf4  # noqa: PLC0415
-
+    if load_in_4bit and not any(is_nf4_linear(m) for m in model.modules()):  # from_pretrained fallback
         quantize_model_nf4(model, family, dtype, device)
-    if offload_embeddings if offload_embeddings is not None else device.type == "cuda":
+    if offload:
         from slimtune.memory.host_embedding import offload_per_layer_embeddings  # noqa: PLC0415
 
-        offload_per_layer_embeddings(model)  # before .to(device): the table never visits the GPU
+        offload_per_layer_embeddings(model)  # no-op after streaming; before .to(device) after from_pretrained
     model.to(device)
     from slimtune.adapt.precision import protect_audio_tower  # noqa: PLC0415
 
