@@ -209,3 +209,27 @@ def test_invalid_settings_are_refused(tiny_dir, moe_path):
         slimtune.add_lora(model, finetune_experts=True)
     assert isinstance(model.model.layers[0].experts, LoraExperts)
     assert not isinstance(model.model.layers[1].experts, LoraExperts)
+
+
+def test_cli_train_resume_and_chat_with_finetune_experts(moe_path, tmp_path, capsys):
+    from pathlib import Path
+
+    import yaml
+
+    from slimtune.cli.main import main
+
+    data = Path(slimtune.__file__).parent / "data" / "default_data.jsonl"
+    run = tmp_path / "run"
+    args = ["train", "--model", str(moe_path), "--data", str(data), "--output", str(run), "--lora-r", "4",
+            "--batch-size", "2", "--max-seq-length", "48", "--save-steps", "1", "--finetune-experts"]
+    assert main(args + ["--max-steps", "2"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["finetune_experts"] is True
+    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] and cfg["target_modules"]
+    # resumes from the step-1 checkpoint: restores expert factors and their AdamW state, redoes step 2
+    assert main(args + ["--max-steps", "2", "--resume"]) == 0
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()][-1] == 2
+    capsys.readouterr()
+    assert main(["chat", "--model", str(moe_path), "--adapter", str(run / "adapter"), "--prompt", "Hi",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
