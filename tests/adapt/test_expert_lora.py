@@ -233,3 +233,28 @@ def test_cli_train_resume_and_chat_with_finetune_experts(moe_path, tmp_path, cap
     assert main(["chat", "--model", str(moe_path), "--adapter", str(run / "adapter"), "--prompt", "Hi",
                  "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_text_only_load_saves_multimodal_names_peft_applies(tiny_dir, tmp_path):
+    """26B-A4B ships as a multimodal checkpoint: a text_only run's expert adapter must fit the full model."""
+    import transformers
+
+    path = tiny_dir("26b-a4b", text_only=False)
+    ours, _ = slimtune.load_model(path, dtype="float32", device="cpu", text_only=True)
+    slimtune.add_lora(ours, r=4, alpha=8, finetune_experts=True)
+    _randomize_b(ours.named_parameters())
+    ids = _ids(ours)
+    with torch.no_grad():
+        expect = ours(input_ids=ids).logits
+    slimtune.save_adapter(ours, tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"][0] == "model.language_model.layers.0.experts.gate_up_proj"
+    full = transformers.Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(full, str(tmp_path / "ad")).eval()
+    with torch.no_grad():
+        got = peft_model(input_ids=ids).logits
+    assert (expect - got).abs().max() <= 1e-5
+    again, _ = slimtune.load_model(path, dtype="float32", device="cpu", text_only=True)
+    slimtune.load_adapter(again, tmp_path / "ad")
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, expect)
