@@ -258,3 +258,23 @@ def test_text_only_load_saves_multimodal_names_peft_applies(tiny_dir, tmp_path):
     slimtune.load_adapter(again, tmp_path / "ad")
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, expect)
+
+
+def test_memory_planner_counts_expert_lora(moe_path, tmp_path):
+    from pathlib import Path
+
+    from slimtune.memory.model_shape import read_model_shape
+    from slimtune.memory.planner import predict
+    from slimtune.memory.train_plan import plan_for_config
+    from slimtune.train.config import TrainConfig
+
+    plain, experts = read_model_shape("26b-a4b"), read_model_shape("26b-a4b", finetune_experts=True)
+    extra = sum(16 * (i + o) for i, o in experts.lora_in_out) - sum(16 * (i + o) for i, o in plain.lora_in_out)
+    # 30 layers × 128 experts × r16 × ((2816 + 1408) + (704 + 2816)): what add_lora creates on the real model
+    assert extra == 30 * 128 * 16 * ((2816 + 1408) + (704 + 2816))
+    grow = predict("26b-a4b", 1024, finetune_experts=True).predicted_bytes - predict("26b-a4b", 1024).predicted_bytes
+    assert grow >= extra * (4 + 8)  # fp32 factors + AdamW states at least
+    data = Path(slimtune.__file__).parent / "data" / "default_data.jsonl"
+    cfg = TrainConfig(model=str(moe_path), data=str(data), output=str(tmp_path / "run"), finetune_experts=True,
+                      device="cpu")
+    assert plan_for_config(cfg).settings["finetune_experts"] is True
