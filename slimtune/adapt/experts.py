@@ -114,6 +114,9 @@ class LoraExperts(nn.Module):
         update = F.linear(F.linear(lora_in, a[expert]), b[expert]) * adapter.scaling
         return out + update.to(out.dtype)
 
+    # Compiled decoder layers (slimtune.adapt.compile) call this eagerly: the group sizes are Python ints that
+    # change every batch, on which dynamo would specialise and recompile each step.
+    @torch.compiler.disable
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
