@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from slimtune.adapt.experts import EXPERT_PARAMS, experts_modules, expert_targets, inject_expert_lora
 from slimtune.adapt.lora import LoraLinear, lora_modules
 from slimtune.adapt.quantize import is_nf4_linear
 from slimtune.errors import ConfigError
@@ -22,6 +23,7 @@ class LoraSettings:
     dropout: float
     use_rslora: bool
     targets: list[str] = field(default_factory=list)
+    expert_targets: list[str] = field(default_factory=list)  # fused expert blocks (gate_up_proj + down_proj)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,8 +101,7 @@ def select_lora_targets(model: nn.Module, *, target_modules="all-linear", finetu
                               "no linear would get LoRA. Enable one, or pass target_modules explicitly.")
     else:
         wanted = set(target_modules)
-    layers = None if layers_to_transform is None else {int(i) for i in (
-        [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform)}
+    layers = _layer_set(layers_to_transform)
     targets, seen_leaves = [], set()
     for name, module in model.named_modules():
         if not is_base_linear(module) or name.endswith((".lora_A", ".lora_B")):
@@ -147,7 +148,8 @@ def add_lora(model: nn.Module, *, r: int = 16, alpha: float = 16, dropout: float
              finetune_language_layers: bool = True, finetune_vision_layers: bool = False,
              finetune_audio_layers: bool = False, finetune_attention_modules: bool = True,
              finetune_mlp_modules: bool = True, use_rslora: bool = False, layers_to_transform=None,
-             seed: int = 0, finetune_multimodal_embedders: bool = False) -> nn.Module:
+             seed: int = 0, finetune_multimodal_embedders: bool = False,
+             finetune_experts: bool = False) -> nn.Module:
     """Add trainable LoRA adapters to a model loaded by `load_model` (in place; returns the same model).
 
     Args:
@@ -159,6 +161,10 @@ def add_lora(model: nn.Module, *, r: int = 16, alpha: float = 16, dropout: float
             (embed_vision / embed_audio); default off.
         finetune_attention_modules / finetune_mlp_modules: with "all-linear", which blocks get adapters.
         layers_to_transform: decoder layer indices to adapt (None = all).
+        finetune_experts: also adapt the MoE experts' fused gate_up_proj / down_proj tensors (26B-A4B), in PEFT's
+            ``target_parameters`` layout; default off: at r=16 it adds ~0.5 B fp32 trainable values on 26B-A4B
+            (about 8 GB with AdamW states) and the per-expert loop is slower than transformers' grouped_mm.
+            Needs dropout=0 (PEFT's expert LoRA has no dropout and would refuse to load the adapter).
         seed: seeds the adapters' initialisation.
 
     Example:
@@ -175,19 +181,41 @@ def add_lora(model: nn.Module, *, r: int = 16, alpha: float = 16, dropout: float
         problems.append(f"alpha must be > 0, got {alpha!r}")
     if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         problems.append(f"dropout must be in [0, 1), got {dropout!r}")
+    if finetune_experts and dropout:
+        problems.append(f"finetune_experts=True needs dropout=0 (got {dropout!r}): PEFT's LoRA on expert tensors "
+                        "has no dropout and refuses such adapters")
     if problems:
         raise ConfigError("invalid LoRA settings: " + "; ".join(problems) + ".")
-    if lora_modules(model):
+    if lora_modules(model) or experts_modules(model):
         raise ConfigError("this model already has LoRA adapters; load a fresh model to add new ones.")
+    experts = []
+    if finetune_experts:
+        family = family_of(model)
+        experts = expert_targets(model, _layer_set(layers_to_transform), family.language_prefixes)
+        if not experts:
+            raise ConfigError("finetune_experts=True but this model has no MoE expert blocks in the selected layers "
+                              "(only Gemma 4 26B-A4B has them). Set finetune_experts=False.")
     targets = select_lora_targets(
         model, target_modules=target_modules, finetune_language_layers=finetune_language_layers,
         finetune_vision_layers=finetune_vision_layers, finetune_audio_layers=finetune_audio_layers,
         finetune_attention_modules=finetune_attention_modules, finetune_mlp_modules=finetune_mlp_modules,
         layers_to_transform=layers_to_transform, finetune_multimodal_embedders=finetune_multimodal_embedders)
-    inject_lora(model, targets, r=r, alpha=float(alpha), dropout=float(dropout), use_rslora=use_rslora, seed=seed)
+    settings = inject_lora(model, targets, r=r, alpha=float(alpha), dropout=float(dropout), use_rslora=use_rslora,
+                           seed=seed)
+    if experts:
+        # its own generator seed: adding experts must not change the linears' initialisation
+        inject_expert_lora(model, dict.fromkeys(experts, list(EXPERT_PARAMS)), r=r, alpha=float(alpha),
+                           use_rslora=use_rslora, seed=None if seed is None else seed + 1)
+        settings.expert_targets = experts
     return model
 
 
+def _layer_set(layers_to_transform) -> set[int] | None:
+    if layers_to_transform is None:
+        return None
+    return {int(i) for i in ([layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform)}
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters the optimizer updates (LoRA A and B)."""
+    """The parameters the optimizer updates (LoRA A and B, linear and expert)."""
     return [p for p in model.parameters() if p.requires_grad]

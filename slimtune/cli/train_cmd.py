@@ -50,6 +50,8 @@ _BOOLS = [
     ("--finetune-audio-layers", "finetune_audio_layers", "LoRA on the audio tower too"),
     ("--finetune-multimodal-embedders", "finetune_multimodal_embedders",
      "LoRA on the embed_vision / embed_audio projections into the text model too"),
+    ("--finetune-experts", "finetune_experts",
+     "MoE (26B-A4B): LoRA on the fused expert tensors too (PEFT target_parameters; large, needs dropout 0)"),
     ("--text-only", "text_only", "multimodal checkpoint: load only the language model (towers are never read)"),
     ("--packing", "packing", "pack several samples per sequence (no cross-sample attention or loss)"),
     ("--activation-offload", "activation_offload", "keep checkpointed layer inputs in pinned host memory"),

@@ -12,6 +12,11 @@ where ``r`` and ``alpha`` come from ``rank_pattern`` / ``alpha_pattern`` when a 
 (PEFT's own matching function is used, so slimtune resolves patterns exactly as PEFT did at training time).
 ``modules_to_save`` entries are whole replacement tensors. For Gemma4ClippableLinear the LoRA sits on the inner
 ``.linear``, whose weight key (``...q_proj.linear.weight``) is also the checkpoint key, so no special case is needed.
+
+LoRA on fused MoE expert tensors (``target_parameters``, PEFT's ParamWrapper; see slimtune.adapt.experts) is
+saved as ``<experts>[.base_layer…].lora_A.weight`` ``(r·E, in)`` / ``lora_B.weight`` ``(out, r·E)``; PEFT nests one
+wrapper per adapted tensor in the block's parameter order, so the number of ``.base_layer`` hops names the tensor.
+The merged expert ``e`` is ``W[e] + s · B.view(out, r, E)[:, :, e] @ A.view(E, r, in)[e]``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from slimtune.adapt.experts import EXPERT_PARAMS
 from slimtune.errors import ExportError
 
 __all__ = ["AdapterPlan", "LoraDelta", "load_adapter_plan", "match_base_keys"]
@@ -48,8 +54,9 @@ class LoraDelta:
     """One LoRA pair and its scale.
 
     Attributes:
-        module: module path inside the model, e.g. ``model.language_model.layers.0.self_attn.q_proj``.
-        kind: "linear" or "embedding".
+        module: module path inside the model, e.g. ``model.language_model.layers.0.self_attn.q_proj``; for
+            "experts" the adapted parameter's full name (``...layers.0.experts.gate_up_proj``).
+        kind: "linear", "embedding" or "experts" (a 3-D (E, out, in) parameter; A is (r·E, in), B (out, r·E)).
         A: ``(r, in)`` for a Linear, ``(r, num_embeddings)`` for an Embedding.
         B: ``(out, r)`` for a Linear, ``(dim, r)`` for an Embedding.
         scale: alpha / r (or alpha / sqrt(r) with rsLoRA).
@@ -62,9 +69,20 @@ class LoraDelta:
     B: torch.Tensor
     scale: float
     fan_in_fan_out: bool = False
+    num_experts: int = 1
+
+    @property
+    def weight_key(self) -> str:
+        """The checkpoint tensor it updates: expert parameters are stored without a ``.weight`` suffix."""
+        return self.module if self.kind == "experts" else self.module + ".weight"
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The update to add to the base weight, shaped like that weight, computed in `dtype` (fp32 or fp64)."""
+        if self.kind == "experts":
+            rank = self.B.shape[1] // self.num_experts
+            a = self.A.to(dtype).view(self.num_experts, rank, self.A.shape[1])
+            b = self.B.to(dtype).view(self.B.shape[0], rank, self.num_experts).permute(2, 0, 1)
+            return torch.bmm(b, a) * self.scale
         product = self.B.to(dtype) @ self.A.to(dtype)
         if self.kind == "embedding" or self.fan_in_fan_out:
             product = product.T
@@ -115,15 +133,10 @@ def load_adapter_plan(adapter_dir: Path, config: dict[str, Any]) -> AdapterPlan:
 
     Raises:
         ExportError: unreadable weights, unsupported adapter features (DoRA, trainable tokens, LoRA bias,
-            target_parameters), or a lora_A without its lora_B.
+            target_parameters other than fused MoE expert tensors), or a lora_A without its lora_B.
     """
     if config.get("use_dora"):
         raise ExportError("DoRA adapters (use_dora=True) cannot be merged yet; export with format='lora' instead")
-    if config.get("target_parameters"):
-        raise ExportError(
-            f"LoRA on raw parameters (target_parameters={config['target_parameters']}) cannot be merged yet; "
-            "export with format='lora' instead"
-        )
     try:
         state = load_file(str(adapter_dir / "adapter_model.safetensors"))
     except Exception as exc:  # safetensors raises its own error types
@@ -145,7 +158,7 @@ def load_adapter_plan(adapter_dir: Path, config: dict[str, Any]) -> AdapterPlan:
             # Full tensors: modules_to_save copies, and the embedding weights PEFT stores as `*.base_layer.weight`
             # when an embedding is adapted (save_embedding_layers). Both replace the base tensor of that name.
             replacements[name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")] = tensor
-    deltas: list[LoraDelta] = []
+    deltas: list[LoraDelta] = _expert_deltas(pairs, config)
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     for (module, kind), parts in sorted(pairs.items()):
         if set(parts) != {"A", "B"}:
@@ -164,6 +177,56 @@ def load_adapter_plan(adapter_dir: Path, config: dict[str, Any]) -> AdapterPlan:
     if not deltas and not replacements:
         raise ExportError(f"the adapter in {str(adapter_dir)!r} holds no LoRA weights")
     return AdapterPlan(config=config, deltas=deltas, replacements=replacements)
+
+
+def _expert_deltas(pairs: dict, config: dict[str, Any]) -> list[LoraDelta]:
+    """Take the ``target_parameters`` pairs out of `pairs` (in place) and return them as "experts" deltas.
+
+    Raises:
+        ExportError: target_parameters that are not fused expert tensors, or pairs that do not fit the config.
+    """
+    targets = config.get("target_parameters") or []
+    if not targets:
+        return []
+    groups: dict[str, dict[int, tuple]] = {}  # unwrapped module -> {base_layer hops: pair key}
+    for key in [k for k in pairs if k[1] == "linear" and (".base_layer" in k[0] or any(
+            _matches(f"{k[0]}.{p}", targets) for p in EXPERT_PARAMS))]:
+        depth = key[0].count(".base_layer")
+        groups.setdefault(key[0].replace(".base_layer", ""), {})[depth] = key
+    if not groups:
+        raise ExportError(f"adapter_config.json lists target_parameters={targets} but the adapter has no such tensors")
+    out = []
+    for module, by_depth in sorted(groups.items()):
+        params = [p for p in EXPERT_PARAMS if _matches(f"{module}.{p}", targets)]
+        if len(params) != len(by_depth) or sorted(by_depth) != list(range(len(params))):
+            raise ExportError(
+                f"cannot merge the LoRA on raw parameters of {module!r} (target_parameters={targets}): only the fused "
+                f"MoE expert tensors {list(EXPERT_PARAMS)} are supported; export with format='lora' instead")
+        for index, param in enumerate(params):
+            parts = pairs.pop(by_depth[len(params) - 1 - index])  # the last-wrapped tensor is outermost
+            if set(parts) != {"A", "B"}:
+                raise ExportError(f"adapter tensor pair for {module}.{param} is incomplete (found only {sorted(parts)})")
+            name = f"{module}.{param}"
+            rank = _config_rank(name, config)
+            experts = parts["A"].shape[0] // rank
+            if rank * experts != parts["A"].shape[0] or parts["B"].shape[1] != parts["A"].shape[0]:
+                raise ExportError(f"LoRA tensors for {name!r} have shapes A {tuple(parts['A'].shape)}, B "
+                                  f"{tuple(parts['B'].shape)}, which do not fit rank {rank} of adapter_config.json")
+            out.append(LoraDelta(module=name, kind="experts", A=parts["A"], B=parts["B"],
+                                 scale=_scale_for(name, rank, config), num_experts=experts))
+    return out
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    # PEFT's target_parameters rule: the full parameter name, or a dotted suffix of it
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _config_rank(name: str, config: dict[str, Any]) -> int:
+    from peft.utils.other import get_pattern_key  # noqa: PLC0415
+
+    pattern = config.get("rank_pattern") or {}
+    return int(pattern.get(get_pattern_key(pattern.keys(), name), config.get("r", 8)))
 
 
 def _aliases(name: str) -> list[str]:
@@ -199,7 +262,7 @@ def match_base_keys(
     replacements: dict[str, torch.Tensor] = {}
     unmatched: list[str] = []
     for d in plan.deltas:
-        key = next((k for k in _aliases(d.module + ".weight") if k in base_keys), None)
+        key = next((k for k in _aliases(d.weight_key) if k in base_keys), None)
         if key is None:
             unmatched.append(d.module)
         else:

@@ -41,20 +41,21 @@ class ModelShape:
     multimodal: bool
 
 
-def read_model_shape(model: str, multimodal: bool = False, text_only: bool = False) -> ModelShape:
+def read_model_shape(model: str, multimodal: bool = False, text_only: bool = False,
+                     finetune_experts: bool = False) -> ModelShape:
     """Counted sizes of a geometry name (e2b, e4b, 26b-a4b, 31b) or a local model folder with a config.json.
 
     A folder's own config says whether it has towers; `text_only` counts only its language model (what
-    ``load_model(..., text_only=True)`` loads).
+    ``load_model(..., text_only=True)`` loads). `finetune_experts` adds the expert LoRA factors to lora_in_out.
 
     Raises:
         ValueError: the model is neither (hub ids must be downloaded first).
     """
-    return _read(str(model), bool(multimodal), bool(text_only))
+    return _read(str(model), bool(multimodal), bool(text_only), bool(finetune_experts))
 
 
 @functools.lru_cache(maxsize=16)
-def _read(model: str, multimodal: bool, text_only: bool = False) -> ModelShape:
+def _read(model: str, multimodal: bool, text_only: bool = False, finetune_experts: bool = False) -> ModelShape:
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
@@ -89,6 +90,9 @@ def _read(model: str, multimodal: bool, text_only: bool = False) -> ModelShape:
         key = "ple" if "embed_tokens_per_layer" in name else ("quantizable" if owner in quant else "other")
         counts[key] += p.numel()
     lora = tuple((m.get_submodule(n).in_features, m.get_submodule(n).out_features) for n in select_lora_targets(m))
+    if finetune_experts:  # a 3-D (E, out, in) tensor's factors are r·E·(in + out) values: one (E·in, E·out) entry
+        lora += tuple((w.shape[0] * w.shape[2], w.shape[0] * w.shape[1]) for name, w in m.named_parameters()
+                      if name.endswith(("experts.gate_up_proj", "experts.down_proj")))
     text = config.get_text_config()
     decoder = m.get_decoder() if hasattr(m, "get_decoder") else m.model
     decoder = getattr(decoder, "language_model", decoder)

@@ -24,7 +24,7 @@ _GRADED = ("mlp_chunk_size", "loss_chunk_size", "batch_size")
 _MLP_CHUNKS = (0, 4096, 2048, 1024, 512)
 _LOSS_CHUNKS = (0, 256, 128, 64)
 _FIXED_DEFAULTS = {"grad_accum": 1, "lora_r": 16, "attention": "slimtune", "multimodal": False,
-                   "text_only": False, "activation_bytes": 2}
+                   "text_only": False, "finetune_experts": False, "activation_bytes": 2}
 UNMEASURED_MARGIN = 0.85
 """Share of the budget a prediction may use where no H200 measurement backs the estimate yet (runs without
 gradient checkpointing): turning checkpointing off is a speed gain, not worth an out-of-memory on a guess."""
@@ -116,7 +116,7 @@ def predict(model: str, seq_len: int, **settings) -> Plan:
 def _predict(model: str, seq_len: int, s: dict, budget: int | None = None) -> Plan:
     check_settings(seq_len=seq_len, batch_size=s["batch_size"], lora_r=s["lora_r"], attention=s["attention"],
            optimizer=s["optimizer"], mlp_chunk_size=s["mlp_chunk_size"], loss_chunk_size=s["loss_chunk_size"])
-    shape = read_model_shape(model, s["multimodal"], s["text_only"])
+    shape = read_model_shape(model, s["multimodal"], s["text_only"], s["finetune_experts"])
     args = {k: s[k] for k in ("batch_size", "load_in_4bit", "lora_r", "gradient_checkpointing", "offload_ple",
                               "attention", "activation_offload", "mlp_chunk_size", "loss_chunk_size", "optimizer",
                               "activation_bytes")}
@@ -236,7 +236,8 @@ def longest_context(model, budget_bytes: int, *, multiple_of: int = 1, **setting
     """
     model = str(model)
     limit = read_model_shape(model, settings.get("multimodal", False),
-                             settings.get("text_only", False)).max_position or 2**20
+                             settings.get("text_only", False),
+                             settings.get("finetune_experts", False)).max_position or 2**20
     step = max(1, int(multiple_of))
 
     def fits(seq: int) -> bool:

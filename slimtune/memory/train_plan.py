@@ -52,6 +52,7 @@ def _context(cfg) -> dict:
 
     cuda = cfg.device == "cuda" or (cfg.device is None and torch.cuda.is_available())
     return {"lora_r": cfg.lora_r, "attention": "slimtune" if cuda else "sdpa", "text_only": bool(cfg.text_only),
+            "finetune_experts": bool(cfg.finetune_experts),
             "activation_bytes": 4 if cfg.dtype in ("float32", "fp32") else 2}
 
 

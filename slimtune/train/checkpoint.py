@@ -17,8 +17,8 @@ import torch
 import yaml
 from torch import nn
 
-from slimtune.adapt.adapter_io import (CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, read_adapter, save_adapter,
-                                      saved_lora_modules)
+from slimtune.adapt.adapter_io import (CONFIG_NAME, WEIGHTS_NAME, adapter_parameters, read_adapter,
+                                      save_adapter)
 from slimtune.errors import ConfigError
 from slimtune.train.config import TrainConfig
 from slimtune.utils.atomic import atomic_dir
@@ -133,16 +133,15 @@ def restore_adapter(model: nn.Module, adapter_dir: Path) -> None:
         ConfigError: the checkpoint's adapter has other layers than this model's.
     """
     _, tensors = read_adapter(adapter_dir)
-    expected = set(adapter_state_dict(model))
+    live = adapter_parameters(model)  # file keys (checkpoint names for text_only; expert LoRA included)
+    expected = set(live)
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
         raise ConfigError(f"the adapter in {adapter_dir} does not match this model's LoRA layers (missing "
                           f"{missing}, unexpected {extra}); was the checkpoint written for another model?")
     with torch.no_grad():
-        for name, layer in saved_lora_modules(model).items():  # file keys use checkpoint names (text_only)
-            for part in ("lora_A", "lora_B"):
-                weight = getattr(layer, part).weight
-                weight.copy_(tensors[f"base_model.model.{name}.{part}.weight"].to(weight.device, weight.dtype))
+        for key, weight in live.items():
+            weight.copy_(tensors[key].to(weight.device, weight.dtype))
 
 
 def restore_rng(state: dict) -> None:

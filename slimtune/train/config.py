@@ -54,6 +54,8 @@ class TrainConfig:
     model."""
     finetune_attention_modules: bool = True
     finetune_mlp_modules: bool = True
+    finetune_experts: bool = False
+    """MoE models (26B-A4B): LoRA on the fused expert tensors too (PEFT target_parameters); needs lora_dropout=0."""
     batch_size: int = 1
     """Samples per micro-batch."""
     grad_accum: int = 1
@@ -152,6 +154,7 @@ class TrainConfig:
             ("text_only", isinstance(self.text_only, bool), "true or false"),
             ("finetune_multimodal_embedders", isinstance(self.finetune_multimodal_embedders, bool),
              "true or false"),
+            ("finetune_experts", isinstance(self.finetune_experts, bool), "true or false"),
             ("eval_data", self.eval_data is None or (isinstance(self.eval_data, str) and self.eval_data != ""),
              "a dataset path or null"),
             ("eval_fraction", isinstance(self.eval_fraction, (int, float)) and not isinstance(self.eval_fraction, bool)
@@ -174,6 +177,9 @@ class TrainConfig:
         if self.activation_offload is True and self.gradient_checkpointing is False:
             p.append("activation_offload needs gradient_checkpointing (it offloads the inputs checkpointing keeps "
                      "per decoder layer): turn gradient_checkpointing on or activation_offload off")
+        if self.finetune_experts is True and self.lora_dropout:
+            p.append(f"finetune_experts=true needs lora_dropout=0 (got {self.lora_dropout!r}): PEFT's LoRA on expert "
+                     "tensors has no dropout and would refuse the adapter")
         p += _max_memory_problems(self.max_memory)
         if self.text_only is True:
             p += [f"{name}=true needs the towers, which text_only=true does not load; set one of them to false"

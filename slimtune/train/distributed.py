@@ -168,13 +168,9 @@ class ParallelModel:
         """Full PEFT-keyed LoRA tensors on the CPU; a collective under FSDP2 (call on every rank)."""
         if self.kind != "fsdp":
             return adapter_state_dict(self.model)
-        from slimtune.adapt.lora import lora_modules  # noqa: PLC0415
+        from slimtune.adapt.adapter_io import adapter_parameters  # noqa: PLC0415
 
-        state = {}
-        for name, layer in lora_modules(self.model).items():
-            for part in ("lora_A", "lora_B"):
-                state[f"base_model.model.{name}.{part}.weight"] = _full(getattr(layer, part).weight)
-        return state
+        return {key: _full(weight) for key, weight in adapter_parameters(self.model).items()}
 
     def optimizer_state(self, optimizer) -> dict:
         """optimizer.state_dict() with full (unsharded) CPU tensors: the same layout for any process count."""

@@ -57,7 +57,8 @@ def prepare_model(cfg: TrainConfig, device: str | None = None):
              finetune_audio_layers=cfg.finetune_audio_layers,
              finetune_multimodal_embedders=cfg.finetune_multimodal_embedders,
              finetune_attention_modules=cfg.finetune_attention_modules,
-             finetune_mlp_modules=cfg.finetune_mlp_modules, use_rslora=cfg.use_rslora, seed=cfg.seed)
+             finetune_mlp_modules=cfg.finetune_mlp_modules, use_rslora=cfg.use_rslora, seed=cfg.seed,
+             finetune_experts=cfg.finetune_experts)
     if cfg.mlp_chunk_size:
         tile_decoder_mlps(model, cfg.mlp_chunk_size)
     model.slimtune_loss_chunk_size = cfg.loss_chunk_size or None  # read by train.loss.loss_sum (None = auto)
