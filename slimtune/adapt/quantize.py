@@ -76,17 +76,18 @@ def is_nf4_linear(module: nn.Module) -> bool:
 
 
 def dequantize_nf4_weight(module: nn.Module) -> torch.Tensor:
-    """The 16-bit weight an NF4 Linear4bit computes with (bitsandbytes' own dequantization)."""
-    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
-        # On CPUs with AVX512-BF16, bitsandbytes repacks NF4 weights for its inference kernel at the first
-        # eval-mode forward; the stored layout is no longer the standard one. Saving the module restores it,
-        # through bitsandbytes' own code.
-        module.state_dict()
-    return dequantize_bnb_4bit(module.weight.data, module.weight.quant_state)
+    """The 16-bit weight an NF4 Linear4bit computes with, in plain torch (see `dequantize_bnb_4bit`)."""
+    return _dequantize_parts_torch(nf4_parts(module))
 
 
 def nf4_parts(base_layer) -> tuple:
-    """The tensors and sizes that define a bitsandbytes 4-bit weight (read each call: parameters can be replaced)."""
+    """The tensors and sizes that define a bitsandbytes 4-bit weight in its standard layout (read each call:
+    parameters can be replaced)."""
+    if getattr(base_layer.weight.quant_state, "packing_format_for_cpu", False):
+        # On CPUs with AVX512-BF16, bitsandbytes repacks NF4 weights for its inference kernel at the first
+        # eval-mode forward; the stored layout is no longer the standard one. Saving the module restores it,
+        # through bitsandbytes' own code.
+        base_layer.state_dict()
     return _parts(base_layer.weight.data, base_layer.weight.quant_state)
 
 

@@ -103,3 +103,20 @@ def test_fused_model_matches_module_path(tiny_dir):
     assert abs(float(l1 - l0)) < 1e-7 * float(l0)
     assert max(_rel(g1[k], g0[k]) for k in g0) < 1e-4
     assert any(k for k in g0 if "k_proj" in k and float(g0[k].norm()) > 0)
+
+
+def test_fused_nf4_reads_the_standard_layout_after_bitsandbytes_repacked_it():
+    # bitsandbytes repacks a CPU NF4 weight for its inference kernel at the first eval-mode forward of the base
+    # layer (e.g. generating before LoRA is added); the fused node must still dequantize the real weights.
+    # Restoring the standard layout re-quantizes the 8-bit absmax (~5e-4 relative drift: bitsandbytes' own
+    # save path does the same); reading the repacked bytes as standard NF4 gives a different matrix (rel ~1).
+    layer = _layer(make_nf4_linear(nn.Linear(128, 64, bias=False), torch.bfloat16, "cpu"))
+    layer.eval()
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.fused = False
+        reference = layer(x).float()  # bitsandbytes' kernel on its repacked weights
+        assert getattr(layer.base_layer.weight.quant_state, "packing_format_for_cpu", False)
+        layer.fused = True
+        fused = layer(x).float()
+    assert _rel(fused, reference) < 2e-2
