@@ -165,6 +165,22 @@ def _write_file(path: Path, writer: gguf.GGUFWriter, entries: list[_Entry], ckpt
         del arr
 
 
+def _write_one(path: Path, arch, gguf_type: str, name: str, file_type: int, add_metadata, entries, ckpt,
+               progress) -> Path:
+    """One GGUF file: the common header keys, the file's own metadata, then its tensors."""
+    w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch])
+    try:
+        w.add_type(gguf_type)
+        w.add_name(name)
+        w.add_file_type(file_type)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_metadata(w)
+        _write_file(path, w, entries, ckpt, progress)
+    finally:
+        w.close()
+    return path
+
+
 def write_gguf(model_dir: Path, out_dir: Path, *, qtype: str, name: str, progress: bool = True) -> list[Path]:
     """Convert a (merged) Gemma 4 HF checkpoint folder into GGUF file(s).
 
@@ -211,32 +227,15 @@ def write_gguf(model_dir: Path, out_dir: Path, *, qtype: str, name: str, progres
     text.insert(0, _Entry(None, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope.shape, Q.F32, data=rope))
     n_vocab = shapes["model.embed_tokens.weight"][0]
 
-    written: list[Path] = []
-    w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GEMMA4])
-    try:
-        w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(name)
-        w.add_file_type(file_type)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    def text_metadata(w) -> None:
         add_text_metadata(w, text_cfg, geo)
         add_tokenizer_metadata(w, model_dir, n_vocab)
-        path = out_dir / f"{name}-{tag}.gguf"
-        _write_file(path, w, text, ckpt, progress)
-        written.append(path)
-    finally:
-        w.close()
+
+    written = [_write_one(out_dir / f"{name}-{tag}.gguf", gguf.MODEL_ARCH.GEMMA4, gguf.GGUFType.MODEL, name,
+                          file_type, text_metadata, text, ckpt, progress)]
     if mm_map is not None:
-        w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
-        try:
-            w.add_type(gguf.GGUFType.MMPROJ)
-            w.add_name(name)
-            w.add_file_type(file_type)
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            add_mmproj_metadata(w, cfg, model_dir)
-            path = out_dir / f"mmproj-{name}-{tag}.gguf"
-            _write_file(path, w, mmproj, ckpt, progress)
-            written.append(path)
-        finally:
-            w.close()
+        written.append(_write_one(out_dir / f"mmproj-{name}-{tag}.gguf", gguf.MODEL_ARCH.MMPROJ,
+                                  gguf.GGUFType.MMPROJ, name, file_type,
+                                  lambda w: add_mmproj_metadata(w, cfg, model_dir), mmproj, ckpt, progress))
     logger.info("wrote %s", ", ".join(str(p) for p in written))
     return written
