@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     _k = None
 
-__all__ = ["FlashAttentionFunction", "KernelConfig", "causal_attention_flops", "flash_attention",
+__all__ = ["KernelConfig", "causal_attention_flops", "flash_attention",
            "triton_attention_available"]
 
 _LOG2E = 1.4426950408889634
@@ -195,18 +195,35 @@ def _backward(do, q, k, v, o, lse, scale, window, dstart, dend, key_valid, cfgs)
     return dq, dk, dv
 
 
-# The same kernels as registered torch ops: torch.compile treats them as opaque calls, so a compiled decoder layer
-# stays one graph (no break around attention) and inductor never re-compiles our Triton source (its pipeline
-# rejects the head_dim-512 layout trick: H200 run, 2026-11-28).
+_KINDS = ("fwd", "dq", "dkdv")
+
+
+def _encode_configs(head_dim: int, override: dict[str, KernelConfig] | None) -> list[int]:
+    """The three kernels' launch shapes as the flat int list the registered ops take (6 ints per kernel)."""
+    out: list[int] = []
+    for kind in _KINDS:
+        c = _config(head_dim, kind, override)
+        out += [c.block_m, c.block_n, c.num_warps, c.num_stages, int(c.transposed), c.scratch]
+    return out
+
+
+def _decode_configs(flat: list[int]) -> dict[str, KernelConfig]:
+    return {kind: KernelConfig(*flat[6 * i: 6 * i + 4], bool(flat[6 * i + 4]), flat[6 * i + 5])
+            for i, kind in enumerate(_KINDS)}
+
+
+# The kernels as registered torch ops (the only autograd path): torch.compile treats them as opaque calls, so a
+# compiled decoder layer stays one graph (no break around attention) and inductor never re-compiles our Triton
+# source (its pipeline rejects the head_dim-512 layout trick: H200 run, 2026-11-28).
 @torch.library.custom_op("slimtune::flash_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int, dstart: torch.Tensor,
-            dend: torch.Tensor, key_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    o, lse = _forward(q, k, v, scale, window, dstart, key_valid, _config(q.shape[-1], "fwd", None))
+            dend: torch.Tensor, key_valid: torch.Tensor | None, configs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    o, lse = _forward(q, k, v, scale, window, dstart, key_valid, _decode_configs(configs)["fwd"])
     return o, lse
 
 
 @_fwd_op.register_fake
-def _(q, k, v, scale, window, dstart, dend, key_valid):
+def _(q, k, v, scale, window, dstart, dend, key_valid, configs):
     b, h, t, d = q.shape
     return q.new_empty((b, t, h, d)).transpose(1, 2), q.new_empty((b, h, t), dtype=torch.float32)
 
@@ -214,48 +231,29 @@ def _(q, k, v, scale, window, dstart, dend, key_valid):
 @torch.library.custom_op("slimtune::flash_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
             lse: torch.Tensor, scale: float, window: int, dstart: torch.Tensor, dend: torch.Tensor,
-            key_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cfgs = {kind: _config(q.shape[-1], kind, None) for kind in ("dq", "dkdv")}
-    dq, dk, dv = _backward(do, q, k, v, o, lse, scale, window, dstart, dend, key_valid, cfgs)
+            key_valid: torch.Tensor | None, configs: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _backward(do, q, k, v, o, lse, scale, window, dstart, dend, key_valid, _decode_configs(configs))
     return dq, dk.contiguous(), dv.contiguous()
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, scale, window, dstart, dend, key_valid):
+def _(do, q, k, v, o, lse, scale, window, dstart, dend, key_valid, configs):
     return torch.empty_like(q), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _fwd_op_setup(ctx, inputs, output):
-    q, k, v, scale, window, dstart, dend, key_valid = inputs
+    q, k, v, scale, window, dstart, dend, key_valid, configs = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], dstart, dend, key_valid)
-    ctx.scale, ctx.window = scale, window
+    ctx.scale, ctx.window, ctx.configs = scale, window, configs
 
 
 def _fwd_op_backward(ctx, do, _dlse):
     q, k, v, o, lse, dstart, dend, key_valid = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.scale, ctx.window, dstart, dend, key_valid)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.scale, ctx.window, dstart, dend, key_valid, ctx.configs)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_fwd_op_backward, setup_context=_fwd_op_setup)
-
-
-class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton forward/backward; inputs are (batch, heads, seq, head_dim) CUDA tensors."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, window, dstart, dend, key_valid, configs):
-        cfgs = {kind: _config(q.shape[-1], kind, configs) for kind in ("fwd", "dq", "dkdv")}
-        o, lse = _forward(q, k, v, scale, window, dstart, key_valid, cfgs["fwd"])
-        ctx.save_for_backward(q, k, v, o, lse, dstart, dend, key_valid)
-        ctx.scale, ctx.window, ctx.cfgs = scale, window, cfgs
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, dstart, dend, key_valid = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, ctx.window, dstart, dend, key_valid, ctx.cfgs)
-        return dq, dk, dv, None, None, None, None, None, None
 
 
 def flash_attention(
@@ -326,9 +324,8 @@ def flash_attention(
     if dstart is None:  # one document per row: the kernels always read document bounds (one compare per element)
         dstart, dend = _single_document_bounds(b, t, q.device)
     kernel_window = window if window is not None else t + 1  # W > T: every causal key is inside the window
-    if _configs is not None:  # explicit launch shapes (kernel tuning and its tests)
-        return FlashAttentionFunction.apply(q, k, v, float(scale), kernel_window, dstart, dend, key_valid, _configs)
-    return _fwd_op(q, k, v, float(scale), kernel_window, dstart, dend, key_valid)[0]
+    configs = _encode_configs(q.shape[-1], _configs)  # _configs: explicit launch shapes (kernel tuning, tests)
+    return _fwd_op(q, k, v, float(scale), kernel_window, dstart, dend, key_valid, configs)[0]
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
