@@ -53,18 +53,15 @@ def estimate(studio: Studio, body: MemoryRequest) -> MemoryEstimate:
 def to_estimate(cfg: Any, plan: Any, message: str | None = None, longest: int | None = None) -> MemoryEstimate:
     """The API's view of a planner Plan for ``cfg`` (and of its "does not fit" message).
 
-    ``planned`` is what the trainer's apply_memory_plan will change in cfg: every planned setting that differs
-    from cfg's value. Not ``plan.changes``, which compares with the planner's starting point (the fastest
-    levels): a budget that fits without gradient checkpointing turns it off, which is a change to the run
-    although it is none to the planner.
+    ``planned`` is what the trainer's apply_memory_plan will change in cfg (``plan_changes``), limited to the
+    settings the panel shows.
     """
-    from slimtune.memory.train_plan import report_lines  # noqa: PLC0415 - the trainer's own printed lines
+    from slimtune.memory.train_plan import plan_changes, report_lines  # noqa: PLC0415 - the trainer's own view
 
     budget = plan.budget_bytes
     planned = {}
     if budget and message is None:
-        planned = {k: plan.settings[k] for k in SHOWN_SETTINGS
-                   if k in plan.settings and getattr(cfg, k, plan.settings[k]) != plan.settings[k]}
+        planned = {k: v for k, v in plan_changes(cfg, plan).items() if k in SHOWN_SETTINGS}
     return MemoryEstimate(
         total_gib=round(plan.predicted_bytes / GIB, 3),
         breakdown={str(k): float(v) for k, v in plan.breakdown.items()},
