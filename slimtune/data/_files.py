@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimtune.data.formats import CHAT_KEYS, EXPECTED_LAYOUTS, describe, detect_format, short_names
+from slimtune.data.describe import describe, short_names
+from slimtune.data.formats import CHAT_KEYS, EXPECTED_LAYOUTS, detect_format
 from slimtune.errors import DataError
 
 FILE_TYPES: dict[str, str] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",

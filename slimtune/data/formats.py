@@ -29,9 +29,10 @@ turn is not the assistant's.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from slimtune.data.describe import describe
 from slimtune.data.media_columns import attach_media_columns, reject_media_columns
 from slimtune.errors import ConfigError, DataError
 
@@ -162,28 +163,6 @@ def layout_hint(columns: Sequence[str]) -> str:
     if "prompt" in names:
         return " Found 'prompt' but no 'completion' (or 'response') column."
     return ""
-
-
-def short_names(names: Iterable[Any], limit: int = 20, width: int = 40) -> list[str]:
-    """The first `limit` names, each cut to `width` characters, for error messages (a bad header can be huge)."""
-    return [str(n) if len(str(n)) <= width else f"{str(n)[:width]}…" for n in list(names)[:limit]]
-
-
-def describe(value: Any) -> str:
-    """Say what kind of JSON value `value` is, for error messages ("a number (42)", "null", ...)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"a boolean ({value})"
-    if isinstance(value, (int, float)):
-        return f"a number ({value!r})"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    return f"a {type(value).__name__}"
 
 
 # --- key lookup ------------------------------------------------------------------------------------------------
@@ -410,5 +389,5 @@ def _check_conversation(messages: list[dict[str, Any]], tool_messages: str) -> N
         raise DataError(f"last turn is {last!r}; it must be the assistant's reply, which is what is learned")
 
 
-__all__ = ["EXPECTED_LAYOUTS", "FORMATS", "ROLE_ALIASES", "TOOL_MESSAGE_POLICIES", "describe", "detect_format",
-           "layout_hint", "normalize_record", "short_names", "text_size"]
+__all__ = ["EXPECTED_LAYOUTS", "FORMATS", "ROLE_ALIASES", "TOOL_MESSAGE_POLICIES", "detect_format",
+           "layout_hint", "normalize_record", "text_size"]

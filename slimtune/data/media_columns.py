@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from slimtune.data.describe import describe
 from slimtune.errors import DataError
 
 COLUMNS = {"image": ("images", "image"), "audio": ("audios", "audio")}
@@ -43,10 +44,6 @@ class MediaColumnError(DataError):
     Unlike other row problems it is not skipped: a wrong pairing of media and text is a dataset bug that
     would otherwise train silently on the wrong example.
     """
-
-
-def _describe(value: Any) -> str:
-    return "null" if value is None else f"a {type(value).__name__}"
 
 
 def _is_number_list(value: Any) -> bool:
@@ -65,7 +62,7 @@ def _image_part(value: Any, where: str) -> dict:
         return {"type": "image", "image": value}
     if isinstance(value, np.ndarray) and value.ndim in (2, 3):
         return {"type": "image", "image": value}
-    raise MediaColumnError(f"{where} is {_describe(value)}; expected an image file path, encoded bytes, a PIL "
+    raise MediaColumnError(f"{where} is {describe(value)}; expected an image file path, encoded bytes, a PIL "
                            "image, an (H, W[, C]) numpy array or a {'bytes': ..., 'path': ...} dict")
 
 
@@ -85,7 +82,7 @@ def _audio_part(value: Any, rate: Any, where: str) -> dict:
             raise MediaColumnError(f"{where} is a sample array but the row has no 'sampling_rate' column; add one "
                                    "or use {'array': ..., 'sampling_rate': ...}")
         return {"type": "audio", "audio": np.asarray(value), "sampling_rate": rate}
-    raise MediaColumnError(f"{where} is {_describe(value)}; expected an audio file path, encoded bytes, a sample "
+    raise MediaColumnError(f"{where} is {describe(value)}; expected an audio file path, encoded bytes, a sample "
                            "array or a {'array': ..., 'sampling_rate': ...} / {'bytes': ..., 'path': ...} dict")
 
 

@@ -26,8 +26,15 @@ from typing import Any
 
 from slimtune.data import _files
 from slimtune.data._files import FILE_TYPES, RawRecord, file_type
-from slimtune.data.formats import (EXPECTED_LAYOUTS, TOOL_MESSAGE_POLICIES, describe, detect_format, layout_hint,
-                                   normalize_record, short_names, text_size)
+from slimtune.data.describe import describe, short_names
+from slimtune.data.formats import (
+    EXPECTED_LAYOUTS,
+    TOOL_MESSAGE_POLICIES,
+    detect_format,
+    layout_hint,
+    normalize_record,
+    text_size,
+)
 from slimtune.data.media_columns import MediaColumnError
 from slimtune.errors import ConfigError, DataError
 
@@ -336,5 +343,12 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
     return str(value)
 
 
-__all__ = ["DatasetLoad", "MAX_ROW_CHARS", "SkipInfo", "iter_raw_records", "list_sources", "load_records",
-           "summarize_dataset"]
+__all__ = [
+    "MAX_ROW_CHARS",
+    "DatasetLoad",
+    "SkipInfo",
+    "iter_raw_records",
+    "list_sources",
+    "load_records",
+    "summarize_dataset",
+]

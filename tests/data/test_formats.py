@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from slimtune.data.formats import FORMATS, describe, detect_format, layout_hint, normalize_record, text_size
+from slimtune.data.describe import describe
+from slimtune.data.formats import (
+    FORMATS,
+    detect_format,
+    layout_hint,
+    normalize_record,
+    text_size,
+)
 from slimtune.errors import ConfigError, DataError
 
 USER = {"role": "user", "content": "What is 2+2?"}
