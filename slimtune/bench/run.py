@@ -48,6 +48,8 @@ class BenchOptions:
     loss_chunk_size: int = 0
     finetune_vision_layers: bool = False
     finetune_audio_layers: bool = False
+    cuda_graphs: bool = False
+    """Capture the whole step as a CUDA graph after warm-up (slimtune.train.cuda_graph)."""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -57,6 +59,8 @@ class BenchOptions:
             p.append(f"mlp_chunk_size must be an integer >= 0 (got {self.mlp_chunk_size!r})")
         if self.optimizer not in OPTIMIZERS:
             p.append(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
+        if self.cuda_graphs and (self.activation_offload or self.optimizer != "adamw" or not self.fused_adamw):
+            p.append("cuda_graphs needs the fused AdamW and no activation_offload")
         if self.activation_offload and not self.gradient_checkpointing:
             p.append("activation_offload needs gradient_checkpointing (it offloads the checkpointed layer inputs)")
         if p:
@@ -105,22 +109,34 @@ def bench_one(variant: str, mode: str, seq: int, *, steps: int = 6, multimodal: 
     model.slimtune_loss_chunk_size = options.loss_chunk_size or None
     model.train()
     params = trainable_parameters(model)
-    opt = make_optimizer(params, name=options.optimizer, lr=1e-4, fused=options.fused_adamw)
+    opt = make_optimizer(params, name=options.optimizer, lr=1e-4, fused=options.fused_adamw,
+                         capturable=options.cuda_graphs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     gen = torch.Generator().manual_seed(0)
     cpu_batch = bench_batch(model, seq, multimodal=multimodal, gen=gen)
+    graphed = None
+    if options.cuda_graphs:  # 2 eager warm-up steps, the capture at step 3, replays after
+        from slimtune.train.cuda_graph import GraphedTrainStep  # noqa: PLC0415
+
+        graphed = GraphedTrainStep(model, params, opt, cpu_batch, device=device, dtype=torch.bfloat16, warmup=2)
     torch.cuda.synchronize()
     weights_gib = torch.cuda.memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for _ in range(steps):
         t = time.perf_counter()
-        loss, _ = accumulate_gradients(model, [cpu_batch], device=device, dtype=torch.bfloat16)
-        clip_and_step(params, opt, sched, max_grad_norm=0.0)
+        if graphed is not None:
+            loss_t, _, _ = graphed(cpu_batch)
+            sched.step()
+            loss = float(loss_t)
+        else:
+            loss, _ = accumulate_gradients(model, [cpu_batch], device=device, dtype=torch.bfloat16)
+            clip_and_step(params, opt, sched, max_grad_norm=0.0)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         losses.append(loss)
-    step_s = statistics.median(times[2:]) if len(times) > 2 else times[-1]
+    skip = 3 if graphed is not None else 2  # warm-up (and capture) steps are not timed
+    step_s = statistics.median(times[skip:]) if len(times) > skip else times[-1]
     result = dict(probe="slimtune", variant=variant, mode=mode, seq=seq, multimodal=multimodal,
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                   reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
@@ -128,6 +144,9 @@ def bench_one(variant: str, mode: str, seq: int, *, steps: int = 6, multimodal: 
                   build_s=round(build_s, 1), loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3),
                   lora_params=sum(p.numel() for p in params), options=asdict(options),
                   predicted_gib=predicted_gib(variant, mode, seq, options, multimodal))
+    if graphed is not None:
+        graphed.close()
+        result["step_times_s"] = [round(x, 4) for x in times]
     if offloader is not None:  # per step: the counters ran over all `steps`
         result["offloaded_gib_per_step"] = round(offloader.offloaded_bytes / steps / 2**30, 3)
     if multimodal:

@@ -258,8 +258,12 @@ def _chunked_forward(
     chunk_size: int,
     need_grad_h: bool,
     need_grad_w: bool,
+    row_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Loss sum, grad wrt h ``(rows, H)`` in h's dtype, and fp32 grad wrt weight, for kept rows only."""
+    """Loss sum, grad wrt h ``(rows, H)`` in h's dtype, and fp32 grad wrt weight, for kept rows only.
+
+    ``row_mask`` (rows,) of 0/1 weights, when given, zeroes the loss and the gradient of masked rows instead of
+    the caller dropping them (static shapes: see ``linear_cross_entropy(static_shapes=True)``)."""
     rows, vocab = h.shape[0], weight.shape[0]
     use_triton = _use_triton(h.device)
     compute_grad = need_grad_h or need_grad_w
@@ -290,6 +294,11 @@ def _chunked_forward(
             loss_rows, dz = _softcap_ce_chunk_torch(z, y_c, softcap, compute_grad)  # dz reuses z's buffer
             if dz is not None:
                 dz = dz.to(mm_dtype)
+        if row_mask is not None:
+            m = row_mask[start:stop]
+            loss_rows = loss_rows * m
+            if dz is not None:
+                dz.mul_(m[:, None].to(dz.dtype))
         loss += loss_rows.sum()
         if need_grad_h:
             if mm_dtype == grad_h.dtype:
@@ -316,13 +325,23 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         chunk_size: int,
         need_grad_h: bool,
         need_grad_w: bool,
+        static_shapes: bool = False,
     ) -> torch.Tensor:
         h2d = hidden.reshape(-1, hidden.shape[-1])
-        kept = _kept_rows(labels, weight.shape[0], ignore_index)
-        all_kept = kept.numel() == h2d.shape[0]
-        h = h2d if all_kept else h2d.index_select(0, kept)
-        y = labels.reshape(-1)[kept].long() if not all_kept else labels.reshape(-1).long()
-        loss, grad_h, grad_w = _chunked_forward(h, weight, y, softcap, chunk_size, need_grad_h, need_grad_w)
+        mask = None
+        if static_shapes:  # score every row, weight ignored ones by 0: no data-dependent shape, no host sync
+            flat = labels.reshape(-1)
+            keep = flat != ignore_index
+            mask = keep.float()
+            kept, all_kept, h = None, True, h2d
+            y = torch.where(keep, flat, torch.zeros_like(flat)).long()
+        else:
+            kept = _kept_rows(labels, weight.shape[0], ignore_index)
+            all_kept = kept.numel() == h2d.shape[0]
+            h = h2d if all_kept else h2d.index_select(0, kept)
+            y = labels.reshape(-1)[kept].long() if not all_kept else labels.reshape(-1).long()
+        loss, grad_h, grad_w = _chunked_forward(h, weight, y, softcap, chunk_size, need_grad_h, need_grad_w,
+                                                row_mask=mask)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)  # halve what is held until backward
         ctx.hidden_shape, ctx.hidden_dtype, ctx.all_kept = hidden.shape, hidden.dtype, all_kept
@@ -344,7 +363,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_hidden = grad_hidden.reshape(ctx.hidden_shape)
         if ctx.needs_input_grad[1]:
             grad_weight = grad_w * grad_output
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -355,6 +374,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    static_shapes: bool = False,
 ) -> torch.Tensor:
     """Summed cross-entropy of ``softcap(hidden @ weight.T)`` against labels, computed chunk by chunk.
 
@@ -372,6 +392,9 @@ def linear_cross_entropy(
         ignore_index: label value marking rows that are skipped entirely (no matmul, zero gradient).
         chunk_size: rows per chunk; None picks ``default_chunk_size(vocab, device)`` (512 rows at V = 262,144
             on CUDA, i.e. 512 MiB of fp32 logits).
+        static_shapes: score every row and weight ignored rows by 0 instead of dropping them: no host sync and
+            no data-dependent shape, as CUDA-graph capture needs. Labels are then NOT range-checked here (the
+            caller checks them on the host); ignored rows cost their share of the lm_head matmuls.
 
     Returns:
         fp32 scalar: the SUM of per-token losses over kept rows (0.0 if every row is ignored); divide by the
@@ -397,5 +420,5 @@ def linear_cross_entropy(
         chunk_size = default_chunk_size(weight.shape[0], hidden.device)
     softcap = float(softcap) if softcap is not None else None
     return LinearCrossEntropyFunction.apply(
-        hidden, weight, labels, softcap, int(ignore_index), chunk_size, need_grad_h, need_grad_w
+        hidden, weight, labels, softcap, int(ignore_index), chunk_size, need_grad_h, need_grad_w, bool(static_shapes)
     )

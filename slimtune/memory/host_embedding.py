@@ -32,6 +32,7 @@ class HostOffloadedEmbedding(nn.Module):
         self._staging: torch.Tensor | None = None
         self._copy_done = None
         self._prefetched = None
+        self._static_rows: torch.Tensor | None = None
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, pin: bool = True) -> "HostOffloadedEmbedding":
@@ -72,8 +73,19 @@ class HostOffloadedEmbedding(nn.Module):
         """
         self._prefetched = (ids_device, self._gather_to(ids_cpu, ids_device.device))
 
+    def bind_static_rows(self, rows: torch.Tensor | None) -> None:
+        """CUDA-graph mode: every forward returns these (tokens, dim) device rows, which the caller refills before
+        each replay (a captured graph cannot run the CPU gather). None switches back to gathering per call."""
+        self._static_rows = rows
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._static_rows is not None:
+            if self._static_rows.shape[0] != input_ids.numel():
+                raise RuntimeError(f"static embedding rows hold {self._static_rows.shape[0]} tokens, the batch has "
+                                   f"{input_ids.numel()}: CUDA-graph steps need batches of one fixed shape")
+            rows = self._static_rows
+            return (rows * self.scale.to(rows.device)).reshape(*input_ids.shape, self.embedding_dim)
         pre, self._prefetched = self._prefetched, None
         if pre is not None and pre[0] is input_ids:
             rows = pre[1]
@@ -92,12 +104,18 @@ def offload_per_layer_embeddings(model: nn.Module) -> bool:
     return True
 
 
-def prefetch_host_embeddings(model: nn.Module, batch_cpu: dict, batch_device: dict) -> None:
-    """Start the host→GPU row copies of every offloaded table for this micro-batch (no-op without any)."""
+def host_tables(model: nn.Module) -> list[HostOffloadedEmbedding]:
+    """The model's host-offloaded embedding tables (cached on the model)."""
     tables = getattr(model, "_slimtune_host_tables", None)
     if tables is None:
         tables = [m for m in model.modules() if isinstance(m, HostOffloadedEmbedding)]
         model._slimtune_host_tables = tables
+    return tables
+
+
+def prefetch_host_embeddings(model: nn.Module, batch_cpu: dict, batch_device: dict) -> None:
+    """Start the host→GPU row copies of every offloaded table for this micro-batch (no-op without any)."""
+    tables = host_tables(model)
     if tables and batch_device["input_ids"].device.type == "cuda":
         for table in tables:
             table.prefetch(batch_cpu["input_ids"], batch_device["input_ids"])

@@ -31,5 +31,7 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed cross-entropy (fp32 scalar) over the batch's target tokens."""
     hidden = hidden_states(model, batch)
     weight = model.get_output_embeddings().weight
+    # slimtune_static_loss: set by CUDA-graph steps (slimtune.train.cuda_graph), which cannot drop ignored rows
     return linear_cross_entropy(hidden, weight, batch["targets"].to(hidden.device), softcap=softcap_of(model),
-                                chunk_size=getattr(model, "slimtune_loss_chunk_size", None))
+                                chunk_size=getattr(model, "slimtune_loss_chunk_size", None),
+                                static_shapes=getattr(model, "slimtune_static_loss", False))

@@ -16,18 +16,29 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 def make_optimizer(params, *, name: str = "adamw", lr: float, weight_decay: float = 0.0,
-                   betas: tuple[float, float] = (0.9, 0.999), fused: bool | None = None) -> torch.optim.Optimizer:
+                   betas: tuple[float, float] = (0.9, 0.999), fused: bool | None = None,
+                   capturable: bool = False) -> torch.optim.Optimizer:
     """Build the named optimizer over `params`.
 
     Args:
         fused: torch AdamW's fused kernel (None = torch's default); ignored by adamw8bit.
+        capturable: AdamW that can be captured in a CUDA graph (slimtune.train.cuda_graph): step counts on the
+            device and the learning rate a device tensor, so a scheduler's new value reaches every replay.
 
     Raises:
         ConfigError: unknown name, or adamw8bit without bitsandbytes.
     """
     if name == "adamw":
         extra = {} if fused is None else {"fused": fused}
+        if capturable:
+            params = list(params)
+            device = params[0]["params"][0].device if isinstance(params[0], dict) else params[0].device
+            extra.update(capturable=True)
+            lr = torch.tensor(float(lr), device=device)  # a float would be baked into the captured kernels
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, **extra)
+    if capturable:
+        raise ConfigError(f"optimizer {name!r} cannot be captured in a CUDA graph; use optimizer adamw with "
+                          "cuda_graphs, or turn cuda_graphs off.")
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb  # noqa: PLC0415

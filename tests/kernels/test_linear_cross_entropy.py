@@ -112,6 +112,18 @@ def test_ignored_rows_get_zero_gradient():
         linear_cross_entropy(hidden, weight, torch.full_like(labels, -100), ignore_index=-1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.6, 1.0])
+def test_static_shapes_equal_dropping_ignored_rows(dtype, ignore_frac, monkeypatch):
+    """CUDA-graph mode scores every row with weight 0 for ignored ones: same loss and gradients as dropping them."""
+    monkeypatch.setattr(lce, "_CPU_FP32_MATH", False)  # the CUDA data path (bf16 dz) on CPU
+    hidden, weight, labels = _inputs(dtype=dtype, ignore_frac=ignore_frac, shape=(37,))
+    ours = _run(linear_cross_entropy, hidden, weight, labels, softcap=30.0, chunk_size=8, static_shapes=True)
+    ref = _run(linear_cross_entropy, hidden, weight, labels, softcap=30.0, chunk_size=8)
+    _assert_close(ours, ref, dtype)
+    assert (ours[1][labels == -100] == 0).all()
+
+
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_all_ignored_gives_zero_loss_and_grads(softcap):
     hidden, weight, labels = _inputs(ignore_frac=1.0)

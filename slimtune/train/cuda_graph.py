@@ -1,0 +1,204 @@
+"""One optimizer step captured as a CUDA graph and replayed: forward, backward, clip and AdamW in one launch.
+
+Why: eagerly, a step of E2B launches 20-35 K host-side ops; at 2K tokens the H200 then waits on the CPU most of the
+step (BENCHMARKS.md: GPU busy 20-50 %). Replaying a captured graph costs one launch, so short-sequence steps run at
+the GPU's speed. Long sequences gain little: their step is GPU-bound already.
+
+What capture requires, and how it is provided here:
+
+* Static shapes and inputs: every batch has the first batch's shapes (``cuda_graphs`` training pads or packs to
+  a fixed length); each step's batch is copied into device buffers the graph reads. Host-offloaded embedding rows
+  (the PLE table) are gathered on the CPU into one of two pinned staging buffers and copied into a device buffer
+  the graph reads (``HostOffloadedEmbedding.bind_static_rows``): the CPU gather is not part of the graph.
+* No host sync inside: the loss scale ``1/N_targets`` is a device scalar; the loss scores every row, weighting
+  ignored ones by 0 (``linear_cross_entropy(static_shapes=True)``); labels are range-checked on the host; the clip
+  norm stays on the device; AdamW is fused and capturable with a tensor learning rate. The attention mask is
+  dropped: batches must be right-padded, and with causal attention a real token never sees a later pad.
+* No RNG in recomputation: checkpointing is switched to ``preserve_rng_state=False``, which is only allowed
+  because nothing random runs (no dropout; checked).
+* Gradients: ``None`` when the graph is captured, so autograd writes them into graph memory and every replay
+  overwrites them: one micro-batch per step (gradient accumulation replays would need accumulating grads).
+
+The first ``warmup`` steps run eagerly (Triton/cuBLAS/bitsandbytes initialise, kernels compile), on a side stream as
+capture requires; they are real training steps. ``capture=False`` runs every step that eager way, with the same
+static-buffer plumbing, so CPU tests check the plumbing against the standard step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from slimtune.data.collate import count_targets
+from slimtune.data.tokenize import IGNORE_INDEX
+from slimtune.errors import ConfigError
+from slimtune.memory.host_embedding import host_tables
+from slimtune.train.loss import loss_sum
+from slimtune.train.step import autocast
+
+_GRAPH_INPUTS = ("input_ids", "targets", "position_ids")  # position_ids: packed batches (document bounds)
+_HOST_ONLY = ("attention_mask", "token_mask")  # checked / counted on the host, not read by the graph
+
+
+def graph_step_problems(model: nn.Module, optimizer, *, dtype: torch.dtype, grad_accum: int = 1,
+                        scaler=None, activation_offload: bool = False, distributed: bool = False,
+                        capture: bool = True) -> list[str]:
+    """Why this configuration cannot run as a captured CUDA graph (empty list: it can)."""
+    problems = []
+    if dtype == torch.float16 or scaler is not None:
+        problems.append("fp16 needs a GradScaler, whose overflow check syncs with the host: use bfloat16")
+    if grad_accum != 1:
+        problems.append(f"grad_accum={grad_accum}: a graph step is one micro-batch (raise batch_size instead)")
+    if activation_offload:
+        problems.append("activation_offload copies on side streams with host events: turn one of them off")
+    if distributed:
+        problems.append("multi-process runs: gradient reduction is not captured yet")
+    if capture and not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("capturable")):
+        problems.append("the optimizer must be torch AdamW built with capturable=True (optimizer adamw)")
+    dropouts = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    if dropouts:
+        problems.append(f"dropout is active ({dropouts[0]} p>0; e.g. lora_dropout): set it to 0")
+    if getattr(model.config, "vision_config", None) is not None or getattr(model.config, "audio_config", None):
+        problems.append("multimodal models: media inputs change shape per batch (load with text_only=True)")
+    return problems
+
+
+def _checkpoint_without_rng(model: nn.Module) -> None:
+    """Re-enable non-reentrant checkpointing without RNG-state saving (the state read is a host sync)."""
+    if not getattr(model, "is_gradient_checkpointing", False):
+        return
+    kwargs = {"use_reentrant": False, "preserve_rng_state": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+class GraphedTrainStep:
+    """``step(cpu_batch) -> (loss, grad_norm)`` as device tensors; see the module docstring.
+
+    Args:
+        model: the (LoRA-adapted) model on CUDA; its host tables and checkpointing are switched to graph mode.
+        params: the trainable parameters (clipped together). optimizer: capturable torch AdamW over them.
+        example: a CPU batch of the fixed shapes (input_ids, targets; an all-ones or right-padding attention_mask
+            is accepted and dropped).
+        max_grad_norm: clip threshold (0 = no clipping; the norm is still computed for the metrics).
+        warmup: eager steps before capture. capture: False runs every step eagerly (CPU tests).
+    """
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], optimizer, example: dict, *,
+                 device: torch.device, dtype: torch.dtype, max_grad_norm: float = 0.0, warmup: int = 2,
+                 capture: bool = True) -> None:
+        problems = graph_step_problems(model, optimizer, dtype=dtype, capture=capture)
+        if capture and torch.device(device).type != "cuda":
+            problems.append(f"CUDA graphs need a CUDA device, got {device}")
+        if problems:
+            raise ConfigError("cuda_graphs cannot be used here:\n  - " + "\n  - ".join(problems))
+        self.model, self.params, self.optimizer = model, params, optimizer
+        self.device, self.dtype = torch.device(device), dtype
+        self.limit = max_grad_norm if max_grad_norm > 0 else math.inf
+        self.warmup, self.capture = max(1, warmup), capture
+        self.keys = [k for k in _GRAPH_INPUTS if k in example]
+        self.shapes = {k: tuple(example[k].shape) for k in self.keys}
+        self.static = {k: torch.zeros(self.shapes[k], dtype=torch.long, device=self.device) for k in self.keys}
+        self.loss_scale = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.vocab = model.config.get_text_config().vocab_size
+        n_tokens = example["input_ids"].numel()
+        self.tables = host_tables(model)
+        self.rows, self.staging, self.copied = [], [], []
+        pin = self.device.type == "cuda"
+        for table in self.tables:
+            rows = torch.empty((n_tokens, table.embedding_dim), dtype=table.host_weight.dtype, device=self.device)
+            table.bind_static_rows(rows)
+            self.rows.append(rows)
+            self.staging.append([torch.empty(rows.shape, dtype=rows.dtype, pin_memory=pin) for _ in range(2)])
+            self.copied.append([None, None])
+        model.slimtune_static_loss = True
+        _checkpoint_without_rng(model)
+        self.graph = None
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.steps = 0
+
+    def close(self) -> None:
+        """Leave graph mode: host tables gather per call again and the loss drops ignored rows again."""
+        for table in self.tables:
+            table.bind_static_rows(None)
+        self.model.slimtune_static_loss = False
+        self.graph = None
+
+    def _check(self, cpu_batch: dict) -> None:
+        if set(self.keys) != {k for k in cpu_batch if k in _GRAPH_INPUTS}:
+            raise ConfigError(f"cuda_graphs: batch keys {sorted(cpu_batch)} differ from the captured step's {self.keys}")
+        for k in self.keys:
+            if tuple(cpu_batch[k].shape) != self.shapes[k]:
+                raise ConfigError(f"cuda_graphs: batch {k} has shape {tuple(cpu_batch[k].shape)}, the captured step "
+                                  f"{self.shapes[k]}: pad every batch to one length (max_seq_len) or turn it off")
+        mask = cpu_batch.get("attention_mask")
+        if mask is not None and not bool((mask.cummin(dim=-1).values == mask).all()):
+            raise ConfigError("cuda_graphs needs right-padded batches (padding after the tokens of each row)")
+        extra = set(cpu_batch) - set(_GRAPH_INPUTS) - set(_HOST_ONLY)
+        if extra:
+            raise ConfigError(f"cuda_graphs supports text batches only; this batch also has {sorted(extra)}")
+        targets = cpu_batch["targets"]
+        kept = targets[targets != IGNORE_INDEX]
+        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= self.vocab):
+            raise ConfigError(f"labels outside [0, {self.vocab}) in the batch: does the tokenizer match the model?")
+
+    def _load(self, cpu_batch: dict) -> int:
+        """Copy the batch into the static buffers (in stream order after the previous replay); returns N targets."""
+        n = count_targets(cpu_batch)
+        self.loss_scale.fill_(1.0 / max(n, 1))
+        for k in self.keys:
+            src = cpu_batch[k]
+            if self.device.type == "cuda" and not src.is_pinned():
+                src = src.pin_memory()
+            self.static[k].copy_(src, non_blocking=True)
+        ids = cpu_batch["input_ids"].reshape(-1)
+        slot = self.steps % 2
+        for i, table in enumerate(self.tables):
+            done = self.copied[i][slot]
+            if done is not None:
+                done.synchronize()  # the copy out of this staging buffer, two steps ago, has finished
+            staging = self.staging[i][slot]
+            torch.index_select(table.host_weight, 0, ids, out=staging)
+            self.rows[i].copy_(staging, non_blocking=True)
+            if self.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+                self.copied[i][slot] = event
+        return n
+
+    def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.device, self.dtype):
+            loss = loss_sum(self.model, self.static) * self.loss_scale
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.limit, foreach=self.device.type == "cuda")
+        self.optimizer.step()
+        return loss.detach(), norm.detach()
+
+    def __call__(self, cpu_batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Train on one batch; returns (loss, pre-clip grad norm) as device tensors and the batch's target count."""
+        self._check(cpu_batch)
+        n = self._load(cpu_batch)
+        if self.graph is not None:
+            self.graph.replay()
+        elif not self.capture:
+            self.outputs = self._body()
+            self.optimizer.zero_grad(set_to_none=True)
+        elif self.steps < self.warmup:  # eager, on a side stream (capture runs on one too)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.outputs = self._body()
+                self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.outputs = self._body()
+            self.graph.replay()  # capture only recorded the work: run it for this batch
+        self.steps += 1
+        loss, norm = self.outputs
+        return loss, norm, n
