@@ -19,6 +19,5 @@ for l in sys.stdin:
 b 80 --geometry e2b --mode qlora --seq 2048,8192 --attention slimtune
 b 120 --geometry e2b --mode qlora --seq 2048,8192 --attention slimtune --cuda-graphs
 b 90 --geometry e2b --mode lora16 --seq 2048,8192 --attention slimtune --cuda-graphs
-b 150 --geometry 31b --mode qlora --seq 2048 --attention slimtune
 b 150 --geometry e2b --mode qlora --seq 2048 --attention slimtune --cuda-graphs --compile
 echo done

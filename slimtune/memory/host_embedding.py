@@ -33,6 +33,7 @@ class HostOffloadedEmbedding(nn.Module):
         self._copy_done = None
         self._prefetched = None
         self._static_rows: torch.Tensor | None = None
+        self._scale_on: torch.Tensor | None = None
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, pin: bool = True) -> "HostOffloadedEmbedding":
@@ -73,6 +74,12 @@ class HostOffloadedEmbedding(nn.Module):
         """
         self._prefetched = (ids_device, self._gather_to(ids_cpu, ids_device.device))
 
+    def _device_scale(self, device: torch.device) -> torch.Tensor:
+        """The scale on `device`, copied once (a per-call host→device copy would also break CUDA-graph capture)."""
+        if self._scale_on is None or self._scale_on.device != device:
+            self._scale_on = self.scale.to(device)
+        return self._scale_on
+
     def bind_static_rows(self, rows: torch.Tensor | None) -> None:
         """CUDA-graph mode: every forward returns these (tokens, dim) device rows, which the caller refills before
         each replay (a captured graph cannot run the CPU gather). None switches back to gathering per call."""
@@ -85,13 +92,13 @@ class HostOffloadedEmbedding(nn.Module):
                 raise RuntimeError(f"static embedding rows hold {self._static_rows.shape[0]} tokens, the batch has "
                                    f"{input_ids.numel()}: CUDA-graph steps need batches of one fixed shape")
             rows = self._static_rows
-            return (rows * self.scale.to(rows.device)).reshape(*input_ids.shape, self.embedding_dim)
+            return (rows * self._device_scale(rows.device)).reshape(*input_ids.shape, self.embedding_dim)
         pre, self._prefetched = self._prefetched, None
         if pre is not None and pre[0] is input_ids:
             rows = pre[1]
         else:  # ids we did not see coming (generation, multimodal id substitution): gather synchronously
             rows = self._gather_to(input_ids.to("cpu"), input_ids.device)
-        return (rows * self.scale.to(rows.device)).reshape(*input_ids.shape, self.embedding_dim)
+        return (rows * self._device_scale(rows.device)).reshape(*input_ids.shape, self.embedding_dim)
 
 
 def offload_per_layer_embeddings(model: nn.Module) -> bool:

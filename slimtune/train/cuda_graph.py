@@ -196,7 +196,7 @@ class GraphedTrainStep:
             torch.cuda.current_stream(self.device).wait_stream(side)
         else:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(self.graph):
                 self.outputs = self._body()
             self.graph.replay()  # capture only recorded the work: run it for this batch
         self.steps += 1

@@ -28,9 +28,11 @@ def _model(tiny_dir, device, dtype):
                                    offload_embeddings=False)
     offload_per_layer_embeddings(model)
     slimtune.add_lora(model, r=4, alpha=8, seed=3)
+    g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for layer in lora_modules(model).values():
-            layer.lora_B.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
+            w = layer.lora_B.weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.05)
     enable_checkpointing(model)
     model.train()
     return model
