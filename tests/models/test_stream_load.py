@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import slimtune
+from slimtune.adapt.experts_nf4 import NF4Experts
 from slimtune.adapt.quantize import is_nf4_linear, quantize_model_nf4
 from slimtune.errors import ModelLoadError
 from slimtune.memory.host_embedding import HostOffloadedEmbedding
@@ -90,9 +91,13 @@ def test_streamed_model_equals_from_pretrained(sharded, monkeypatch, variant, te
     assert (n_nf4 > 0) == four_bit and n_nf4 == sum(is_nf4_linear(x) for x in ref.modules())
     assert ours.get_output_embeddings().weight is ours.get_input_embeddings().weight
     assert all(not p.requires_grad and not p.is_meta for p in ours.parameters())
-    if variant == "26b-a4b":  # fused 3-D expert tensors are parameters, not nn.Linear: they stay 16-bit
+    if variant == "26b-a4b":  # fused 3-D expert tensors: NF4Experts under 4-bit (same bytes as the reference's)
         experts = ours.model.layers[0].experts
-        assert experts.gate_up_proj.dim() == 3 and experts.gate_up_proj.dtype == torch.float32
+        if four_bit:
+            assert isinstance(experts, NF4Experts) and experts.gate_up_proj.packed.dtype == torch.uint8
+            assert "model.layers.0.experts.down_proj.packed" in b
+        else:
+            assert experts.gate_up_proj.dim() == 3 and experts.gate_up_proj.dtype == torch.float32
     # train mode: bitsandbytes' CPU eval kernel cannot run the tiny model's odd widths; training dequantizes
     ref.train()
     ours.train()
