@@ -359,6 +359,16 @@ def test_merged_export_of_a_qlora_expert_run_reloads_with_our_logits(moe_path, t
     delta = qlora.model.layers[0].experts.adapters["down_proj"].delta_weight()
     assert torch.allclose(merged.model.layers[0].experts.down_proj,
                           plain.model.layers[0].experts.down_proj + delta, atol=1e-6)
+    # GGUF goes through the same 16-bit merge: the expert tensor it writes is the merged one, in bf16
+    import gguf
+    import numpy as np
+
+    out = export(run, "gguf-bf16", tmp_path / "gguf", progress=False)
+    (path,) = out.glob("*.gguf")
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.ffn_down_exps.weight")
+    values = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type))).float()
+    want = merged.model.layers[0].experts.down_proj.detach()
+    assert torch.equal(values.reshape(want.shape), want.to(torch.bfloat16).float())
 
 
 def test_planner_counts_26b_experts_as_4bit():
