@@ -15,8 +15,8 @@ from torch import nn
 from slimtune.adapt.experts_nf4 import NF4Experts, is_plain_experts
 from slimtune.adapt.quantize import make_nf4_linear, nf4_module_names
 from slimtune.memory.host_embedding import HostOffloadedEmbedding
-from slimtune.models.loader import attention_plan
 from slimtune.models.geometry import build_config
+from slimtune.models.loader import attention_plan
 from slimtune.models.registry import family_of
 
 

@@ -222,8 +222,9 @@ def stream_weights(model: nn.Module, folder: Path, shards: list[Path], *, device
                 del table
                 continue
             if mod_name in quantize and is_plain_experts(module):
-                nf4 = experts.get(mod_name) or NF4Experts.empty_like(module, want.dtype, device)
-                experts[mod_name] = nf4
+                if mod_name not in experts:
+                    experts[mod_name] = NF4Experts.empty_like(module, want.dtype, device)
+                nf4 = experts[mod_name]
                 _read_experts(reader, shard, key, getattr(nf4, attr), want.dtype)
                 if nf4.complete:
                     parent, _, child = mod_name.rpartition(".")

@@ -1,13 +1,12 @@
 """NF4 MoE experts (slimtune.adapt.experts_nf4) on the tiny 26B-A4B: the NF4 module computes what transformers'
 experts compute with the dequantized weights (outputs, input and expert-LoRA gradients), dequantizes only routed
-experts one at a time, loads by streaming one expert slice at a time, trains, merges and is planned as 4-bit."""
+experts one at a time, trains, merges and is planned as 4-bit. Streaming load (one expert slice per read, the
+same bytes and logits as from_pretrained + quantize_model_nf4) is checked in tests/models/test_stream_load.py."""
 
 import json
-import shutil
 import weakref
 
 import pytest
-import safetensors
 import torch
 import transformers
 from torch import nn
@@ -17,12 +16,8 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts
 import slimtune
 from slimtune.adapt import experts_nf4
 from slimtune.adapt.experts import experts_modules
-from slimtune.adapt.experts_nf4 import NF4ExpertStack, NF4Experts, quantize_experts_nf4
-from slimtune.adapt.quantize import quantize_model_nf4
+from slimtune.adapt.experts_nf4 import NF4Experts, NF4ExpertStack, quantize_experts_nf4
 from slimtune.errors import UnsupportedModelError
-from slimtune.models.loader import attention_plan, freeze
-from slimtune.models.registry import family_of
-from slimtune.models.tiny import build_tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:returning the tokenizer instead of the processor")
 
@@ -239,80 +234,6 @@ def test_training_with_finetune_experts_on_nf4_lowers_the_loss(moe_path):
     assert torch.equal(model.model.layers[0].experts.base_layer.gate_up_proj.packed, packed)  # base frozen
 
 
-@pytest.fixture(scope="module")
-def sharded_moe(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded-moe") / "model"
-    build_tiny_model(variant="26b-a4b", text_only=True).save_pretrained(out, max_shard_size="100KB")
-    from slimtune.models.tiny import write_tiny_model
-
-    src = write_tiny_model(tmp_path_factory.mktemp("moe-src") / "model", variant="26b-a4b", text_only=True)
-    for f in src.iterdir():
-        if not f.name.startswith("model") and not (out / f.name).exists():
-            shutil.copy(f, out / f.name)
-    return out
-
-
-class _Reads:
-    """safe_open wrapper logging (key, rows) of every tensor handed out."""
-
-    def __init__(self, handle, log):
-        self._h, self._log = handle, log
-
-    def __enter__(self):
-        self._h.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._h.__exit__(*exc)
-
-    def __getattr__(self, name):
-        return getattr(self._h, name)
-
-    def get_tensor(self, key):
-        self._log.append((key, None))
-        return self._h.get_tensor(key)
-
-    def get_slice(self, key):
-        outer, inner = self, self._h.get_slice(key)
-
-        class _Slice:
-            def get_shape(self):
-                return inner.get_shape()
-
-            def __getitem__(self, rows):
-                outer._log.append((key, (rows.start, rows.stop)))
-                return inner[rows]
-
-        return _Slice()
-
-
-def test_streamed_4bit_load_reads_each_expert_once_and_equals_the_reference(sharded_moe, monkeypatch):
-    log = []
-    real_open = safetensors.safe_open
-    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: _Reads(real_open(*a, **k), log))
-    ours, _ = slimtune.load_model(sharded_moe, dtype="float32", device="cpu", load_in_4bit=True,
-                                  attention="sdpa")
-    monkeypatch.undo()
-    num_experts = ours.config.num_experts
-    expert_reads = [(k, r) for k, r in log if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
-    keys = {k for k, _ in expert_reads}
-    assert len(keys) == 2 * ours.config.num_hidden_layers
-    # one row slice per expert, each read once; never the whole 3-D tensor
-    assert sorted(expert_reads) == sorted((k, (e, e + 1)) for k in keys for e in range(num_experts))
-    assert all(isinstance(layer.experts, NF4Experts) for layer in ours.model.layers)
-    ref = transformers.Gemma4ForCausalLM.from_pretrained(str(sharded_moe), dtype=torch.float32,
-                                                         attn_implementation=attention_plan(
-                                                             transformers.Gemma4ForCausalLM))
-    freeze(ref)
-    assert quantize_model_nf4(ref, family_of(ref), torch.float32, "cpu") > 2 * ours.config.num_hidden_layers
-    a, b = ref.state_dict(), ours.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ids = _ids(ours, t=17)
-    ref.train(), ours.train()  # bitsandbytes' CPU eval kernel cannot run the tiny widths; training dequantizes
-    with torch.no_grad():
-        assert torch.equal(ours(input_ids=ids).logits, ref(input_ids=ids).logits)
-
-
 def test_prequantized_checkpoint_gets_nf4_experts_too(moe_path, tmp_path):
     """transformers' bitsandbytes loading keeps 3-D experts 16-bit; load_in_4bit quantizes them afterwards."""
     from slimtune.export.merge_4bit import quantize_to_nf4
@@ -372,7 +293,7 @@ def test_merged_export_of_a_qlora_expert_run_reloads_with_our_logits(moe_path, t
 
 
 def test_planner_counts_26b_experts_as_4bit():
-    from slimtune.memory.estimate import NF4_BYTES_PER_PARAM, GIB
+    from slimtune.memory.estimate import GIB, NF4_BYTES_PER_PARAM
     from slimtune.memory.model_shape import read_model_shape
     from slimtune.memory.planner import predict
 
