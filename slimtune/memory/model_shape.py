@@ -1,9 +1,10 @@
 """The tensor sizes the memory estimate needs, read from a Gemma 4 config by building the model on the meta device.
 
 Everything here is counted, not assumed: parameters by role (what 4-bit loading stores in NF4: linears and MoE
-expert tensors; the PLE table; other frozen weights), and per decoder layer the widths that set its activation sizes: q/k/v projection widths (head_dim 256 on
-sliding layers, 512 on full layers; no k/v on KV-sharing consumer layers), the MLP width (doubled on E2B's shared
-layers), the sliding window, the PLE width and, on MoE layers, the expert width × top-k.
+expert tensors; the PLE table; other frozen weights), and per decoder layer the widths that set its activation
+sizes: q/k/v projection widths (head_dim 256 on sliding layers, 512 on full layers; no k/v on KV-sharing consumer
+layers), the MLP width (doubled on E2B's shared layers), the sliding window, the PLE width and, on MoE layers, the
+expert width × top-k.
 """
 
 from __future__ import annotations

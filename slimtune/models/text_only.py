@@ -40,7 +40,8 @@ def load_language_model(folder: Path, shards: list[Path], dtype: torch.dtype, *,
     """A frozen ``Gemma4ForCausalLM`` holding the decoder weights of a multimodal checkpoint, on ``device``.
 
     Read by the streaming reader (``stream_load.stream_weights``): one tensor at a time, linears of
-    ``quantize_family`` and the MoE experts straight to NF4, the PLE table straight into host memory when ``offload_ple``.
+    ``quantize_family`` and the MoE experts straight to NF4, the PLE table straight into host memory when
+    ``offload_ple``.
 
     Raises:
         ModelLoadError: the checkpoint lacks decoder tensors the model needs, or they have the wrong shape.
