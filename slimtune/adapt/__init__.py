@@ -2,8 +2,9 @@
 
 from slimtune.adapt.adapter_io import load_adapter, save_adapter
 from slimtune.adapt.experts import LoraExperts, experts_modules
+from slimtune.adapt.experts_nf4 import NF4Experts
 from slimtune.adapt.inject import add_lora, select_lora_targets, trainable_parameters
 from slimtune.adapt.lora import LoraLinear, lora_modules
 
-__all__ = ["LoraExperts", "LoraLinear", "add_lora", "experts_modules", "load_adapter", "lora_modules", "save_adapter", "select_lora_targets",
-           "trainable_parameters"]
+__all__ = ["LoraExperts", "LoraLinear", "NF4Experts", "add_lora", "experts_modules", "load_adapter", "lora_modules",
+           "save_adapter", "select_lora_targets", "trainable_parameters"]

@@ -27,8 +27,47 @@ EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # definition order in Gemma4TextE
 
 
 def is_experts_module(module: nn.Module) -> bool:
-    """A transformers fused-experts block we know how to adapt (Gemma4TextExperts, unwrapped)."""
-    return type(module).__name__ == "Gemma4TextExperts"
+    """A fused-experts block we know how to adapt, unwrapped: transformers' Gemma4TextExperts, or its NF4 stand-in
+    (slimtune.adapt.experts_nf4.NF4Experts, which imports this module: hence the name check)."""
+    return type(module).__name__ in ("Gemma4TextExperts", "NF4Experts")
+
+
+def expert_linear(x: torch.Tensor, weight, expert: int) -> torch.Tensor:
+    """x · W[expert]ᵀ for a 3-D expert weight: a 16-bit (E, out, in) tensor, or an NF4 stack (experts_nf4), which
+    dequantizes only that expert, inside its own autograd node."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight[expert])  # a view of the frozen weight; autocast casts only this slice
+    return weight.linear(x, expert)
+
+
+def route_to_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                     num_experts: int, run_expert) -> torch.Tensor:
+    """Σ_k top_k_weights[t, k] · run_expert(top_k_index[t, k], x_t) for every token t, expert by expert.
+
+    Tokens are sorted by expert once; `run_expert(expert, x (n, H)) -> (n, H)` is called only for experts that
+    received tokens, each on its own slice. Expert ids >= num_experts (expert-parallel sentinels) contribute
+    nothing, as in transformers' eager path.
+    """
+    top_k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    # One host sync per block for the group sizes (transformers' eager path syncs on nonzero the same way).
+    counts = torch.bincount(flat, minlength=num_experts)[:num_experts].tolist()
+    routed = sum(counts)
+    order = order[:routed]  # sentinel ids (>= E) sort last and are dropped
+    token = order // top_k
+    x = hidden_states[token]
+    pieces, start = [], 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        pieces.append(run_expert(expert, x[start:start + count]))
+        start += count
+    out = torch.zeros_like(hidden_states)
+    if not pieces:
+        return out
+    y = torch.cat(pieces) * top_k_weights.reshape(-1)[order, None]
+    return out.index_add_(0, token, y.to(out.dtype))
 
 
 class ExpertLora(nn.Module):
@@ -73,11 +112,12 @@ class ExpertLora(nn.Module):
 
 
 class LoraExperts(nn.Module):
-    """A frozen Gemma4TextExperts (``base_layer``) plus `ExpertLora` factors on some of its 3-D parameters.
+    """A frozen Gemma4TextExperts or NF4Experts (``base_layer``) plus `ExpertLora` factors on some of its 3-D
+    parameters.
 
     Same call signature and result as the base block: (hidden (T, H), top_k_index (T, k), top_k_weights (T, k))
-    -> (T, H). Tokens are sorted by expert once; each routed expert then runs on its slice of tokens. Expert ids
-    >= E (expert-parallel sentinels) contribute nothing, as in transformers' eager path.
+    -> (T, H), computed by `route_to_experts`. On an NF4 base the base product uses the dequantized expert weight
+    (one expert at a time, see experts_nf4); the LoRA term is the same.
     """
 
     def __init__(self, base_layer: nn.Module, params: list[str], *, r: int | dict, alpha: float | dict,
@@ -98,17 +138,18 @@ class LoraExperts(nn.Module):
 
     def _project(self, x: torch.Tensor, name: str, expert: int, base_w, lora) -> torch.Tensor:
         if lora is None:
-            return F.linear(x, base_w[expert])  # a view of the frozen weight; autocast casts only this slice
+            return expert_linear(x, base_w, expert)
         adapter = self.adapters[name]
         a, b = lora
         if not torch.is_grad_enabled():
             # Inference: fold this one expert's delta, W[e] + s·B_e@A_e, and run one matmul. Nothing is kept for
             # backward, the temporary is one expert's weight, and the arithmetic is PEFT's (bit-equal logits).
-            w = base_w[expert]
+            # An NF4 base gives its dequantized expert weight (a temporary as well).
+            w = base_w[expert] if isinstance(base_w, torch.Tensor) else base_w.dequantize(expert, x.dtype)
             return F.linear(x, torch.addmm(w, b[expert].to(w.dtype), a[expert].to(w.dtype), alpha=adapter.scaling))
         # Training: the update on the activations. Backward keeps only x and x·A_eᵀ (r columns); a folded weight
         # would be saved for backward, i.e. every routed expert's full delta alive at once.
-        out = F.linear(x, base_w[expert])
+        out = expert_linear(x, base_w, expert)
         # Outside autocast fp32 factors would meet 16-bit activations: cast the adapter input (as LoraLinear does)
         lora_in = x if torch.is_autocast_enabled(x.device.type) else x.to(adapter.lora_A.dtype)
         update = F.linear(F.linear(lora_in, a[expert]), b[expert]) * adapter.scaling
@@ -120,31 +161,15 @@ class LoraExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        top_k = top_k_index.shape[-1]
-        flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        # One host sync per block for the group sizes (transformers' eager path syncs on nonzero the same way).
-        counts = torch.bincount(flat, minlength=self.num_experts)[: self.num_experts].tolist()
-        routed = sum(counts)
-        order = order[:routed]  # sentinel ids (>= E) sort last and are dropped
-        token = order // top_k
-        x = hidden_states[token]
         lora = {n: a.factors() for n, a in self.adapters.items()}
         gate_up, down = base.gate_up_proj, base.down_proj
-        pieces, start = [], 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            h = self._project(x[start:start + count], "gate_up_proj", expert, gate_up, lora.get("gate_up_proj"))
+
+        def run_expert(expert: int, x: torch.Tensor) -> torch.Tensor:
+            h = self._project(x, "gate_up_proj", expert, gate_up, lora.get("gate_up_proj"))
             gate, up = h.chunk(2, dim=-1)
-            h = base.act_fn(gate) * up
-            pieces.append(self._project(h, "down_proj", expert, down, lora.get("down_proj")))
-            start += count
-        out = torch.zeros_like(hidden_states)
-        if not pieces:
-            return out
-        y = torch.cat(pieces) * top_k_weights.reshape(-1)[order, None]
-        return out.index_add_(0, token, y.to(out.dtype))
+            return self._project(base.act_fn(gate) * up, "down_proj", expert, down, lora.get("down_proj"))
+
+        return route_to_experts(hidden_states, top_k_index, top_k_weights, self.num_experts, run_expert)
 
 
 def experts_modules(model: nn.Module) -> dict[str, LoraExperts]:

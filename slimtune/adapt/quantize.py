@@ -1,7 +1,8 @@
 """NF4 (4-bit NormalFloat) base weights through bitsandbytes.
 
 Frozen linear weights become `bitsandbytes.nn.Linear4bit` modules (NF4, double-quantized statistics) that compute
-in the model's 16-bit dtype. Nothing frozen is upcast to fp32: that upcast is why the standard stack's QLoRA
+in the model's 16-bit dtype; MoE expert blocks become slimtune.adapt.experts_nf4.NF4Experts (the same format,
+stored per expert). Nothing frozen is upcast to fp32: that upcast is why the standard stack's QLoRA
 uses more memory than bf16 LoRA on E2B (its 2.35 B-parameter per-layer-embedding table becomes fp32).
 """
 
@@ -60,14 +61,25 @@ def make_nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype, device: torch
     return q
 
 
+def nf4_module_names(model: nn.Module, family: ModelFamily) -> list[str]:
+    """Every module 4-bit loading stores in NF4: the family's linears (Linear4bit) and the MoE expert blocks
+    (transformers' Gemma4TextExperts → slimtune.adapt.experts_nf4.NF4Experts)."""
+    experts = [name for name, module in model.named_modules() if type(module).__name__ == "Gemma4TextExperts"]
+    return quantizable_linear_names(model, family) + experts
+
+
 def quantize_model_nf4(model: nn.Module, family: ModelFamily, compute_dtype: torch.dtype, device) -> int:
-    """Replace the family's frozen linears by NF4 Linear4bit modules in place; returns how many were replaced."""
+    """Replace the family's frozen linears by NF4 Linear4bit modules and the MoE expert blocks by NF4Experts, in
+    place; returns how many modules were replaced."""
+    # experts_nf4 builds on this module (dequantize_parts): imported here, not at the top, to avoid the cycle
+    from slimtune.adapt.experts_nf4 import quantize_experts_nf4  # noqa: PLC0415
+
     names = quantizable_linear_names(model, family)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, make_nf4_linear(getattr(parent, child), compute_dtype, device))
-    return len(names)
+    return len(names) + quantize_experts_nf4(model, compute_dtype, device)
 
 
 def is_nf4_linear(module: nn.Module) -> bool:

@@ -1,8 +1,9 @@
 """Random weights of a real Gemma 4 geometry, built straight on the GPU (no checkpoint, no disk round trip).
 
 Parameters are created empty (meta) and materialised one module at a time on the device: linears that QLoRA
-quantizes become NF4 as soon as their random 16-bit weight exists, so the peak while building is the final
-footprint plus one linear. The per-layer-embedding table is filled on the GPU in slices and copied into pinned
+quantizes become NF4 as soon as their random 16-bit weight exists, and 26B-A4B's MoE expert tensors are drawn one
+expert matrix at a time straight into NF4 (experts_nf4), so the peak while building is the final footprint plus
+one linear (or one expert matrix). The per-layer-embedding table is filled on the GPU in slices and copied into pinned
 host memory (it never lives on the GPU). Buffers (RoPE frequencies, scales) are real: only parameters are empty.
 """
 
@@ -11,10 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimtune.adapt.quantize import make_nf4_linear, quantizable_linear_names
+from slimtune.adapt.experts_nf4 import NF4Experts, is_plain_experts
+from slimtune.adapt.quantize import make_nf4_linear, nf4_module_names
 from slimtune.memory.host_embedding import HostOffloadedEmbedding
-from slimtune.models.loader import attention_plan
 from slimtune.models.geometry import build_config
+from slimtune.models.loader import attention_plan
 from slimtune.models.registry import family_of
 
 
@@ -38,7 +40,7 @@ def build_random_model(variant: str, *, mode: str = "qlora", multimodal: bool = 
     """A Gemma 4 model of the real geometry with random frozen weights on `device`.
 
     Args:
-        variant: e2b | e4b | 26b-a4b | 31b. mode: "qlora" (NF4 linears) or "lora16" (16-bit linears).
+        variant: e2b | e4b | 26b-a4b | 31b. mode: "qlora" (NF4 linears and MoE experts) or "lora16" (16-bit).
         multimodal: include the vision/audio towers (Gemma4ForConditionalGeneration).
         offload_ple: keep the per-layer-embedding table in pinned host memory.
         tiny: the variant's tiny look-alike instead (CPU tests of this builder).
@@ -55,7 +57,9 @@ def build_random_model(variant: str, *, mode: str = "qlora", multimodal: bool = 
         # attention_plan: 5.24 declares the audio tower eager-only and refuses a blanket "sdpa"
         model = cls._from_config(config, attn_implementation=attention_plan(cls), dtype=dtype)
     family = family_of(model)
-    quantize = set(quantizable_linear_names(model, family)) if mode == "qlora" else set()
+    if mode not in ("qlora", "lora16"):
+        raise ValueError(f"mode must be 'qlora' or 'lora16', got {mode!r}")
+    quantize = set(nf4_module_names(model, family)) if mode == "qlora" else set()
     gen = torch.Generator(device).manual_seed(seed)
     text = model.get_decoder()
     ple = getattr(text, "embed_tokens_per_layer", None)
@@ -64,6 +68,14 @@ def build_random_model(variant: str, *, mode: str = "qlora", multimodal: bool = 
             weight = _host_table(tuple(ple.weight.shape), dtype, device, gen)
             text.embed_tokens_per_layer = HostOffloadedEmbedding(weight, scale=float(ple.embed_scale),
                                                                  padding_idx=ple.padding_idx, pin=False)
+            continue
+        if name in quantize and is_plain_experts(module):
+            nf4 = NF4Experts.empty_like(module, dtype, device)
+            for stack in (nf4.gate_up_proj, nf4.down_proj):
+                for e in range(stack.num_experts):
+                    stack.quantize_expert(e, _random((stack.out_features, stack.in_features), dtype, device, gen))
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, nf4)
             continue
         if name in quantize:
             lin = nn.Linear(module.in_features, module.out_features, bias=False, device=device, dtype=dtype)

@@ -3,7 +3,8 @@
 Every term counts real tensors, sized from the model's own widths (slimtune.memory.model_shape), for N = seq_len ×
 batch_size tokens and A = 2 bytes per 16-bit activation:
 
-static      NF4 linears 0.516 B/param (4-bit codes + double-quantized absmax, blocksize 64) or A B/param; other
+static      NF4 linears and MoE expert tensors (26B-A4B: 22.8 B of its 25 B parameters; slimtune.adapt.experts_nf4)
+            0.516 B/param (4-bit codes + double-quantized absmax, blocksize 64) or A B/param; other
             frozen weights A B/param; the PLE table only when it is not offloaded to the host; LoRA weights fp32
             (4 B), their gradients fp32 (4 B, backward and optimizer step only: zero_grad(set_to_none)), optimizer
             state 8 B/param (AdamW: two fp32 moments) or 2 B/param (8-bit AdamW).

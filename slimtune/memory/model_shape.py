@@ -1,9 +1,10 @@
 """The tensor sizes the memory estimate needs, read from a Gemma 4 config by building the model on the meta device.
 
-Everything here is counted, not assumed: parameters by role (quantizable linears, the PLE table, other frozen
-weights), and per decoder layer the widths that set its activation sizes: q/k/v projection widths (head_dim 256 on
-sliding layers, 512 on full layers; no k/v on KV-sharing consumer layers), the MLP width (doubled on E2B's shared
-layers), the sliding window, the PLE width and, on MoE layers, the expert width × top-k.
+Everything here is counted, not assumed: parameters by role (what 4-bit loading stores in NF4: linears and MoE
+expert tensors; the PLE table; other frozen weights), and per decoder layer the widths that set its activation
+sizes: q/k/v projection widths (head_dim 256 on sliding layers, 512 on full layers; no k/v on KV-sharing consumer
+layers), the MLP width (doubled on E2B's shared layers), the sliding window, the PLE width and, on MoE layers, the
+expert width × top-k.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class LayerShape:
 class ModelShape:
     """Counted sizes of a model (parameters by role, widths) for the memory estimate."""
 
-    quantizable: int  # parameters of the linears 4-bit loading turns into NF4
+    quantizable: int  # parameters 4-bit loading stores in NF4: the family's linears and the MoE expert tensors
     ple: int  # per-layer-embedding table parameters (host-offloadable)
     other: int  # every other frozen parameter (embeddings, norms, towers, PLE projections, routers)
     lora_in_out: tuple[tuple[int, int], ...]  # (in, out) of every LoRA target (language layers, all-linear)
@@ -60,7 +61,7 @@ def _read(model: str, multimodal: bool, text_only: bool = False, finetune_expert
     import transformers  # noqa: PLC0415
 
     from slimtune.adapt.inject import select_lora_targets  # noqa: PLC0415
-    from slimtune.adapt.quantize import quantizable_linear_names  # noqa: PLC0415
+    from slimtune.adapt.quantize import nf4_module_names  # noqa: PLC0415
     from slimtune.models import gemma4  # noqa: F401,PLC0415 - registers the family
     from slimtune.models.geometry import VARIANTS, build_config  # noqa: PLC0415
     from slimtune.models.registry import family_of  # noqa: PLC0415
@@ -79,7 +80,7 @@ def _read(model: str, multimodal: bool, text_only: bool = False, finetune_expert
     cls = transformers.Gemma4ForConditionalGeneration if multimodal else transformers.Gemma4ForCausalLM
     with torch.device("meta"):
         m = cls(config)
-    quant = set(quantizable_linear_names(m, family_of(m)))
+    quant = set(nf4_module_names(m, family_of(m)))  # owners: linears and expert blocks (experts.gate_up_proj)
     counts = {"quantizable": 0, "ple": 0, "other": 0}
     seen = set()
     for name, p in m.named_parameters():

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimtune.adapt.experts_nf4 import quantize_experts_nf4
 from slimtune.adapt.quantize import is_nf4_linear, quantize_model_nf4
 from slimtune.errors import ConfigError, ModelLoadError
 from slimtune.models import gemma4 as _gemma4  # noqa: F401 - registers the family
@@ -191,7 +192,8 @@ def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_
     Args:
         name_or_path: local Hugging Face folder, or a hub id (downloaded through huggingface_hub).
         dtype: weights/compute dtype ("bfloat16", "float16", "float32", a torch.dtype, or None for automatic).
-        load_in_4bit: quantize frozen linear weights to NF4 (bitsandbytes) while loading (QLoRA).
+        load_in_4bit: quantize frozen linear weights and MoE expert tensors to NF4 (bitsandbytes' format) while
+            loading (QLoRA).
         max_seq_length: longest sequence you intend to train on; checked against the model's limit.
         device: "cuda", "cpu", … (default: CUDA when available).
         offload_embeddings: keep the per-layer-embedding table (E2B/E4B: 2.35/2.8 B parameters) in pinned host
@@ -239,6 +241,8 @@ def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_
     freeze(model)
     if load_in_4bit and not any(is_nf4_linear(m) for m in model.modules()):  # from_pretrained fallback
         quantize_model_nf4(model, family, dtype, device)
+    if load_in_4bit:  # a pre-quantized checkpoint: transformers' bitsandbytes loading leaves 3-D experts 16-bit
+        quantize_experts_nf4(model, dtype, device)  # (no-op when streaming or quantize_model_nf4 did them)
     if offload:
         from slimtune.memory.host_embedding import offload_per_layer_embeddings  # noqa: PLC0415
 

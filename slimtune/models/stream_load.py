@@ -7,6 +7,9 @@ becomes its final form as soon as it is read, and is dropped before the next rea
 
 * linears that QLoRA quantizes (``quantizable_linear_names``) become bitsandbytes NF4 ``Linear4bit`` through
   ``make_nf4_linear``, the same function ``quantize_model_nf4`` uses, so codes and absmax are identical;
+* MoE expert tensors (26B-A4B's fused (E, out, in) ``gate_up_proj`` / ``down_proj``) under 4-bit loading are read
+  one expert (row slice) at a time into an ``NF4Experts`` through ``NF4ExpertStack.quantize_expert``, again what
+  ``quantize_model_nf4`` does: the 16-bit stack (1 GB per tensor on 26B-A4B) never exists;
 * every other parameter / persistent buffer is cast to the dtype transformers gives it and moved to the device;
 * the per-layer-embedding (PLE) table, when offloaded, is read in row slices straight into (pinned) host memory
   for ``HostOffloadedEmbedding``: it never visits the GPU and never exists twice on the host.
@@ -157,13 +160,23 @@ def _host_table(reader: _Reader, shard: Path, key: str, shape, dtype: torch.dtyp
     return table
 
 
+def _read_experts(reader: _Reader, shard: Path, key: str, stack, dtype: torch.dtype) -> None:
+    """One fused (E, out, in) expert tensor into its NF4ExpertStack, one expert (a row slice of the file) at a time,
+    each cast to the model's dtype first as a 16-bit weight would be: never more than one expert's matrix in 16 bits."""
+    for e in range(stack.num_experts):
+        weight = reader.read(shard, key, slice(e, e + 1))[0]
+        stack.quantize_expert(e, weight.to(dtype) if weight.is_floating_point() else weight)
+        del weight
+
+
 def stream_weights(model: nn.Module, folder: Path, shards: list[Path], *, device: torch.device,
                    quantize: set[str] = frozenset(), offload_ple: bool = False,
                    key_for: Callable[[str], str | None] = lambda name: name) -> nn.Module:
     """Fill a model built by ``build_empty`` from the checkpoint, tensor by tensor (see the module docstring).
 
     Args:
-        quantize: module names of nn.Linear modules to store as NF4 (compute dtype: their meta weight's dtype).
+        quantize: module names of nn.Linear modules and MoE expert blocks to store as NF4 (``nf4_module_names``;
+            compute dtype: their meta weights' dtype).
         offload_ple: put the per-layer-embedding table into HostOffloadedEmbedding instead of on ``device``.
         key_for: checkpoint key of a state-dict name (None: the model has no tensor for it on disk).
 
@@ -171,6 +184,7 @@ def stream_weights(model: nn.Module, folder: Path, shards: list[Path], *, device
         ModelLoadError: a parameter has no tensor in the checkpoint, a tensor has the wrong shape, or a shard is
             missing/corrupt (the message names the file).
     """
+    from slimtune.adapt.experts_nf4 import NF4Experts, is_plain_experts  # noqa: PLC0415
     from slimtune.adapt.quantize import make_nf4_linear  # noqa: PLC0415
     from slimtune.memory.host_embedding import HostOffloadedEmbedding  # noqa: PLC0415
 
@@ -190,6 +204,7 @@ def stream_weights(model: nn.Module, folder: Path, shards: list[Path], *, device
     plan = sorted(((where[key_for(n)], key_for(n), n) for n in targets if n != tied and key_for(n) in where),
                   key=lambda t: (str(t[0]), t[1]))
     pending: dict[str, dict[str, torch.Tensor]] = {}  # quantized linears waiting for their bias / weight
+    experts: dict[str, NF4Experts] = {}  # NF4 expert blocks waiting for their other tensor
     reader = _Reader()
     try:
         for shard, key, name in plan:
@@ -205,6 +220,15 @@ def stream_weights(model: nn.Module, folder: Path, shards: list[Path], *, device
                 setattr(text, _PLE, HostOffloadedEmbedding(table, scale=float(ple.embed_scale),
                                                            padding_idx=ple.padding_idx, pin=False))
                 del table
+                continue
+            if mod_name in quantize and is_plain_experts(module):
+                if mod_name not in experts:
+                    experts[mod_name] = NF4Experts.empty_like(module, want.dtype, device)
+                nf4 = experts[mod_name]
+                _read_experts(reader, shard, key, getattr(nf4, attr), want.dtype)
+                if nf4.complete:
+                    parent, _, child = mod_name.rpartition(".")
+                    setattr(modules[parent], child, experts.pop(mod_name))
                 continue
             tensor = reader.read(shard, key)
             if tensor.is_floating_point():
@@ -272,12 +296,12 @@ def stream_load(cls, folder: Path, shards: list[Path], *, dtype: torch.dtype, de
     (an unusual layout: the caller falls back to from_pretrained, which knows every renaming)."""
     import transformers  # noqa: PLC0415
 
-    from slimtune.adapt.quantize import quantizable_linear_names  # noqa: PLC0415
+    from slimtune.adapt.quantize import nf4_module_names  # noqa: PLC0415
 
     config = transformers.AutoConfig.from_pretrained(str(folder))
     model = build_empty(cls, config, dtype, attn_implementation)
     if missing_keys(model, key_to_shard(folder, shards), lambda n: n):
         return None
-    quantize = set(quantizable_linear_names(model, quantize_family)) if quantize_family is not None else set()
+    quantize = set(nf4_module_names(model, quantize_family)) if quantize_family is not None else set()
     stream_weights(model, folder, shards, device=device, quantize=quantize, offload_ple=offload_ple)
     return finish_like_from_pretrained(model, folder)

@@ -40,14 +40,15 @@ def load_language_model(folder: Path, shards: list[Path], dtype: torch.dtype, *,
     """A frozen ``Gemma4ForCausalLM`` holding the decoder weights of a multimodal checkpoint, on ``device``.
 
     Read by the streaming reader (``stream_load.stream_weights``): one tensor at a time, linears of
-    ``quantize_family`` straight to NF4, the PLE table straight into host memory when ``offload_ple``.
+    ``quantize_family`` and the MoE experts straight to NF4, the PLE table straight into host memory when
+    ``offload_ple``.
 
     Raises:
         ModelLoadError: the checkpoint lacks decoder tensors the model needs, or they have the wrong shape.
     """
     import transformers  # noqa: PLC0415
 
-    from slimtune.adapt.quantize import quantizable_linear_names  # noqa: PLC0415
+    from slimtune.adapt.quantize import nf4_module_names  # noqa: PLC0415
     from slimtune.models.stream_load import (  # noqa: PLC0415
         build_empty, finish_like_from_pretrained, key_to_shard, missing_keys, stream_weights)
 
@@ -58,7 +59,7 @@ def load_language_model(folder: Path, shards: list[Path], dtype: torch.dtype, *,
         raise ModelLoadError(f"{folder} lacks {len(missing)} language-model tensors (first: "
                              f"{[checkpoint_key_for(n) for n in missing[:3]]}); text_only=True needs a Gemma 4 "
                              "checkpoint whose decoder is stored under model.language_model.")
-    quantize = set(quantizable_linear_names(model, quantize_family)) if quantize_family is not None else set()
+    quantize = set(nf4_module_names(model, quantize_family)) if quantize_family is not None else set()
     stream_weights(model, folder, shards, device=torch.device(device), quantize=quantize, offload_ple=offload_ple,
                    key_for=checkpoint_key_for)
     finish_like_from_pretrained(model, folder)

@@ -25,6 +25,30 @@ def test_tiny_random_model_builds_and_trains(mode):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_qlora_26b_experts_are_built_in_nf4_one_expert_matrix_at_a_time(monkeypatch):
+    from slimtune.adapt.experts_nf4 import NF4Experts
+    from slimtune.bench import random_model
+
+    drawn = []
+    real = random_model._random
+    monkeypatch.setattr(random_model, "_random", lambda shape, *a: drawn.append(tuple(shape)) or real(shape, *a))
+    model = build_random_model("26b-a4b", mode="qlora", device="cpu", dtype=torch.float32, tiny=True)
+    monkeypatch.undo()
+    layers = model.model.layers
+    assert all(isinstance(layer.experts, NF4Experts) and layer.experts.complete for layer in layers)
+    assert max(len(s) for s in drawn) == 2  # never a 3-D 16-bit expert stack, only (out, in) matrices
+    e, gu = layers[0].experts.num_experts, layers[0].experts.gate_up_proj
+    assert drawn.count((gu.out_features, gu.in_features)) >= e * len(layers)
+    add_lora(model, r=4, finetune_experts=True)
+    ids = torch.randint(3, model.config.vocab_size, (1, 40))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and ".adapters." in n)
+    lora16 = build_random_model("26b-a4b", mode="lora16", device="cpu", dtype=torch.float32, tiny=True)
+    assert lora16.model.layers[0].experts.gate_up_proj.dim() == 3
+    with pytest.raises(ValueError, match="mode must be"):
+        build_random_model("26b-a4b", mode="nf4", device="cpu", tiny=True)
+
+
 def test_estimate_grows_with_context_and_shrinks_with_4bit(tiny_dir):
     small = estimate_training_memory("e2b", seq_len=2048, load_in_4bit=True)
     long = estimate_training_memory("e2b", seq_len=8192, load_in_4bit=True)

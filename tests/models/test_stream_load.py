@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import slimtune
+from slimtune.adapt.experts_nf4 import NF4Experts
 from slimtune.adapt.quantize import is_nf4_linear, quantize_model_nf4
 from slimtune.errors import ModelLoadError
 from slimtune.memory.host_embedding import HostOffloadedEmbedding
@@ -90,9 +91,13 @@ def test_streamed_model_equals_from_pretrained(sharded, monkeypatch, variant, te
     assert (n_nf4 > 0) == four_bit and n_nf4 == sum(is_nf4_linear(x) for x in ref.modules())
     assert ours.get_output_embeddings().weight is ours.get_input_embeddings().weight
     assert all(not p.requires_grad and not p.is_meta for p in ours.parameters())
-    if variant == "26b-a4b":  # fused 3-D expert tensors are parameters, not nn.Linear: they stay 16-bit
+    if variant == "26b-a4b":  # fused 3-D expert tensors: NF4Experts under 4-bit (same bytes as the reference's)
         experts = ours.model.layers[0].experts
-        assert experts.gate_up_proj.dim() == 3 and experts.gate_up_proj.dtype == torch.float32
+        if four_bit:
+            assert isinstance(experts, NF4Experts) and experts.gate_up_proj.packed.dtype == torch.uint8
+            assert "model.layers.0.experts.down_proj.packed" in b
+        else:
+            assert experts.gate_up_proj.dim() == 3 and experts.gate_up_proj.dtype == torch.float32
     # train mode: bitsandbytes' CPU eval kernel cannot run the tiny model's odd widths; training dequantizes
     ref.train()
     ours.train()
@@ -152,6 +157,7 @@ class _TrackingFile:
                 return inner.get_shape()
 
             def __getitem__(self, rows):
+                outer._log.setdefault("slices", []).append((key, rows.start, rows.stop))
                 return outer._track(key, inner[rows])
 
         return _Slice()
@@ -189,6 +195,23 @@ def test_one_tensor_at_a_time_and_no_fp32_weights(sharded, monkeypatch, four_bit
     if four_bit:
         nf4 = [m for m in model.modules() if is_nf4_linear(m)]
         assert nf4 and all(m.weight.dtype == torch.uint8 and m.compute_dtype == torch.bfloat16 for m in nf4)
+
+
+def test_4bit_experts_are_read_one_expert_slice_at_a_time(sharded, monkeypatch):
+    """26B-A4B under load_in_4bit: each fused expert tensor is read as one row slice per expert, each once, and
+    never whole, so the 16-bit (E, out, in) stack never exists; no read is alive at the next read."""
+    path = sharded("26b-a4b", True)
+    log = {"alive": {}, "alive_before_read": [], "reads": [], "peak": 0}
+    real_open = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: _TrackingFile(real_open(*a, **k), log))
+    model, _ = slimtune.load_model(path, dtype="bfloat16", device="cpu", load_in_4bit=True, attention="sdpa")
+    monkeypatch.undo()
+    experts = [k for k in set(log["reads"]) if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    n = model.config.num_experts
+    assert len(experts) == 2 * model.config.num_hidden_layers and max(log["alive_before_read"]) == 0
+    assert sorted(s for s in log["slices"] if s[0] in experts) == sorted((k, e, e + 1) for k in experts
+                                                                         for e in range(n))
+    assert all(isinstance(layer.experts, NF4Experts) for layer in model.model.layers)
 
 
 def test_offloaded_table_equals_the_checkpoint_rows(sharded):
