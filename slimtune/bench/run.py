@@ -164,7 +164,8 @@ def _planner_settings(mode: str, options: BenchOptions) -> dict:
     return dict(load_in_4bit=mode == "qlora", offload_ple=options.offload_ple, attention=options.attention,
                 gradient_checkpointing=options.gradient_checkpointing, loss_chunk_size=options.loss_chunk_size,
                 batch_size=1, grad_accum=1, lora_r=16, optimizer=options.optimizer,
-                activation_offload=options.activation_offload, mlp_chunk_size=options.mlp_chunk_size)
+                activation_offload=options.activation_offload, mlp_chunk_size=options.mlp_chunk_size,
+                cuda_graphs=options.cuda_graphs)
 
 
 def predicted_gib(variant: str, mode: str, seq: int, options: BenchOptions, multimodal: bool = False) -> float | None:

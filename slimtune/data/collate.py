@@ -72,6 +72,31 @@ def _collate_packed(examples: list[Example], pad_id: int) -> dict[str, torch.Ten
     return {"input_ids": ids, "position_ids": positions, "token_mask": token_mask, "targets": targets}
 
 
+def pad_batch_to(batch: dict[str, torch.Tensor], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a text batch to `width` tokens (fixed shapes for CUDA-graph steps); the loss is unchanged.
+
+    Pads are ignored targets outside every mask; packed position ids continue the last document, as in
+    ``collate``. Raises ValueError for a batch wider than `width` or with multimodal inputs.
+    """
+    have = batch["input_ids"].shape[1]
+    if have > width:
+        raise ValueError(f"batch is {have} tokens wide, more than the fixed width {width}")
+    extra = set(batch) - {"input_ids", "attention_mask", "targets", "position_ids", "token_mask"}
+    if extra:
+        raise ValueError(f"only text batches can be padded to a fixed width; this one has {sorted(extra)}")
+    if have == width:
+        return batch
+    fill = {"input_ids": pad_id, "attention_mask": 0, "targets": IGNORE_INDEX, "token_mask": 0}
+    out = {}
+    for key, t in batch.items():
+        if key == "position_ids":
+            tail = t[:, -1:] + torch.arange(1, width - have + 1)
+        else:
+            tail = torch.full((t.shape[0], width - have), fill[key], dtype=t.dtype)
+        out[key] = torch.cat([t, tail], dim=1)
+    return out
+
+
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
     """Number of tokens that contribute to the loss in this batch."""
     return int((batch["targets"] != IGNORE_INDEX).sum())

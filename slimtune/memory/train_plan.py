@@ -52,7 +52,7 @@ def _context(cfg) -> dict:
 
     cuda = cfg.device == "cuda" or (cfg.device is None and torch.cuda.is_available())
     return {"lora_r": cfg.lora_r, "attention": "slimtune" if cuda else "sdpa", "text_only": bool(cfg.text_only),
-            "finetune_experts": bool(cfg.finetune_experts),
+            "finetune_experts": bool(cfg.finetune_experts), "cuda_graphs": bool(cfg.cuda_graphs),
             "activation_bytes": 4 if cfg.dtype in ("float32", "fp32") else 2}
 
 
@@ -71,6 +71,8 @@ def plan_for_config(cfg) -> Plan:
     user = {k: getattr(cfg, k) for k in _PLANNED_FIELDS if k in explicit}
     if "grad_accum" in explicit:
         user["grad_accum"] = cfg.grad_accum
+    if cfg.cuda_graphs:  # a captured step cannot offload activations, use 8-bit AdamW or accumulate micro-batches
+        user.update(activation_offload=False, optimizer="adamw", batch_size=cfg.batch_size, grad_accum=1)
     return plan_memory(ref, cfg.max_seq_length, parse_memory_size(cfg.max_memory), **user, **_context(cfg))
 
 

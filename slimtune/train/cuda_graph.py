@@ -26,6 +26,7 @@ static-buffer plumbing, so CPU tests check the plumbing against the standard ste
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -123,10 +124,22 @@ class GraphedTrainStep:
 
     def close(self) -> None:
         """Leave graph mode: host tables gather per call again and the loss drops ignored rows again."""
-        for table in self.tables:
-            table.bind_static_rows(None)
-        self.model.slimtune_static_loss = False
+        self._bind(False)
         self.graph = None
+
+    def _bind(self, on: bool) -> None:
+        for table, rows in zip(self.tables, self.rows):
+            table.bind_static_rows(rows if on else None)
+        self.model.slimtune_static_loss = on
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Run other forwards (evaluation, generation) on the model in between steps, with its per-call paths."""
+        self._bind(False)
+        try:
+            yield
+        finally:
+            self._bind(True)
 
     def _check(self, cpu_batch: dict) -> None:
         if set(self.keys) != {k for k in cpu_batch if k in _GRAPH_INPUTS}:

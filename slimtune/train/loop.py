@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -13,11 +14,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimtune.adapt.adapter_io import save_adapter
-from slimtune.data.collate import count_real_tokens
+from slimtune.data.collate import count_real_tokens, pad_batch_to
 from slimtune.data.tokenize import Example
 from slimtune.errors import ConfigError
 from slimtune.train.checkpoint import ResumePoint, restore_adapter, restore_rng, save_checkpoint
 from slimtune.train.config import TrainConfig
+from slimtune.train.cuda_graph import GraphedTrainStep
 from slimtune.train.data_stream import DataStream, collate_share, epoch_order, steps_per_epoch
 from slimtune.train.distributed import (DistInfo, ParallelModel, all_reduce_sum, rank_rng_states,
                                         restore_rank_rng)
@@ -86,7 +88,16 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
                           "on some ranks and not others (each sees only its gradient shards). Use dtype "
                           "bfloat16, or distributed: ddp.")
     params = parallel.parameters()
-    optimizer = make_optimizer(params, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    graphs = bool(cfg.cuda_graphs)
+    if graphs and parallel.kind != "single":
+        raise ConfigError("cuda_graphs=true runs in one process (gradient reduction is not captured yet): "
+                          "train without torchrun/--nproc, or turn cuda_graphs off.")
+    capture = graphs and device.type == "cuda"  # elsewhere the same fixed-shape step runs eagerly (tests, CPU)
+    if graphs and not capture:
+        log("cuda_graphs: no CUDA device, so steps run eagerly (same fixed-shape inputs, no capture)")
+    optimizer = make_optimizer(params, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               fused=True if capture else None, capturable=capture)
+    graphed: GraphedTrainStep | None = None
     per_epoch = steps_per_epoch(len(examples), cfg.batch_size, cfg.grad_accum, info.world_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.03 * total))
@@ -128,10 +139,20 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
             window = [stream.next() for _ in range(cfg.grad_accum)]
             epoch = window[-1][0]
             batches = [collate_share(share, pad_id) for _, share in window]  # empty share → dummy batch
-            lr = scheduler.get_last_lr()[0]
-            loss, n_targets = accumulate_gradients(model, [b for b, _ in batches], device=device, dtype=dtype,
-                                                   scaler=scaler, parallel=parallel)
-            grad_norm = clip_and_step(params, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm, scaler=scaler)
+            lr = float(scheduler.get_last_lr()[0])  # a device tensor with cuda_graphs' capturable AdamW
+            if graphs:
+                fixed = pad_batch_to(batches[0][0], cfg.max_seq_length, pad_id)  # one shape for every replay
+                if graphed is None:
+                    graphed = GraphedTrainStep(model, params, optimizer, fixed, device=device, dtype=dtype,
+                                               max_grad_norm=cfg.max_grad_norm, capture=capture)
+                loss_t, norm_t, n_targets = graphed(fixed)
+                scheduler.step()
+                loss, grad_norm = float(loss_t), float(norm_t)
+            else:
+                loss, n_targets = accumulate_gradients(model, [b for b, _ in batches], device=device, dtype=dtype,
+                                                       scaler=scaler, parallel=parallel)
+                grad_norm = clip_and_step(params, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
+                                          scaler=scaler)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             n_tokens = int(all_reduce_sum([sum(count_real_tokens(b) for b, n in batches if n)], device)[0])
@@ -142,8 +163,9 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
             if device.type == "cuda":
                 record["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total):
-                record["eval_loss"], _ = evaluate(model, eval_examples, pad_id=pad_id, device=device, dtype=dtype,
-                                                  batch_size=cfg.batch_size, parallel=parallel)
+                with graphed.paused() if graphed is not None else contextlib.nullcontext():
+                    record["eval_loss"], _ = evaluate(model, eval_examples, pad_id=pad_id, device=device,
+                                                      dtype=dtype, batch_size=cfg.batch_size, parallel=parallel)
                 if tracker.update(step, record["eval_loss"]):  # same eval loss on every rank: same decision
                     best_state = parallel.adapter_state()  # a collective under FSDP2: every rank gathers
                     if main:
@@ -169,6 +191,8 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
                     "data": stream.state_dict(), "eval": tracker.state_dict(), "config": cfg.to_dict(),
                     "elapsed_s": time.perf_counter() - start, "rank_rng": rank_rng_states(info, device)})
     finally:
+        if graphed is not None:
+            graphed.close()
         bar.close()
         writer.close()
         tb.close()

@@ -38,7 +38,8 @@ def predict(rec: dict) -> float:
         gradient_checkpointing=opts.get("gradient_checkpointing", True), offload_ple=opts.get("offload_ple", True),
         attention=opts.get("attention", "sdpa"), loss_chunk_size=opts.get("loss_chunk_size", 0),
         activation_offload=opts.get("activation_offload", False), mlp_chunk_size=opts.get("mlp_chunk_size", 0),
-        optimizer=opts.get("optimizer", "adamw"), multimodal=rec.get("multimodal", False))["total_gib"]
+        optimizer=opts.get("optimizer", "adamw"), multimodal=rec.get("multimodal", False),
+        cuda_graphs=opts.get("cuda_graphs", False))["total_gib"]
 
 
 # Measured configurations the estimate is known to miss by more than the tolerance, with what was seen. They stay
@@ -47,14 +48,18 @@ KNOWN_MISSES = {
     # activation offload + tiled MLP + adamw8bit together at 8K: measured 3.629, estimated 3.191 (-12%). Each
     # technique alone is within 4% (4.156 vs 4.31; 4.175 vs 4.099): their savings do not add up on the GPU, and
     # which term then sets the peak is not understood yet.
-    ("results_gpu6_session2.jsonl", "e2b", "qlora", 8192, True, 2048, "adamw8bit"),
+    ("results_gpu6_session2.jsonl", "e2b", "qlora", 8192, True, 2048, "adamw8bit", False),
+    # CUDA graphs + compiled decoder layers at 8K: measured 4.928, estimated 5.468 (+11%). The estimate does not
+    # model compiled layers; at 8K inductor's fused kernels free what the graph pool otherwise holds (graphs alone:
+    # 5.304 measured vs 5.468), at 2K they do not (3.207 both ways).
+    ("results_gpu10_session3_ours.jsonl", "e2b", "qlora", 8192, False, 0, "adamw", True),
 }
 
 
 def _key(rec):
     o = rec["options"]
     return (rec["source"].split(":")[0], rec["variant"], rec["mode"], rec["seq"], o.get("activation_offload", False),
-            o.get("mlp_chunk_size", 0), o.get("optimizer", "adamw"))
+            o.get("mlp_chunk_size", 0), o.get("optimizer", "adamw"), o.get("compile_layers", False))
 
 
 def test_there_are_measurements_to_check():

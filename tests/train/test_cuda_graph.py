@@ -156,3 +156,34 @@ def test_captured_step_equals_eager_on_gpu(tiny_dir):
     a, b = _lora_state(graphed), _lora_state(eager)
     worst = max(float((a[k] - b[k]).norm() / (b[k].norm() + 1e-12)) for k in a)
     assert worst < 2e-2, worst
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_training_run_with_cuda_graphs_equals_the_standard_run(tiny_dir, tmp_path, one_thread, packing):
+    """`cuda_graphs: true` end to end (on CPU the fixed-shape step runs uncaptured): same losses, same adapter, and
+    the model leaves the run with its per-call paths back (chat after training must gather PLE rows per call)."""
+    from pathlib import Path
+
+    from slimtune.train.config import TrainConfig
+    from slimtune.train.run import train
+
+    data = Path(slimtune.__file__).parent / "data" / "default_data.jsonl"
+    base = dict(model=str(tiny_dir("e2b", text_only=True)), data=str(data), max_steps=4, lr=1e-3, batch_size=2,
+                max_seq_length=96, lora_r=4, device="cpu", seed=0, packing=packing, eval_fraction=0.1, eval_steps=2)
+    plain = train(TrainConfig(output=str(tmp_path / "a"), **base), log=lambda *_: None)
+    graphs = train(TrainConfig(output=str(tmp_path / "b"), cuda_graphs=True, **base), log=lambda *_: None)
+    assert [r["loss"] for r in graphs.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-5)
+    assert [r["eval_loss"] for r in graphs.history if "eval_loss" in r] == pytest.approx(
+        [r["eval_loss"] for r in plain.history if "eval_loss" in r], rel=1e-5)
+    assert [r["tokens"] for r in graphs.history] == [r["tokens"] for r in plain.history]  # pads are not counted
+
+
+def test_cuda_graphs_config_names_what_to_change(tmp_path):
+    from slimtune.train.config import TrainConfig
+
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(model="m", data="d", output=str(tmp_path), cuda_graphs=True, grad_accum=4, optimizer="adamw8bit",
+                    lora_dropout=0.1, dtype="float16")
+    text = str(err.value)
+    for fix in ("grad_accum=1", "optimizer adamw", "lora_dropout=0", "dtype bfloat16"):
+        assert fix in text
