@@ -93,6 +93,9 @@ class TrainSettings(BaseModel):
                                                "the memory settings left unset so the predicted peak fits.")
     activation_offload: bool = Field(default=False, description="Keep checkpointed layer inputs in pinned host "
                                                                 "memory: less GPU memory, a small speed cost.")
+    cuda_graphs: bool = Field(default=False, description="Capture each step as one CUDA graph: several times "
+                                                         "faster on short sequences; batches padded to max_seq_length, "
+                                                         "grad_accum 1, adamw, no activation offload.")
     mlp_chunk_size: int | None = Field(default=None, strict=True, description="Tiled MLP: tokens per chunk (0 = off); less "
                                                                  "memory on long sequences, slower.")
     optimizer: str | None = Field(default=None, max_length=32,
