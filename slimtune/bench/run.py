@@ -48,6 +48,8 @@ class BenchOptions:
     loss_chunk_size: int = 0
     finetune_vision_layers: bool = False
     finetune_audio_layers: bool = False
+    finetune_experts: bool = False
+    """MoE geometries (26b-a4b): LoRA on the fused expert tensors too."""
     cuda_graphs: bool = False
     """Capture the whole step as a CUDA graph after warm-up (slimtune.train.cuda_graph)."""
     extra: dict = field(default_factory=dict)
@@ -96,7 +98,8 @@ def bench_one(variant: str, mode: str, seq: int, *, steps: int = 6, multimodal: 
         enable_slimtune_attention(model)
     add_lora(model, r=16, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                      "up_proj", "down_proj"],
-             finetune_vision_layers=options.finetune_vision_layers, finetune_audio_layers=options.finetune_audio_layers)
+             finetune_vision_layers=options.finetune_vision_layers, finetune_audio_layers=options.finetune_audio_layers,
+             finetune_experts=options.finetune_experts)
     if options.mlp_chunk_size:
         tile_decoder_mlps(model, options.mlp_chunk_size)
     if options.compile_layers:
@@ -165,7 +168,7 @@ def _planner_settings(mode: str, options: BenchOptions) -> dict:
                 gradient_checkpointing=options.gradient_checkpointing, loss_chunk_size=options.loss_chunk_size,
                 batch_size=1, grad_accum=1, lora_r=16, optimizer=options.optimizer,
                 activation_offload=options.activation_offload, mlp_chunk_size=options.mlp_chunk_size,
-                cuda_graphs=options.cuda_graphs)
+                cuda_graphs=options.cuda_graphs, finetune_experts=options.finetune_experts)
 
 
 def predicted_gib(variant: str, mode: str, seq: int, options: BenchOptions, multimodal: bool = False) -> float | None:
@@ -191,6 +194,8 @@ def planned_options(variant: str, mode: str, seq: int, options: BenchOptions, bu
     """
     from slimtune.memory.planner import plan_memory  # noqa: PLC0415
 
+    if options.cuda_graphs:  # a captured step can neither offload activations nor use 8-bit AdamW
+        explicit = explicit | {"activation_offload", "optimizer"}
     fixed = {k: v for k, v in _planner_settings(mode, options).items() if k not in _PLANNED or k in explicit}
     plan = plan_memory(variant, seq, budget_bytes, multimodal=multimodal, **fixed)
     new = replace(options, **{k: plan.settings[k] for k in _PLANNED})

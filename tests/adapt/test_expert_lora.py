@@ -37,8 +37,8 @@ def moe_path(tiny_dir):
     return tiny_dir("26b-a4b", text_only=True)
 
 
-def _ours(path, **kw):
-    model, _ = slimtune.load_model(path, dtype="float32", device="cpu")
+def _ours(path, load_in_4bit=False, **kw):
+    model, _ = slimtune.load_model(path, dtype="float32", device="cpu", load_in_4bit=load_in_4bit)
     slimtune.add_lora(model, r=4, alpha=8, finetune_experts=True, **kw)
     return model
 
@@ -156,12 +156,15 @@ def test_bf16_autocast_with_checkpointing(moe_path):
     assert torch.allclose(runs[(True, True)][1], runs[(True, False)][1], rtol=1e-3, atol=1e-6)
 
 
-def test_training_steps_lower_the_loss(moe_path):
-    model = _ours(moe_path)
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["16bit-experts", "nf4-experts"])
+def test_training_steps_lower_the_loss(moe_path, load_in_4bit):
+    model = _ours(moe_path, load_in_4bit=load_in_4bit)
     ids = _ids(model, n=4, t=32, seed=3)
     experts = [p for n, p in model.named_parameters() if p.requires_grad and ".adapters." in n]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     before = [p.detach().clone() for p in experts]
+    frozen = {n: b.clone() for n, b in model.named_buffers() if n.endswith(".packed")}  # NF4 expert codes
+    assert bool(frozen) == load_in_4bit
     losses = []
     model.train()
     for _ in range(8):
@@ -172,6 +175,8 @@ def test_training_steps_lower_the_loss(moe_path):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3, losses
     assert all(not torch.equal(b, p) for b, p in zip(before, experts))  # expert factors train too
+    buffers = dict(model.named_buffers())
+    assert all(torch.equal(buffers[n], b) for n, b in frozen.items())  # the NF4 base stays frozen
 
 
 def test_save_load_round_trip(moe_path, tmp_path):

@@ -42,3 +42,18 @@ def test_max_memory_plans_per_configuration_and_records_what_does_not_fit(monkey
 def test_bench_refuses_a_bad_budget_before_looking_for_a_gpu(capsys):
     assert main(["bench", "--max-memory", "lots"]) == 2
     assert "cannot read the memory size 'lots'" in capsys.readouterr().err
+
+
+def test_budget_with_cuda_graphs_plans_only_what_a_captured_step_can_run():
+    """Under a tight budget the planner reaches for activation offload and 8-bit AdamW; with cuda_graphs it must
+    find another way (tiled MLP here) or say nothing fits, and the graph pool is part of the prediction."""
+    plain, _ = bench.planned_options("e2b", "qlora", 8192, bench.BenchOptions(attention="slimtune"), 4 * 2**30)
+    assert plain.activation_offload or plain.optimizer == "adamw8bit"
+    graphs, summary = bench.planned_options("e2b", "qlora", 8192,
+                                            bench.BenchOptions(attention="slimtune", cuda_graphs=True), 5 * 2**30)
+    assert graphs.cuda_graphs and not graphs.activation_offload and graphs.optimizer == "adamw"
+    assert "cuda_graph_pool" in summary
+    with_pool = bench.predicted_gib("e2b", "qlora", 8192, graphs)
+    without = bench.predicted_gib("e2b", "qlora", 8192, bench.BenchOptions(
+        attention="slimtune", mlp_chunk_size=graphs.mlp_chunk_size))
+    assert with_pool > without
