@@ -22,3 +22,5 @@ b 60 --geometry e4b --mode qlora --seq 2048,8192 --cuda-graphs
 b 40 --geometry e2b --mode qlora --seq 8192 --cuda-graphs --mlp-chunk-size 4096
 timeout 240 python3 -m pytest $T -m gpu tests/train/test_gpu_paths.py > "$OUT/tests_compiled.log" 2>&1
 echo "compiled rc=$?"; tail -5 "$OUT/tests_compiled.log" | cut -c1-400
+# 6. (nvidia-h200-x2) issue 9 scale-out, a separate call on the 2-GPU kind:
+#    timeout 560 python3 benchmarks/gpu/scaleout.py --geometry e4b --nproc 1,2 --seq 8192 --steps 8 --json $OUT/scaleout.jsonl

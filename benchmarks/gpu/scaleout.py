@@ -1,0 +1,105 @@
+"""Scale-out measurement (issue 9): the same QLoRA training run on 1 and on N GPUs, tokens/s and peak memory per GPU.
+
+`slimtune bench` measures one process; multi-GPU runs go through the real trainer (`slimtune train --nproc N`,
+torchrun underneath), so this script first writes a checkpoint of a real geometry with random weights, a tokenizer
+and a dataset of long plain-text rows, then trains on it with 1 and N processes and reads metrics.jsonl.
+
+Usage (GPU box, repository root; E4B's 16-bit checkpoint takes ~16 GB of disk):
+    python benchmarks/gpu/scaleout.py --geometry e4b --work /tmp/scaleout --nproc 1,2 --seq 8192 --json out.jsonl
+CPU smoke run (what tests/bench/test_scaleout_script.py does): --tiny --device cpu --nproc 1 --seq 64 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+
+
+def prepare(geometry: str, folder: Path, *, tiny: bool, device: str, rows: int, words_per_row: int) -> Path:
+    """Random-weight checkpoint + tokenizer + data.jsonl in `folder` (reused when already there)."""
+    from slimtune.bench.random_model import build_random_model
+    from slimtune.models.tokenizer_build import build_tokenizer
+
+    ckpt = folder / f"{geometry}{'-tiny' if tiny else ''}"
+    if not (ckpt / "config.json").is_file():
+        model = build_random_model(geometry, mode="lora16", device=device, offload_ple=False, tiny=tiny)
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        model.save_pretrained(tmp)
+        build_tokenizer().save_pretrained(tmp)
+        tmp.rename(ckpt)
+        del model
+    data = folder / f"data-{rows}x{words_per_row}.jsonl"
+    if not data.is_file():
+        rng = random.Random(0)
+        words = ("alpha beta gamma delta river mountain city light paper stone music garden window winter "
+                 "signal number market bridge forest engine").split()
+        tmp = data.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            for _ in range(rows):
+                f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(words_per_row))}) + "\n")
+        tmp.rename(data)
+    return ckpt
+
+
+def train(ckpt: Path, data: Path, out: Path, *, nproc: int, seq: int, steps: int, device: str) -> dict:
+    """One `slimtune train` run; returns the median tokens/s (after 2 warm-up steps) and peak memory per GPU."""
+    cmd = [sys.executable, "-m", "slimtune", "train", "--model", str(ckpt), "--data", str(data), "--output", str(out),
+           "--load-in-4bit", "--packing", "--max-seq-length", str(seq), "--max-steps", str(steps),
+           "--batch-size", "1", "--grad-accum", "1", "--device", device]
+    if nproc > 1:
+        cmd += ["--nproc", str(nproc)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"nproc": nproc, "seq": seq, "error": proc.stderr[-1500:]}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    timed = rows[2:] or rows
+    return {"nproc": nproc, "seq": seq, "steps": len(rows),
+            "tok_s": round(statistics.median(r["tokens_per_s"] for r in timed), 1),
+            "mem_gib_rank0": round(max(r.get("mem_gib", 0.0) for r in rows), 3),
+            "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--geometry", default="e4b")
+    ap.add_argument("--work", default="/tmp/scaleout")
+    ap.add_argument("--nproc", default="1,2")
+    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="the geometry's tiny look-alike (CPU smoke runs)")
+    ap.add_argument("--json", help="append one JSON line per run")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    counts = [int(n) for n in a.nproc.split(",")]
+    # every process gets `steps` packed sequences of `seq` tokens: enough rows for the largest run
+    rows, words = max(counts) * a.steps * 2, max(16, a.seq // 2)
+    ckpt = prepare(a.geometry, work, tiny=a.tiny, device=a.device, rows=rows, words_per_row=words)
+    data = work / f"data-{rows}x{words}.jsonl"
+    base = None
+    for n in counts:
+        result = {"probe": "scaleout", "geometry": a.geometry, "tiny": a.tiny,
+                  **train(ckpt, data, work / f"run-{a.geometry}-{n}", nproc=n, seq=a.seq, steps=a.steps,
+                          device=a.device)}
+        if "tok_s" in result:
+            base = base or result["tok_s"] / n
+            result["speedup_vs_1"] = round(result["tok_s"] / base, 2) if base else None
+        result["torch"] = torch.__version__
+        print(json.dumps(result), flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
