@@ -48,6 +48,8 @@ class BenchOptions:
     loss_chunk_size: int = 0
     finetune_vision_layers: bool = False
     finetune_audio_layers: bool = False
+    recompute_norms: bool = False
+    """RMSNorms save their 16-bit input (slimtune.adapt.rms_norm)."""
     finetune_experts: bool = False
     """MoE geometries (26b-a4b): LoRA on the fused expert tensors too."""
     cuda_graphs: bool = False
@@ -102,6 +104,10 @@ def bench_one(variant: str, mode: str, seq: int, *, steps: int = 6, multimodal: 
              finetune_experts=options.finetune_experts)
     if options.mlp_chunk_size:
         tile_decoder_mlps(model, options.mlp_chunk_size)
+    if options.recompute_norms:
+        from slimtune.adapt.rms_norm import swap_rms_norms  # noqa: PLC0415
+
+        swap_rms_norms(model)
     if options.compile_layers:
         from slimtune.adapt.compile import compile_decoder_layers  # noqa: PLC0415
 
@@ -168,7 +174,8 @@ def _planner_settings(mode: str, options: BenchOptions) -> dict:
                 gradient_checkpointing=options.gradient_checkpointing, loss_chunk_size=options.loss_chunk_size,
                 batch_size=1, grad_accum=1, lora_r=16, optimizer=options.optimizer,
                 activation_offload=options.activation_offload, mlp_chunk_size=options.mlp_chunk_size,
-                cuda_graphs=options.cuda_graphs, finetune_experts=options.finetune_experts)
+                cuda_graphs=options.cuda_graphs, finetune_experts=options.finetune_experts,
+                recompute_norms=options.recompute_norms)
 
 
 def predicted_gib(variant: str, mode: str, seq: int, options: BenchOptions, multimodal: bool = False) -> float | None:

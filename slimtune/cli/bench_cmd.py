@@ -19,6 +19,7 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--activation-offload", action="store_true",
                    help="keep checkpointed decoder-layer inputs in pinned host memory")
+    p.add_argument("--recompute-norms", action="store_true", help="RMSNorms save their 16-bit input, not fp32")
     p.add_argument("--finetune-experts", action="store_true", help="26b-a4b: LoRA on the fused expert tensors too")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture each training step as one CUDA graph after 2 warm-up steps")
@@ -48,7 +49,7 @@ def run(args) -> int:
                         loss_chunk_size=args.loss_chunk_size or 0,
                         finetune_vision_layers=args.finetune_vision_layers,
                         finetune_audio_layers=args.finetune_audio_layers, cuda_graphs=args.cuda_graphs,
-                        finetune_experts=args.finetune_experts)
+                        finetune_experts=args.finetune_experts, recompute_norms=args.recompute_norms)
     explicit = frozenset(name for name, given in (("gradient_checkpointing", args.no_gradient_checkpointing),
                                                   ("loss_chunk_size", args.loss_chunk_size is not None),
                                                   ("activation_offload", args.activation_offload),

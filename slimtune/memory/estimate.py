@@ -63,7 +63,8 @@ def estimate_training_memory(model: str, *, seq_len: int, batch_size: int = 1, l
                              lora_r: int = 16, gradient_checkpointing: bool = True, offload_ple: bool = True,
                              attention: str = "slimtune", activation_offload: bool = False, mlp_chunk_size: int = 0,
                              loss_chunk_size: int = 0, optimizer: str = "adamw", multimodal: bool = False,
-                             activation_bytes: int = 2, cuda_graphs: bool = False) -> dict:
+                             activation_bytes: int = 2, cuda_graphs: bool = False,
+                             recompute_norms: bool = False) -> dict:
     """Estimated peak GPU memory of LoRA/QLoRA training.
 
     Args:
@@ -84,7 +85,8 @@ def estimate_training_memory(model: str, *, seq_len: int, batch_size: int = 1, l
                            gradient_checkpointing=gradient_checkpointing, offload_ple=offload_ple,
                            attention=attention, activation_offload=activation_offload,
                            mlp_chunk_size=mlp_chunk_size, loss_chunk_size=loss_chunk_size, optimizer=optimizer,
-                           activation_bytes=activation_bytes, cuda_graphs=cuda_graphs)
+                           activation_bytes=activation_bytes, cuda_graphs=cuda_graphs,
+                           recompute_norms=recompute_norms)
     return {"total_gib": round(sum(terms["breakdown"].values()) / GIB, 3),
             "breakdown": {k: round(v / GIB, 3) for k, v in terms["breakdown"].items()}, "phase": terms["phase"]}
 
@@ -106,7 +108,7 @@ def check_settings(*, seq_len, batch_size, lora_r, attention, optimizer, mlp_chu
 def training_terms(shape: ModelShape, *, seq_len: int, batch_size: int, load_in_4bit: bool, lora_r: int,
                    gradient_checkpointing: bool, offload_ple: bool, attention: str, activation_offload: bool,
                    mlp_chunk_size: int, loss_chunk_size: int, optimizer: str, activation_bytes: int = 2,
-                   cuda_graphs: bool = False) -> dict:
+                   cuda_graphs: bool = False, recompute_norms: bool = False) -> dict:
     """The estimate's terms in bytes: {"breakdown": {term: bytes}, "phase": which phase is the peak}."""
     a = activation_bytes
     n = seq_len * batch_size
@@ -130,13 +132,13 @@ def training_terms(shape: ModelShape, *, seq_len: int, batch_size: int, load_in_
         boundary = {"checkpointed_activations": n * h * a * kept_layers, "per_layer_inputs": ple_inputs,
                     "attention_mask": dense_mask}
         working = max(_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention, mlp_chunk_size,
-                                   saved=True, transient=True) for lay in layers)
+                                   recompute_norms, saved=True, transient=True) for lay in layers)
     else:  # every layer's saved activations stay from the forward; the backward adds only its transients
         saved_all = sum(_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention, mlp_chunk_size,
-                                     saved=True, transient=False) for lay in layers)
+                                   recompute_norms, saved=True, transient=False) for lay in layers)
         boundary = {"saved_activations": saved_all, "per_layer_inputs": ple_inputs, "attention_mask": dense_mask}
         working = max(_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention, mlp_chunk_size,
-                                   saved=False, transient=True) for lay in layers)
+                                   recompute_norms, saved=False, transient=True) for lay in layers)
     chunk = min(loss_chunk_size or default_loss_chunk(shape.vocab), n)
     loss_phase = {
         "loss_chunk": chunk * shape.vocab * (4 + a),  # fp32 logits + 16-bit dz, reused by every chunk
@@ -157,16 +159,17 @@ def _window_cuts(layers: tuple[LayerShape, ...], seq_len: int) -> bool:
 
 
 def _layer_bytes(lay: LayerShape, h: int, n: int, batch: int, seq: int, lora_r: int, a: int, attention: str,
-                 mlp_chunk: int, *, saved: bool, transient: bool) -> float:
+                 mlp_chunk: int, recompute_norms: bool = False, *, saved: bool, transient: bool) -> float:
     """Bytes one decoder layer's autograd graph saves (saved) and adds at its backward (transient)."""
     total = 0.0
     mlp_tokens = min(mlp_chunk, n) if mlp_chunk else n  # tiled MLP: one chunk of intermediates at a time
     inter = lay.inter + lay.moe_inter
     if saved:
         h_norms = 4 + (1 if lay.ple_dim else 0) + (3 if lay.moe_inter else 0)
+        norm_bytes = a if recompute_norms else 4  # recompute_norms: the 16-bit input, not its fp32 upcast
         per_token = (
-            h_norms * 4 * h  # each RMSNorm saves its input upcast to fp32
-            + 4 * (lay.q_dim + 2 * lay.kv_dim)  # q_norm, k_norm, v_norm (fp32)
+            h_norms * norm_bytes * h  # each RMSNorm saves its input (transformers: upcast to fp32)
+            + norm_bytes * (lay.q_dim + 2 * lay.kv_dim)  # q_norm, k_norm, v_norm
             + 2 * a * h  # normed inputs of the attention and MLP projections
             + a * (lay.q_dim + 2 * lay.kv_dim)  # q, k, v after RoPE (saved by attention)
             + 2 * a * lay.q_dim  # attention output, and its contiguous copy feeding o_proj

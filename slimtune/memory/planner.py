@@ -24,7 +24,8 @@ _GRADED = ("mlp_chunk_size", "loss_chunk_size", "batch_size")
 _MLP_CHUNKS = (0, 4096, 2048, 1024, 512)
 _LOSS_CHUNKS = (0, 256, 128, 64)
 _FIXED_DEFAULTS = {"grad_accum": 1, "lora_r": 16, "attention": "slimtune", "multimodal": False,
-                   "text_only": False, "finetune_experts": False, "activation_bytes": 2, "cuda_graphs": False}
+                   "text_only": False, "finetune_experts": False, "activation_bytes": 2, "cuda_graphs": False,
+                   "recompute_norms": False}
 UNMEASURED_MARGIN = 0.85
 """Share of the budget a prediction may use where no H200 measurement backs the estimate yet (runs without
 gradient checkpointing): turning checkpointing off is a speed gain, not worth an out-of-memory on a guess."""
@@ -119,7 +120,7 @@ def _predict(model: str, seq_len: int, s: dict, budget: int | None = None) -> Pl
     shape = read_model_shape(model, s["multimodal"], s["text_only"], s["finetune_experts"])
     args = {k: s[k] for k in ("batch_size", "load_in_4bit", "lora_r", "gradient_checkpointing", "offload_ple",
                               "attention", "activation_offload", "mlp_chunk_size", "loss_chunk_size", "optimizer",
-                              "activation_bytes", "cuda_graphs")}
+                              "activation_bytes", "cuda_graphs", "recompute_norms")}
     terms = training_terms(shape, seq_len=seq_len, **args)
     total = sum(terms["breakdown"].values())
     return Plan(model=model, seq_len=seq_len, settings=dict(s), predicted_bytes=total, phase=terms["phase"],

@@ -53,6 +53,7 @@ def _context(cfg) -> dict:
     cuda = cfg.device == "cuda" or (cfg.device is None and torch.cuda.is_available())
     return {"lora_r": cfg.lora_r, "attention": "slimtune" if cuda else "sdpa", "text_only": bool(cfg.text_only),
             "finetune_experts": bool(cfg.finetune_experts), "cuda_graphs": bool(cfg.cuda_graphs),
+            "recompute_norms": bool(cfg.recompute_norms),
             "activation_bytes": 4 if cfg.dtype in ("float32", "fp32") else 2}
 
 

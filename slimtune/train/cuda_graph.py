@@ -143,7 +143,8 @@ class GraphedTrainStep:
 
     def _check(self, cpu_batch: dict) -> None:
         if set(self.keys) != {k for k in cpu_batch if k in _GRAPH_INPUTS}:
-            raise ConfigError(f"cuda_graphs: batch keys {sorted(cpu_batch)} differ from the captured step's {self.keys}")
+            raise ConfigError(f"cuda_graphs: batch keys {sorted(cpu_batch)} differ from the captured step's "
+                              f"{self.keys}")
         for k in self.keys:
             if tuple(cpu_batch[k].shape) != self.shapes[k]:
                 raise ConfigError(f"cuda_graphs: batch {k} has shape {tuple(cpu_batch[k].shape)}, the captured step "

@@ -15,6 +15,7 @@ from slimtune.data.tokenize import tokenize_rows, text_tokenizer
 from slimtune.errors import DataError, TrainingOutOfMemoryError
 from slimtune.memory.activation_offload import enable_activation_offload
 from slimtune.memory.tiled_mlp import tile_decoder_mlps
+from slimtune.adapt.rms_norm import swap_rms_norms
 from slimtune.models.loader import load_model
 from slimtune.train.checkpoint import check_resume_config, find_resume_point
 from slimtune.train.config import TrainConfig
@@ -61,6 +62,8 @@ def prepare_model(cfg: TrainConfig, device: str | None = None):
              finetune_experts=cfg.finetune_experts)
     if cfg.mlp_chunk_size:
         tile_decoder_mlps(model, cfg.mlp_chunk_size)
+    if cfg.recompute_norms:
+        swap_rms_norms(model)
     model.slimtune_loss_chunk_size = cfg.loss_chunk_size or None  # read by train.loss.loss_sum (None = auto)
     if cfg.gradient_checkpointing:
         # Non-reentrant: reentrant checkpointing drops the gradients that flow from KV-consumer layers back

@@ -39,7 +39,7 @@ def predict(rec: dict) -> float:
         attention=opts.get("attention", "sdpa"), loss_chunk_size=opts.get("loss_chunk_size", 0),
         activation_offload=opts.get("activation_offload", False), mlp_chunk_size=opts.get("mlp_chunk_size", 0),
         optimizer=opts.get("optimizer", "adamw"), multimodal=rec.get("multimodal", False),
-        cuda_graphs=opts.get("cuda_graphs", False))["total_gib"]
+        cuda_graphs=opts.get("cuda_graphs", False), recompute_norms=opts.get("recompute_norms", False))["total_gib"]
 
 
 # Measured configurations the estimate is known to miss by more than the tolerance, with what was seen. They stay

@@ -104,3 +104,16 @@ def test_text_only_counts_only_the_language_model_of_a_multimodal_checkpoint(tin
     assert text.predicted_bytes < full.predicted_bytes  # the towers' weights are not loaded
     same = predict(tiny_dir("e2b", text_only=True), 256, load_in_4bit=False)
     assert text.predicted_bytes == same.predicted_bytes  # exactly what a text-only checkpoint of that decoder needs
+
+
+def test_recompute_norms_halves_the_norm_terms_and_lengthens_the_context():
+    """RMSNorms saving 16-bit inputs instead of fp32 copies: a smaller layer working set, a longer context."""
+    from slimtune.memory.planner import longest_context, predict
+
+    fp32 = predict("e2b", 8192, load_in_4bit=True)
+    lean = predict("e2b", 8192, load_in_4bit=True, recompute_norms=True)
+    assert lean.breakdown["weights"] == fp32.breakdown["weights"]
+    assert lean.predicted_gib < fp32.predicted_gib - 0.1
+    budget = 8 * 2**30
+    assert longest_context("e2b", budget, load_in_4bit=True, recompute_norms=True, multiple_of=1024) > \
+        longest_context("e2b", budget, load_in_4bit=True, multiple_of=1024)
