@@ -6,6 +6,7 @@
 # 3. 26B-A4B QLoRA at 2K with NF4 experts (issue 9: <= 20 GiB), without and with expert LoRA (8-bit AdamW).
 # 4. The longest QLoRA context the planner fits in 8 GiB (53,248 tokens), measured.
 # 5. CUDA graphs on E4B, and graphs + tiled MLP at 8K (planned 4.81 GiB: the 8K <= 4.5 GiB target with graphs?).
+# 6. --recompute-norms (unmeasured): memory and speed beside eager, with graphs + compile, the 67K context in 8 GiB.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -20,7 +21,10 @@ b 150 --geometry 26b-a4b --mode qlora --seq 2048 --finetune-experts --optimizer 
 b 150 --geometry e2b --mode qlora --seq 53248 --steps 3 --max-memory 8GiB
 b 60 --geometry e4b --mode qlora --seq 2048,8192 --cuda-graphs
 b 40 --geometry e2b --mode qlora --seq 8192 --cuda-graphs --mlp-chunk-size 4096
+b 60 --geometry e2b --mode qlora --seq 2048,8192 --recompute-norms        # vs eager rows: memory and speed
+b 60 --geometry e2b --mode qlora --seq 8192 --recompute-norms --cuda-graphs --compile
+b 200 --geometry e2b --mode qlora --seq 67584 --steps 3 --max-memory 8GiB --recompute-norms
 timeout 240 python3 -m pytest $T -m gpu tests/train/test_gpu_paths.py > "$OUT/tests_compiled.log" 2>&1
 echo "compiled rc=$?"; tail -5 "$OUT/tests_compiled.log" | cut -c1-400
-# 6. (nvidia-h200-x2) issue 9 scale-out, a separate call on the 2-GPU kind:
+# 7. (nvidia-h200-x2) issue 9 scale-out, a separate call on the 2-GPU kind:
 #    timeout 560 python3 benchmarks/gpu/scaleout.py --geometry e4b --nproc 1,2 --seq 8192 --steps 8 --json $OUT/scaleout.jsonl
