@@ -187,3 +187,18 @@ def test_cuda_graphs_config_names_what_to_change(tmp_path):
     text = str(err.value)
     for fix in ("grad_accum=1", "optimizer adamw", "lora_dropout=0", "dtype bfloat16"):
         assert fix in text
+
+
+def test_mostly_padded_graph_batches_get_a_hint(tiny_dir, tmp_path, one_thread, capsys):
+    from pathlib import Path
+
+    from slimtune.train.config import TrainConfig
+    from slimtune.train.run import train
+
+    data = Path(slimtune.__file__).parent / "data" / "default_data.jsonl"
+    lines = []
+    train(TrainConfig(model=str(tiny_dir("e2b", text_only=True)), data=str(data), output=str(tmp_path / "r"),
+                      max_steps=20, batch_size=1, max_seq_length=512, lora_r=4, device="cpu", cuda_graphs=True),
+          log=lines.append)
+    out = capsys.readouterr().out  # the training loop writes through tqdm (above the progress bar)
+    assert "% of each padded batch is padding" in out and "--packing" in out, out[-2000:]
