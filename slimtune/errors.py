@@ -31,3 +31,7 @@ class KernelUnavailableError(SlimtuneError):
 
 class TrainingOutOfMemoryError(SlimtuneError):
     """A training step did not fit in GPU memory; the message names the settings to change."""
+
+
+class TrainingDivergedError(SlimtuneError):
+    """The loss or the gradients stayed NaN/inf for several steps in a row (those updates were skipped)."""

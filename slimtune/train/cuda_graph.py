@@ -56,8 +56,9 @@ def graph_step_problems(model: nn.Module, optimizer, *, dtype: torch.dtype, grad
         problems.append("activation_offload copies on side streams with host events: turn one of them off")
     if distributed:
         problems.append("multi-process runs: gradient reduction is not captured yet")
-    if capture and not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("capturable")):
-        problems.append("the optimizer must be torch AdamW built with capturable=True (optimizer adamw)")
+    if capture and not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("capturable")
+                        and optimizer.defaults.get("fused")):
+        problems.append("the optimizer must be torch AdamW built with fused=True, capturable=True (optimizer adamw)")
     dropouts = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
     if dropouts:
         problems.append(f"dropout is active ({dropouts[0]} p>0; e.g. lora_dropout): set it to 0")
@@ -126,6 +127,8 @@ class GraphedTrainStep:
         """Leave graph mode: host tables gather per call again and the loss drops ignored rows again."""
         self._bind(False)
         self.graph = None
+        if hasattr(self.optimizer, "found_inf"):  # a graph-owned tensor: later eager steps must not read it
+            del self.optimizer.found_inf
 
     def _bind(self, on: bool) -> None:
         for table, rows in zip(self.tables, self.rows):
@@ -189,7 +192,13 @@ class GraphedTrainStep:
             loss = loss_sum(self.model, self.static) * self.loss_scale
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.limit, foreach=self.device.type == "cuda")
-        self.optimizer.step()
+        if self.optimizer.defaults.get("fused"):
+            # The fused AdamW skips its update (and step count) where found_inf is set: a NaN/inf gradient is
+            # never applied, without a host sync (slimtune.train.guard counts such steps)
+            self.optimizer.found_inf = (~torch.isfinite(norm)).to(torch.float32)
+            self.optimizer.step()
+        elif bool(torch.isfinite(norm)):  # uncaptured only (capture needs the fused AdamW): a host check is fine
+            self.optimizer.step()
         return loss.detach(), norm.detach()
 
     def __call__(self, cpu_batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:

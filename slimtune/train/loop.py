@@ -23,6 +23,7 @@ from slimtune.train.cuda_graph import GraphedTrainStep
 from slimtune.train.data_stream import DataStream, collate_share, epoch_order, steps_per_epoch
 from slimtune.train.distributed import (DistInfo, ParallelModel, all_reduce_sum, rank_rng_states,
                                         restore_rank_rng)
+from slimtune.train.guard import NonFiniteGuard
 from slimtune.train.evaluate import EvalTracker, evaluate, save_best
 from slimtune.train.metrics import MetricsWriter, TensorBoardLogger, read_metrics, truncate_metrics
 from slimtune.train.optimizer import make_optimizer
@@ -105,6 +106,7 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
     scheduler = make_scheduler(optimizer, warmup=min(warmup, total), total=total, kind=cfg.lr_scheduler)
     # fp16 has too little range for small gradients: scale the loss (bf16 and fp32 do not need it).
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    guard = NonFiniteGuard(fp16=scaler is not None, lr=cfg.lr)
     stream = DataStream(examples, cfg.batch_size, cfg.seed, rank=info.rank, world_size=info.world_size)
     tracker = EvalTracker(cfg.early_stopping_patience)
     history: list[dict] = []
@@ -168,6 +170,9 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
                       "step_s": dt, "elapsed_s": time.perf_counter() - start}
             if device.type == "cuda":
                 record["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if guard.update(step, loss, grad_norm):  # raises when it keeps happening
+                record["skipped"] = True
+                log(f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; the update was skipped")
             if eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total):
                 with graphed.paused() if graphed is not None else contextlib.nullcontext():
                     record["eval_loss"], _ = evaluate(model, eval_examples, pad_id=pad_id, device=device,

@@ -87,7 +87,9 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict], *, device:
 
 def clip_and_step(params: list[nn.Parameter], optimizer, scheduler, *, max_grad_norm: float,
                   scaler=None) -> float:
-    """Unscale (fp16), clip, step the optimizer and scheduler; returns the pre-clip global grad norm."""
+    """Unscale (fp16), clip, step the optimizer and scheduler; returns the pre-clip global grad norm.
+
+    A non-finite norm skips the optimizer step (the scheduler still advances, as for fp16's skipped steps)."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     limit = max_grad_norm if max_grad_norm > 0 else math.inf
@@ -97,8 +99,9 @@ def clip_and_step(params: list[nn.Parameter], optimizer, scheduler, *, max_grad_
     if scaler is not None:
         scaler.step(optimizer)  # skips the update when the scaled grads overflowed
         scaler.update()
-    else:
+    elif math.isfinite(grad_norm):
         optimizer.step()
+    # else: a NaN/inf gradient is not applied (it would make the LoRA weights NaN); slimtune.train.guard counts it
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
