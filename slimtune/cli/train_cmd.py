@@ -55,6 +55,7 @@ _BOOLS = [
     ("--text-only", "text_only", "multimodal checkpoint: load only the language model (towers are never read)"),
     ("--packing", "packing", "pack several samples per sequence (no cross-sample attention or loss)"),
     ("--activation-offload", "activation_offload", "keep checkpointed layer inputs in pinned host memory"),
+    ("--compile", "compile_layers", "torch.compile each decoder layer (faster steps after compiling; fixed shapes)"),
     ("--recompute-norms", "recompute_norms", "RMSNorms keep their 16-bit input, not an fp32 copy (less memory)"),
     ("--cuda-graphs", "cuda_graphs", "capture each step as one CUDA graph (much faster short sequences; see docs)"),
     ("--resume", "resume", "continue exactly from the newest complete checkpoint in the run folder"),

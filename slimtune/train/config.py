@@ -73,6 +73,9 @@ class TrainConfig:
     activation_offload: bool = False
     """Keep the inputs checkpointing saves per decoder layer in pinned host memory (async copies, prefetched
     for backward). Needs gradient_checkpointing."""
+    compile_layers: bool = False
+    """torch.compile each text decoder layer (fuses the elementwise work between matmuls; the first steps compile).
+    Best with fixed shapes (cuda_graphs or packing): every new sequence length may compile again."""
     recompute_norms: bool = False
     """RMSNorms save their 16-bit input instead of an fp32 copy and recompute the normalisation in backward
     (slimtune.adapt.rms_norm): same outputs and gradients, about a quarter less memory per checkpointed layer."""
@@ -176,6 +179,7 @@ class TrainConfig:
             ("activation_offload", isinstance(self.activation_offload, bool), "true or false"),
             ("cuda_graphs", isinstance(self.cuda_graphs, bool), "true or false"),
             ("recompute_norms", isinstance(self.recompute_norms, bool), "true or false"),
+            ("compile_layers", isinstance(self.compile_layers, bool), "true or false"),
             ("distributed", self.distributed in ("auto", "ddp", "fsdp"), "auto, ddp or fsdp"),
             ("dtype", self.dtype in (None, "auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"),
              "bfloat16, float16, float32 or null"),

@@ -64,6 +64,10 @@ def prepare_model(cfg: TrainConfig, device: str | None = None):
         tile_decoder_mlps(model, cfg.mlp_chunk_size)
     if cfg.recompute_norms:
         swap_rms_norms(model)
+    if cfg.compile_layers:  # after every module swap (LoRA, tiled MLP, norms), before checkpointing wraps the layers
+        from slimtune.adapt.compile import compile_decoder_layers  # noqa: PLC0415
+
+        compile_decoder_layers(model)
     model.slimtune_loss_chunk_size = cfg.loss_chunk_size or None  # read by train.loss.loss_sum (None = auto)
     if cfg.gradient_checkpointing:
         # Non-reentrant: reentrant checkpointing drops the gradients that flow from KV-consumer layers back

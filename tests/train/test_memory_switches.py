@@ -79,8 +79,10 @@ def test_prepare_model_applies_the_switches(tiny_dir, tmp_path):
     assert all(isinstance(layer.mlp, SequenceTiledMLP) and layer.mlp.chunk_size == 32 for layer in layers)
     assert activation_offloader(model) is not None
     assert not any(type(m).__name__ == "RecomputeRMSNorm" for m in model.modules())
-    lean, _ = prepare_model(TrainConfig(**{**cfg.to_dict(), "recompute_norms": True}))
+    lean, _ = prepare_model(TrainConfig(**{**cfg.to_dict(), "recompute_norms": True, "compile_layers": True}))
     assert not any(type(m).__name__ == "Gemma4RMSNorm" for m in lean.get_decoder().modules())
+    assert all(layer._compiled_call_impl is not None for layer in lean.get_decoder().layers)  # compiled lazily
+    assert all(layer._compiled_call_impl is None for layer in layers)
     plain, _ = prepare_model(TrainConfig(**{**cfg.to_dict(), "activation_offload": False, "mlp_chunk_size": 0}))
     assert activation_offloader(plain) is None
     assert not any(isinstance(m, SequenceTiledMLP) for m in plain.modules())
