@@ -24,6 +24,13 @@ b 40 --geometry e2b --mode qlora --seq 8192 --cuda-graphs --mlp-chunk-size 4096
 b 60 --geometry e2b --mode qlora --seq 2048,8192 --recompute-norms        # vs eager rows: memory and speed
 b 60 --geometry e2b --mode qlora --seq 8192 --recompute-norms --cuda-graphs --compile
 b 200 --geometry e2b --mode qlora --seq 67584 --steps 3 --max-memory 8GiB --recompute-norms
+# the training loop's captured path (bench ran the captured step; the loop's padding/eval/scheduler did not)
+python3 -m slimtune tiny-model /tmp/tm --variant e2b --size demo >/dev/null
+for extra in "" "--cuda-graphs" "--cuda-graphs --compile --recompute-norms"; do
+  timeout 120 python3 -m slimtune train --model /tmp/tm --data slimtune/data/default_data.jsonl --output "/tmp/run-$RANDOM" \
+    --max-steps 40 --lr 1e-3 --load-in-4bit --packing --max-seq-length 256 --grad-accum 1 --eval-fraction 0.1 \
+    --eval-steps 20 $extra 2>&1 | grep -E "step +(1|20|40)/|Error|error|cuda_graphs" | tail -5
+done
 timeout 240 python3 -m pytest $T -m gpu tests/train/test_gpu_paths.py > "$OUT/tests_compiled.log" 2>&1
 echo "compiled rc=$?"; tail -5 "$OUT/tests_compiled.log" | cut -c1-400
 # 7. (nvidia-h200-x2) issue 9 scale-out, a separate call on the 2-GPU kind:
