@@ -72,8 +72,8 @@ def plan_for_config(cfg) -> Plan:
     user = {k: getattr(cfg, k) for k in _PLANNED_FIELDS if k in explicit}
     if "grad_accum" in explicit:
         user["grad_accum"] = cfg.grad_accum
-    if cfg.cuda_graphs:  # a captured step cannot offload activations, use 8-bit AdamW or accumulate micro-batches
-        user.update(activation_offload=False, optimizer="adamw", batch_size=cfg.batch_size, grad_accum=1)
+    if cfg.cuda_graphs:  # a captured step can neither offload activations nor use 8-bit AdamW
+        user.update(activation_offload=False, optimizer="adamw")
     return plan_memory(ref, cfg.max_seq_length, parse_memory_size(cfg.max_memory), **user, **_context(cfg))
 
 

@@ -97,7 +97,7 @@ class TrainSettings(BaseModel):
                                                              "copy: less memory per layer, same results.")
     cuda_graphs: bool = Field(default=False, description="Capture each step as one CUDA graph: several times "
                                                          "faster on short sequences; batches padded to max_seq_length, "
-                                                         "grad_accum 1, adamw, no activation offload.")
+                                                         "adamw, no activation offload.")
     mlp_chunk_size: int | None = Field(default=None, strict=True, description="Tiled MLP: tokens per chunk (0 = off); less "
                                                                  "memory on long sequences, slower.")
     optimizer: str | None = Field(default=None, max_length=32,

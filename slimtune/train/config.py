@@ -82,8 +82,8 @@ class TrainConfig:
     cuda_graphs: bool = False
     """Capture each optimizer step as one CUDA graph after two eager warm-up steps (slimtune.train.cuda_graph):
     several times faster on short sequences, whose steps are bound by host-side launches. Every batch is padded
-    to max_seq_length. Needs CUDA, bf16, grad_accum 1, optimizer adamw, lora_dropout 0, no activation_offload,
-    one process, text batches."""
+    to max_seq_length. Needs CUDA, bf16, optimizer adamw, lora_dropout 0, no activation_offload, one process,
+    text batches."""
     mlp_chunk_size: int = 0
     """Run each decoder MLP over chunks of this many tokens, recomputing them in backward (0 = off)."""
     optimizer: str = "adamw"
@@ -209,8 +209,7 @@ class TrainConfig:
     def _cuda_graph_problems(self) -> list[str]:
         if self.cuda_graphs is not True:
             return []
-        clash = [(self.grad_accum != 1, "grad_accum=1 (raise batch_size instead)"),
-                 (self.optimizer != "adamw", "optimizer adamw"),
+        clash = [(self.optimizer != "adamw", "optimizer adamw"),
                  (bool(self.lora_dropout), "lora_dropout=0"),
                  (self.activation_offload is True, "activation_offload off"),
                  (self.dtype in ("float16", "fp16"), "dtype bfloat16 (fp16's loss scaler syncs with the host)"),

@@ -16,8 +16,11 @@ What capture requires, and how it is provided here:
   dropped: batches must be right-padded, and with causal attention a real token never sees a later pad.
 * No RNG in recomputation: checkpointing is switched to ``preserve_rng_state=False``, which is only allowed
   because nothing random runs (no dropout; checked).
-* Gradients: ``None`` when the graph is captured, so autograd writes them into graph memory and every replay
-  overwrites them: one micro-batch per step (gradient accumulation replays would need accumulating grads).
+* Gradients, one micro-batch per step: ``None`` when the graph is captured, so autograd writes them into graph
+  memory and every replay overwrites them. With gradient accumulation (a list of micro-batches per step) there
+  are two graphs instead: the micro-batch graph, captured while the gradients exist (zeros), so its backward adds
+  into them in place, replayed once per micro-batch; and the update graph (clip, AdamW, zero the gradients in
+  place), replayed once per step. The loss scale ``1/N_window`` covers the whole window, as in the eager step.
 
 The first ``warmup`` steps run eagerly (Triton/cuBLAS/bitsandbytes initialise, kernels compile), on a side stream as
 capture requires; they are real training steps. ``capture=False`` runs every step that eager way, with the same
@@ -50,8 +53,6 @@ def graph_step_problems(model: nn.Module, optimizer, *, dtype: torch.dtype, grad
     problems = []
     if dtype == torch.float16 or scaler is not None:
         problems.append("fp16 needs a GradScaler, whose overflow check syncs with the host: use bfloat16")
-    if grad_accum != 1:
-        problems.append(f"grad_accum={grad_accum}: a graph step is one micro-batch (raise batch_size instead)")
     if activation_offload:
         problems.append("activation_offload copies on side streams with host events: turn one of them off")
     if distributed:
@@ -119,14 +120,18 @@ class GraphedTrainStep:
             self.copied.append([None, None])
         model.slimtune_static_loss = True
         _checkpoint_without_rng(model)
-        self.graph = None
+        self.graph = None  # one micro-batch per step: the whole step
+        self.micro_graph = self.update_graph = None  # gradient accumulation: forward+backward, then the update
+        self.window_loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.norm_out: torch.Tensor | None = None  # the update graph's output
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.steps = 0
+        self.steps = self.loads = 0
+        self.accumulating: bool | None = None  # fixed by the first call
 
     def close(self) -> None:
         """Leave graph mode: host tables gather per call again and the loss drops ignored rows again."""
         self._bind(False)
-        self.graph = None
+        self.graph = self.micro_graph = self.update_graph = None
         if hasattr(self.optimizer, "found_inf"):  # a graph-owned tensor: later eager steps must not read it
             del self.optimizer.found_inf
 
@@ -163,17 +168,16 @@ class GraphedTrainStep:
         if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= self.vocab):
             raise ConfigError(f"labels outside [0, {self.vocab}) in the batch: does the tokenizer match the model?")
 
-    def _load(self, cpu_batch: dict) -> int:
-        """Copy the batch into the static buffers (in stream order after the previous replay); returns N targets."""
-        n = count_targets(cpu_batch)
-        self.loss_scale.fill_(1.0 / max(n, 1))
+    def _load(self, cpu_batch: dict) -> None:
+        """Copy the batch into the static buffers (in stream order after the previous replay)."""
         for k in self.keys:
             src = cpu_batch[k]
             if self.device.type == "cuda" and not src.is_pinned():
                 src = src.pin_memory()
             self.static[k].copy_(src, non_blocking=True)
         ids = cpu_batch["input_ids"].reshape(-1)
-        slot = self.steps % 2
+        slot = self.loads % 2
+        self.loads += 1
         for i, table in enumerate(self.tables):
             done = self.copied[i][slot]
             if done is not None:
@@ -185,12 +189,23 @@ class GraphedTrainStep:
                 event = torch.cuda.Event()
                 event.record()
                 self.copied[i][slot] = event
-        return n
 
     def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = self._micro(accumulate=False)
+        return loss, self._update(zero=False)  # grads are None at capture: each replay overwrites them
+
+    def _micro(self, accumulate: bool = True) -> torch.Tensor:
+        """Forward and backward of the micro-batch in the static buffers; gradients accumulate."""
         with autocast(self.device, self.dtype):
             loss = loss_sum(self.model, self.static) * self.loss_scale
         loss.backward()
+        if accumulate:
+            self.window_loss.add_(loss.detach())
+        return loss.detach()
+
+    def _update(self, zero: bool = True) -> torch.Tensor:
+        """Clip, step (skipping non-finite gradients) and, with `zero`, zero the gradients in place for the next
+        window; returns the pre-clip norm."""
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.limit, foreach=self.device.type == "cuda")
         if self.optimizer.defaults.get("fused"):
             # The fused AdamW skips its update (and step count) where found_inf is set: a NaN/inf gradient is
@@ -199,24 +214,35 @@ class GraphedTrainStep:
             self.optimizer.step()
         elif bool(torch.isfinite(norm)):  # uncaptured only (capture needs the fused AdamW): a host check is fine
             self.optimizer.step()
-        return loss.detach(), norm.detach()
+        if zero:
+            torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
+        return norm.detach()
 
-    def __call__(self, cpu_batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Train on one batch; returns (loss, pre-clip grad norm) as device tensors and the batch's target count."""
-        self._check(cpu_batch)
-        n = self._load(cpu_batch)
+    def __call__(self, batches: dict | list[dict]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Train on one batch, or on a window of micro-batches (gradient accumulation); returns (loss of the
+        window, pre-clip grad norm) as device tensors and the window's target count."""
+        window = [batches] if isinstance(batches, dict) else list(batches)
+        for b in window:
+            self._check(b)
+        accumulating = len(window) > 1
+        if self.accumulating is None:
+            self.accumulating = accumulating
+        if accumulating and not self.accumulating:
+            raise ConfigError("cuda_graphs: this step was captured for one micro-batch per step, not a window")
+        n = sum(count_targets(b) for b in window)
+        self.loss_scale.fill_(1.0 / max(n, 1))
+        if self.accumulating:
+            return self._window(window, n)
+        self._load(window[0])
         if self.graph is not None:
             self.graph.replay()
         elif not self.capture:
             self.outputs = self._body()
             self.optimizer.zero_grad(set_to_none=True)
         elif self.steps < self.warmup:  # eager, on a side stream (capture runs on one too)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            with self._side_stream():
                 self.outputs = self._body()
                 self.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.current_stream(self.device).wait_stream(side)
         else:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
@@ -225,3 +251,41 @@ class GraphedTrainStep:
         self.steps += 1
         loss, norm = self.outputs
         return loss, norm, n
+
+    @contextlib.contextmanager
+    def _side_stream(self):
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _window(self, window: list[dict], n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Gradient accumulation: the micro-batch graph once per micro-batch, then the update graph."""
+        self.window_loss.zero_()
+        eager = not self.capture or self.steps < self.warmup
+        with self._side_stream() if eager and self.capture else contextlib.nullcontext():
+            for i, batch in enumerate(window):
+                self._load(batch)
+                if eager:
+                    self._micro()
+                elif self.micro_graph is None:  # grads exist (zeroed in place by the warm-up updates)
+                    self.micro_graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(self.micro_graph):
+                        self._micro()
+                    self.micro_graph.replay()
+                else:
+                    self.micro_graph.replay()
+            if eager:
+                norm = self._update()
+            elif self.update_graph is None:
+                self.update_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.update_graph):
+                    self.norm_out = self._update()
+                self.update_graph.replay()
+                norm = self.norm_out
+            else:
+                self.update_graph.replay()
+                norm = self.norm_out
+        self.steps += 1
+        return self.window_loss, norm, n

@@ -144,12 +144,14 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
             batches = [collate_share(share, pad_id) for _, share in window]  # empty share → dummy batch
             lr = float(scheduler.get_last_lr()[0])  # a device tensor with cuda_graphs' capturable AdamW
             if graphs:
-                fixed = pad_batch_to(batches[0][0], cfg.max_seq_length, pad_id)  # one shape for every replay
+                # one shape for every replay; a window of micro-batches under gradient accumulation
+                fixed = [pad_batch_to(b, cfg.max_seq_length, pad_id) for b, _ in batches]
                 if graphed is None:
-                    graphed = GraphedTrainStep(model, params, optimizer, fixed, device=device, dtype=dtype,
+                    graphed = GraphedTrainStep(model, params, optimizer, fixed[0], device=device, dtype=dtype,
                                                max_grad_norm=cfg.max_grad_norm, capture=capture)
-                loss_t, norm_t, n_targets = graphed(fixed)
-                padding.append(1 - count_real_tokens(batches[0][0]) / fixed["input_ids"].numel())
+                loss_t, norm_t, n_targets = graphed(fixed if len(fixed) > 1 else fixed[0])
+                padding.append(1 - sum(count_real_tokens(b) for b, _ in batches)
+                               / sum(f["input_ids"].numel() for f in fixed))
                 if len(padding) == 20 and sum(padding) / 20 > 0.5:
                     log(f"cuda_graphs: {100 * sum(padding) / 20:.0f}% of each padded batch is padding (every batch is "
                         f"padded to max_seq_length={cfg.max_seq_length}); --packing or a lower --max-seq-length "

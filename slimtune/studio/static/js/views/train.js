@@ -28,7 +28,7 @@ const MEMORY_NUMBERS = [
 const SWITCHES = [
   ["activation_offload", "Offload activations to CPU RAM", "Less GPU memory for a small speed cost."],
   ["recompute_norms", "Lean RMSNorms", "Norms keep their 16-bit input instead of an fp32 copy: less memory per layer, same results."],
-  ["cuda_graphs", "CUDA graphs (fast short sequences)", "Replays each step as one captured graph: several times faster at 2K tokens. Pads batches to the max length; needs grad accumulation 1, adamw and no activation offload."],
+  ["cuda_graphs", "CUDA graphs (fast short sequences)", "Replays each step as one captured graph: several times faster at 2K tokens. Pads batches to the max length; needs adamw and no activation offload."],
   ["text_only", "Text only (multimodal checkpoint)", "Loads only the language model; the vision/audio towers are never read."],
   ["finetune_multimodal_embedders", "LoRA on the multimodal embedders", "Also adapts the projections from the vision/audio towers into the text model (needs the towers: not with text only)."],
 ];
