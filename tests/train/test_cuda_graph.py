@@ -73,19 +73,22 @@ def _run_standard(model, batches, device, dtype):
     return losses
 
 
-def _run_graphed(model, batches, device, dtype, *, capture, capturable):
+def _run_graphed(model, steps, device, dtype, *, capture, fused):
+    """Train on `steps` (batches, or windows of micro-batches); returns (losses, the step, whether it captured)."""
     params = trainable_parameters(model)
-    opt = make_optimizer(params, lr=1e-2, fused=True, capturable=True) if capturable else _sgd(params)
+    opt = make_optimizer(params, lr=1e-2, fused=True, capturable=device.type == "cuda") if fused else _sgd(params)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    step = GraphedTrainStep(model, params, opt, batches[0], device=device, dtype=dtype, max_grad_norm=1.0,
+    first = steps[0] if isinstance(steps[0], dict) else steps[0][0]
+    step = GraphedTrainStep(model, params, opt, first, device=device, dtype=dtype, max_grad_norm=1.0,
                             warmup=2, capture=capture)
     losses = []
-    for b in batches:
+    for b in steps:
         loss, _, _ = step(b)
         sched.step()
         losses.append(float(loss))
+    captured = step.graph is not None or step.micro_graph is not None
     step.close()
-    return losses, step
+    return losses, step, captured
 
 
 def test_static_step_equals_standard_step_on_cpu(tiny_dir, one_thread):
@@ -95,7 +98,7 @@ def test_static_step_equals_standard_step_on_cpu(tiny_dir, one_thread):
     assert any((b["targets"] == IGNORE_INDEX).sum() > 5 for b in batches)  # masked rows are exercised
     want = _run_standard(ref, batches, dev, dtype)
     ours = _model(tiny_dir, dev, dtype)
-    got, step = _run_graphed(ours, batches, dev, dtype, capture=False, capturable=False)
+    got, step, _ = _run_graphed(ours, batches, dev, dtype, capture=False, fused=False)
     assert step.tables and isinstance(step.tables[0], HostOffloadedEmbedding)  # PLE rows went through the statics
     # fp32 rounding only (the standard path attends with the padding mask, ours without: same values, other
     # kernels); a stale input, PLE row or loss scale moves the loss by > 1e-2
@@ -183,18 +186,7 @@ def test_captured_step_equals_eager_on_gpu(tiny_dir, accum):
     def run(capture):
         model = _model(tiny_dir, dev, dtype)
         enable_slimtune_attention(model)
-        params = trainable_parameters(model)
-        opt = make_optimizer(params, lr=1e-2, fused=True, capturable=True)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-        step = GraphedTrainStep(model, params, opt, micro[0], device=dev, dtype=dtype, max_grad_norm=1.0,
-                                warmup=2, capture=capture)
-        losses = []
-        for b in steps:
-            loss, _, _ = step(b)
-            sched.step()
-            losses.append(float(loss))
-        captured = step.graph is not None or step.micro_graph is not None
-        step.close()
+        losses, _, captured = _run_graphed(model, steps, dev, dtype, capture=capture, fused=True)
         return losses, _lora_state(model), captured
 
     want, b, _ = run(False)
