@@ -84,7 +84,7 @@ def lora_matmul(x: torch.Tensor, base_layer, lora_a: torch.Tensor, lora_b: torch
     if x.dtype != dtype:
         x = x.to(dtype)
     xd = dropout(x) if dropout is not None else None  # None, not x: torch.compile refuses one tensor twice
-    if getattr(base_layer.weight, "quant_state", None) is not None:
+    if type(base_layer).__name__ == "Linear4bit":  # NF4, its quant_state on the weight or (FSDP2) the module
         weight, parts = None, nf4_parts(base_layer)
     else:
         weight, parts = base_layer.weight, None

@@ -94,13 +94,20 @@ def dequantize_nf4_weight(module: nn.Module) -> torch.Tensor:
 
 def nf4_parts(base_layer) -> tuple:
     """The tensors and sizes that define a bitsandbytes 4-bit weight in its standard layout (read each call:
-    parameters can be replaced)."""
-    if getattr(base_layer.weight.quant_state, "packing_format_for_cpu", False):
+    parameters can be replaced).
+
+    Under FSDP2 the all-gathered weight is a plain uint8 Parameter without bitsandbytes' ``quant_state``; the
+    state is then the module's ``quant_state`` (kept there for FSDP by bitsandbytes' own convention)."""
+    state = getattr(base_layer.weight, "quant_state", None)
+    if state is None:
+        state = base_layer.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
         # On CPUs with AVX512-BF16, bitsandbytes repacks NF4 weights for its inference kernel at the first
         # eval-mode forward; the stored layout is no longer the standard one. Saving the module restores it,
         # through bitsandbytes' own code.
         base_layer.state_dict()
-    return _parts(base_layer.weight.data, base_layer.weight.quant_state)
+        state = base_layer.weight.quant_state
+    return _parts(base_layer.weight.data, state)
 
 
 def _parts(packed: torch.Tensor, state) -> tuple:

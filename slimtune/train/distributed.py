@@ -226,23 +226,35 @@ def _is_nf4(p: nn.Parameter) -> bool:
 def _fully_shard(wrapper: nn.Module, model: nn.Module, device: torch.device):
     """FSDP2: one shard group per decoder layer (all-gathered just in time), the rest in the root.
 
-    QLoRA: bitsandbytes' NF4 weights (Params4bit) keep their quantisation state beside the tensor and cannot
-    become DTensor shards, so they are left out (`ignored_params`): every rank keeps the whole frozen 4-bit base,
-    as under DDP, and only the 16-bit rest (embeddings, norms) and the LoRA weights are sharded.
+    QLoRA: the NF4 weights behind a LoRA adapter are sharded too (uint8 codes, all-gathered like the rest); their
+    quantisation state (absmax, ~3 % of the codes) stays whole on every rank as the module's ``quant_state``,
+    bitsandbytes' own place for it under FSDP, where the fused LoRA node (slimtune.adapt.lora_matmul) reads it.
+    NF4 linears without an adapter run bitsandbytes' forward, which re-wraps the gathered weight and would break
+    FSDP's bookkeeping: those stay whole on every rank (`ignored_params`), as under DDP.
     """
     import inspect  # noqa: PLC0415
 
     from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
     from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
 
-    nf4 = {p for p in model.parameters() if _is_nf4(p)}
-    if nf4 and "ignored_params" not in inspect.signature(fully_shard).parameters:
-        raise ConfigError("distributed=fsdp with load_in_4bit needs a torch whose fully_shard accepts "
-                          "ignored_params (2.7 or newer) to keep the NF4 weights out of the sharding; upgrade "
-                          "torch or use distributed: ddp.")
+    from slimtune.adapt.lora import LoraLinear  # noqa: PLC0415
+
+    behind_lora = {id(m.base_layer) for m in model.modules() if isinstance(m, LoraLinear)}
+    kept_whole = set()
+    for module in model.modules():
+        if not _is_nf4(getattr(module, "weight", None)):
+            continue
+        if id(module) in behind_lora:  # read through slimtune.adapt.lora_matmul, which takes the module's state
+            module.quant_state = module.weight.quant_state
+        else:  # bitsandbytes' own forward would re-wrap the gathered weight behind FSDP's back: not sharded
+            kept_whole.add(module.weight)
+    if kept_whole and "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise ConfigError("distributed=fsdp with load_in_4bit and NF4 linears without LoRA needs a torch whose "
+                          "fully_shard accepts ignored_params (2.7 or newer); put LoRA on every linear "
+                          "(target_modules all-linear), upgrade torch, or use distributed: ddp.")
 
     def ignoring(module: nn.Module) -> dict:
-        return {"ignored_params": {p for p in module.parameters() if p in nf4}} if nf4 else {}
+        return {"ignored_params": {p for p in module.parameters() if p in kept_whole}} if kept_whole else {}
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in decoder_layers(model):

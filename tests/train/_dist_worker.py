@@ -24,14 +24,14 @@ from slimtune.train.step import accumulate_gradients
 BATCH, ACCUM = 2, 2  # per rank; 5 samples over 2 ranks: the 2nd global micro-batch leaves rank 1 empty
 
 
-def make_model(model_dir: str, dtype=torch.float64, load_in_4bit: bool = False):
+def make_model(model_dir: str, dtype=torch.float64, load_in_4bit: bool = False, targets=None):
     """The tiny text model with LoRA whose B is non-zero, so every adapter gets a non-trivial gradient.
 
     load_in_4bit: QLoRA (NF4 base, bf16 compute); `dtype` then does not apply.
     """
     model, _ = slimtune.load_model(model_dir, dtype="bfloat16" if load_in_4bit else "float32",
                                    load_in_4bit=load_in_4bit, device="cpu")
-    slimtune.add_lora(model, r=4, alpha=8, seed=1)
+    slimtune.add_lora(model, r=4, alpha=8, seed=1, **({"target_modules": targets} if targets else {}))
     with torch.no_grad():
         g = torch.Generator().manual_seed(5)
         for layer in lora_modules(model).values():
@@ -66,20 +66,30 @@ def _grads(parallel: ParallelModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def grads_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str, qlora: bool = False) -> None:
+PARTIAL_TARGETS = ["q_proj", "v_proj"]  # QLoRA with NF4 linears that have no adapter (kept whole under FSDP2)
+
+
+def grads_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str, qlora: bool = False,
+                 partial: bool = False) -> None:
     """Window loss and full LoRA gradients under `kind` (ddp | fsdp); rank 0 saves them to out_dir/<name>.pt."""
     info = DistInfo(rank=dist.get_rank(), world_size=world)
-    model = make_model(model_dir, load_in_4bit=qlora)
+    model = make_model(model_dir, load_in_4bit=qlora, targets=PARTIAL_TARGETS if partial else None)
     parallel = ParallelModel(model, kind, info, torch.device("cpu"))
     batches = window(make_examples(model.config.get_text_config().vocab_size), rank, world)
     loss, n = accumulate_gradients(model, batches, device=torch.device("cpu"),
                                    dtype=torch.bfloat16 if qlora else torch.float64, parallel=parallel)
     grads = _grads(parallel)
     sharded = all(hasattr(p, "device_mesh") for p in parallel.parameters())
-    nf4_sharded = any(hasattr(p, "device_mesh") for p in model.parameters() if type(p).__name__ == "Params4bit")
+    # NF4 codes are uint8 parameters; sharded ones are DTensors (with a device mesh)
+    behind_lora = [m.base_layer.weight for m in lora_modules(model).values()
+                   if type(m.base_layer).__name__ == "Linear4bit"]
+    others = [m.weight for m in model.modules() if type(m).__name__ == "Linear4bit"
+              and all(m.weight is not w for w in behind_lora)]
     if rank == 0:
-        torch.save({"loss": loss, "n": n, "grads": grads, "sharded": sharded, "nf4_sharded": nf4_sharded},
-                   Path(out_dir) / f"{kind}{'-qlora' if qlora else ''}.pt")
+        torch.save({"loss": loss, "n": n, "grads": grads, "sharded": sharded,
+                    "nf4_lora": [hasattr(w, "device_mesh") for w in behind_lora],
+                    "nf4_other": [hasattr(w, "device_mesh") for w in others]},
+                   Path(out_dir) / f"{kind}{'-qlora' if qlora else ''}{'-partial' if partial else ''}.pt")
 
 
 def sync_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str, always_sync: bool) -> None:
@@ -153,6 +163,7 @@ def entry(rank: int, world: int, port: int, model_dir: str, out_dir: str, train_
             for always in (False, True):
                 sync_worker(rank, world, model_dir, out_dir, kind, always)
             grads_worker(rank, world, model_dir, out_dir, kind, qlora=True)
+        grads_worker(rank, world, model_dir, out_dir, "fsdp", qlora=True, partial=True)
         if train_kwargs:
             from slimtune.train.config import TrainConfig  # noqa: PLC0415
             from slimtune.train.run import train  # noqa: PLC0415

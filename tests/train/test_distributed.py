@@ -54,9 +54,9 @@ def spawned(tiny_dir, tmp_path_factory):
     return out, model_dir, kwargs
 
 
-def _reference(model_dir, batches_of, qlora: bool = False):
+def _reference(model_dir, batches_of, qlora: bool = False, targets=None):
     """(loss, tokens, grads) of one process: a fresh model, the given micro-batches, no torch.distributed."""
-    model = worker.make_model(str(model_dir), load_in_4bit=qlora)
+    model = worker.make_model(str(model_dir), load_in_4bit=qlora, targets=targets)
     ex = worker.make_examples(model.config.get_text_config().vocab_size)
     loss, n = accumulate_gradients(model, batches_of(ex), device=torch.device("cpu"),
                                    dtype=torch.bfloat16 if qlora else torch.float64)
@@ -88,15 +88,29 @@ def test_two_ranks_give_the_one_process_gradients(spawned, kind):
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_qlora_gives_the_one_process_gradients(spawned, kind):
-    """QLoRA (NF4 base, bf16 compute) under DDP, and under FSDP2 with the NF4 weights left unsharded. bf16
+    """QLoRA (NF4 base, bf16 compute) under DDP, and under FSDP2 with the NF4 weights sharded too. bf16
     rounding differs between batch-4 and batch-2 kernel shapes (measured ~2.4e-3 worst relative difference),
     so the bound is 2e-2; per-rank normalisation is off by ~0.6 (test below)."""
     out, model_dir, _ = spawned
     got = torch.load(out / f"{kind}-qlora.pt")
-    if kind == "fsdp":  # the LoRA weights really were sharded (the NF4 ones were not: they would have failed)
-        assert got["sharded"] and not got["nf4_sharded"]
+    if kind == "fsdp":  # the LoRA weights and the NF4 codes really were sharded
+        assert got["sharded"] and got["nf4_lora"] and all(got["nf4_lora"])
+        assert not any(got["nf4_other"])  # NF4 linears without an adapter (PLE projections) stay whole
     loss, n, ref = _reference(model_dir, lambda ex: worker.window(ex, 0, 1, batch_size=worker.BATCH * WORLD),
                               qlora=True)
+    assert got["n"] == n and abs(got["loss"] - loss) <= 1e-2 * loss
+    for name, g in ref.items():
+        assert _rel(got["grads"][name], g) <= 2e-2, (name, _rel(got["grads"][name], g))
+
+
+def test_fsdp_qlora_keeps_nf4_linears_without_lora_whole(spawned):
+    """LoRA on q/v only: the other NF4 linears run bitsandbytes' own forward, which would re-wrap a gathered weight
+    behind FSDP's back, so they stay whole on every rank; the adapted ones are sharded; gradients still match."""
+    out, model_dir, _ = spawned
+    got = torch.load(out / "fsdp-qlora-partial.pt")
+    assert got["nf4_lora"] and all(got["nf4_lora"]) and got["nf4_other"] and not any(got["nf4_other"])
+    loss, n, ref = _reference(model_dir, lambda ex: worker.window(ex, 0, 1, batch_size=worker.BATCH * WORLD),
+                              qlora=True, targets=worker.PARTIAL_TARGETS)
     assert got["n"] == n and abs(got["loss"] - loss) <= 1e-2 * loss
     for name, g in ref.items():
         assert _rel(got["grads"][name], g) <= 2e-2, (name, _rel(got["grads"][name], g))
