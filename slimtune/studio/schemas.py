@@ -113,6 +113,8 @@ class TrainConfig(TrainSettings):
     max_steps: int | None = Field(default=None, ge=1, le=10_000_000)
     epochs: float | None = Field(default=None, gt=0, le=1000)
     lr: float = Field(default=2e-4, gt=0, le=1)
+    compile_layers: bool = Field(default=False, description="torch.compile each decoder layer: faster steps after a "
+                                                            "compile of a minute or two; best with fixed shapes.")
     lora_alpha: int = Field(default=32, ge=1, le=4096)
     seed: int = Field(default=3407, ge=0, le=2**31 - 1)
     save_steps: int | None = Field(default=None, ge=1, le=10_000_000)

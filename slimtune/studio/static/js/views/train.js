@@ -28,6 +28,7 @@ const MEMORY_NUMBERS = [
 const SWITCHES = [
   ["activation_offload", "Offload activations to CPU RAM", "Less GPU memory for a small speed cost."],
   ["recompute_norms", "Lean RMSNorms", "Norms keep their 16-bit input instead of an fp32 copy: less memory per layer, same results."],
+  ["compile_layers", "Compile decoder layers", "torch.compile each layer: faster steps after a compile of a minute or two (best with CUDA graphs or packing)."],
   ["cuda_graphs", "CUDA graphs (fast short sequences)", "Replays each step as one captured graph: several times faster at 2K tokens. Pads batches to the max length; needs adamw and no activation offload."],
   ["text_only", "Text only (multimodal checkpoint)", "Loads only the language model; the vision/audio towers are never read."],
   ["finetune_multimodal_embedders", "LoRA on the multimodal embedders", "Also adapts the projections from the vision/audio towers into the text model (needs the towers: not with text only)."],
@@ -97,7 +98,7 @@ export async function render(root) {
         field("Optimizer", optimizer, "adamw8bit: optimizer state in a quarter of the memory. Auto = adamw, or 8-bit if a budget needs it."),
         MEMORY_NUMBERS.map(([k, label, hint]) => field(label, inputs[k], hint))),
       switchField("activation_offload"), switchField("recompute_norms"),
-      switchField("cuda_graphs")),
+      switchField("cuda_graphs"), switchField("compile_layers")),
     h("details", { class: "params", id: "multimodal", style: "margin-top:10px" }, h("summary", {}, "Multimodal"),
       switchField("text_only"), switchField("finetune_multimodal_embedders")),
     h("div", { class: "row", style: "margin-top:18px" }, submit, formError));
