@@ -64,7 +64,7 @@ def graph_step_problems(model: nn.Module, optimizer, *, dtype: torch.dtype, grad
     if dropouts:
         problems.append(f"dropout is active ({dropouts[0]} p>0; e.g. lora_dropout): set it to 0")
     if getattr(model.config, "vision_config", None) is not None or getattr(model.config, "audio_config", None):
-        problems.append("multimodal models: media inputs change shape per batch (load with text_only=True)")
+        problems.append("multimodal models: media inputs change shape per batch (text_only=True / --text-only)")
     return problems
 
 
