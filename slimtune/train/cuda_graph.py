@@ -63,6 +63,9 @@ def graph_step_problems(model: nn.Module, optimizer, *, dtype: torch.dtype, grad
     dropouts = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
     if dropouts:
         problems.append(f"dropout is active ({dropouts[0]} p>0; e.g. lora_dropout): set it to 0")
+    if any(type(m).__name__ in ("Gemma4TextExperts", "NF4Experts", "LoraExperts") for m in model.modules()):
+        problems.append("MoE models (26B-A4B): expert routing reads per-expert token counts on the host in every "
+                        "layer, which a graph cannot capture; turn cuda_graphs off")
     if getattr(model.config, "vision_config", None) is not None or getattr(model.config, "audio_config", None):
         problems.append("multimodal models: media inputs change shape per batch (text_only=True / --text-only)")
     return problems

@@ -171,6 +171,12 @@ def test_unsupported_settings_are_named(tiny_dir, one_thread):
         GraphedTrainStep(model, params, make_optimizer(params, lr=1e-3), example, device=dev, dtype=torch.float16)
     text = str(err.value)
     assert "bfloat16" in text and "capturable" in text and "CUDA device" in text
+    from slimtune.models.tiny import build_tiny_model
+    from slimtune.train.cuda_graph import graph_step_problems
+
+    moe = build_tiny_model(variant="26b-a4b", text_only=True)
+    assert any("MoE" in p for p in graph_step_problems(moe, None, dtype=torch.bfloat16, capture=False))
+    assert not graph_step_problems(model, None, dtype=torch.bfloat16, capture=False)
 
 
 @pytest.mark.gpu
