@@ -248,3 +248,23 @@ def test_mostly_padded_graph_batches_get_a_hint(tiny_dir, tmp_path, one_thread, 
           log=lines.append)
     out = capsys.readouterr().out  # the training loop writes through tqdm (above the progress bar)
     assert "% of each padded batch is padding" in out and "--packing" in out, out[-2000:]
+
+
+def test_cuda_graph_run_resumes_exactly(tiny_dir, tmp_path, one_thread):
+    """A cuda_graphs run checkpointed at step 2 and resumed gives the uninterrupted run's losses."""
+    import shutil
+    from pathlib import Path
+
+    from slimtune.train.config import TrainConfig
+    from slimtune.train.run import train
+
+    data = Path(slimtune.__file__).parent / "data" / "default_data.jsonl"
+    base = dict(model=str(tiny_dir("e2b", text_only=True)), data=str(data), max_steps=4, save_steps=2, lr=1e-3,
+                batch_size=2, grad_accum=2, max_seq_length=96, lora_r=4, device="cpu", seed=0, cuda_graphs=True,
+                packing=True)
+    full = train(TrainConfig(output=str(tmp_path / "full"), **base), log=lambda *_: None)
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoints", tmp_path / "resumed" / "checkpoints")
+    resumed = train(TrainConfig(output=str(tmp_path / "resumed"), resume=True, **base), log=lambda *_: None)
+    assert [r["step"] for r in resumed.history] == [3, 4]
+    assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in full.history[2:]], rel=1e-6)
