@@ -15,14 +15,11 @@ import torch
 from torch import nn
 
 from slimtune.adapt.lora_matmul import lora_matmul
+from slimtune.adapt.quantize import nf4_state
 
 
 def _fusable(base: nn.Module) -> bool:
-    if type(base) is nn.Linear:
-        return True
-    # FSDP2-sharded NF4 weights lose quant_state to the all-gather: the module keeps it (distributed._fully_shard)
-    return type(base).__name__ == "Linear4bit" and (getattr(base.weight, "quant_state", None) is not None
-                                                     or getattr(base, "quant_state", None) is not None)
+    return type(base) is nn.Linear or nf4_state(base) is not None
 
 
 class LoraLinear(nn.Module):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from slimtune.adapt.quantize import dequantize_parts, nf4_parts
+from slimtune.adapt.quantize import dequantize_parts, nf4_parts, nf4_state
 
 
 def _weight(weight: torch.Tensor | None, parts: tuple | None, dtype: torch.dtype) -> torch.Tensor:
@@ -84,7 +84,7 @@ def lora_matmul(x: torch.Tensor, base_layer, lora_a: torch.Tensor, lora_b: torch
     if x.dtype != dtype:
         x = x.to(dtype)
     xd = dropout(x) if dropout is not None else None  # None, not x: torch.compile refuses one tensor twice
-    if type(base_layer).__name__ == "Linear4bit":  # NF4, its quant_state on the weight or (FSDP2) the module
+    if nf4_state(base_layer) is not None:
         weight, parts = None, nf4_parts(base_layer)
     else:
         weight, parts = base_layer.weight, None

@@ -92,15 +92,22 @@ def dequantize_nf4_weight(module: nn.Module) -> torch.Tensor:
     return _dequantize_parts_torch(nf4_parts(module))
 
 
-def nf4_parts(base_layer) -> tuple:
-    """The tensors and sizes that define a bitsandbytes 4-bit weight in its standard layout (read each call:
-    parameters can be replaced).
+def nf4_state(base_layer):
+    """The bitsandbytes QuantState of a 4-bit linear, or None (not NF4, or not quantized yet).
 
     Under FSDP2 the all-gathered weight is a plain uint8 Parameter without bitsandbytes' ``quant_state``; the
-    state is then the module's ``quant_state`` (kept there for FSDP by bitsandbytes' own convention)."""
+    state is then the module's ``quant_state`` (bitsandbytes' own place for it under FSDP; see
+    slimtune.train.distributed._fully_shard)."""
+    if not is_nf4_linear(base_layer):
+        return None
     state = getattr(base_layer.weight, "quant_state", None)
-    if state is None:
-        state = base_layer.quant_state
+    return state if state is not None else getattr(base_layer, "quant_state", None)
+
+
+def nf4_parts(base_layer) -> tuple:
+    """The tensors and sizes that define a bitsandbytes 4-bit weight in its standard layout (read each call:
+    parameters can be replaced)."""
+    state = nf4_state(base_layer)
     if getattr(state, "packing_format_for_cpu", False):
         # On CPUs with AVX512-BF16, bitsandbytes repacks NF4 weights for its inference kernel at the first
         # eval-mode forward; the stored layout is no longer the standard one. Saving the module restores it,
