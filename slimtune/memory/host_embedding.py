@@ -87,14 +87,13 @@ class HostOffloadedEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self._static_rows is not None:
-            if self._static_rows.shape[0] != input_ids.numel():
-                raise RuntimeError(f"static embedding rows hold {self._static_rows.shape[0]} tokens, the batch has "
-                                   f"{input_ids.numel()}: CUDA-graph steps need batches of one fixed shape")
-            rows = self._static_rows
-            return (rows * self._device_scale(rows.device)).reshape(*input_ids.shape, self.embedding_dim)
         pre, self._prefetched = self._prefetched, None
-        if pre is not None and pre[0] is input_ids:
+        if self._static_rows is not None:
+            rows = self._static_rows
+            if rows.shape[0] != input_ids.numel():
+                raise RuntimeError(f"static embedding rows hold {rows.shape[0]} tokens, the batch has "
+                                   f"{input_ids.numel()}: CUDA-graph steps need batches of one fixed shape")
+        elif pre is not None and pre[0] is input_ids:
             rows = pre[1]
         else:  # ids we did not see coming (generation, multimodal id substitution): gather synchronously
             rows = self._gather_to(input_ids.to("cpu"), input_ids.device)

@@ -123,18 +123,18 @@ class GraphedTrainStep:
             self.copied.append([None, None])
         model.slimtune_static_loss = True
         _checkpoint_without_rng(model)
-        self.graph = None  # one micro-batch per step: the whole step
-        self.micro_graph = self.update_graph = None  # gradient accumulation: forward+backward, then the update
+        # captured graphs by name ("step"; or "micro" and "update" under gradient accumulation) and their outputs
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self.graph_outputs: dict[str, object] = {}
         self.window_loss = torch.zeros((), dtype=torch.float32, device=self.device)
-        self.norm_out: torch.Tensor | None = None  # the update graph's output
-        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.steps = self.loads = 0
         self.accumulating: bool | None = None  # fixed by the first call
 
     def close(self) -> None:
         """Leave graph mode: host tables gather per call again and the loss drops ignored rows again."""
         self._bind(False)
-        self.graph = self.micro_graph = self.update_graph = None
+        self.graphs.clear()
+        self.graph_outputs.clear()
         if hasattr(self.optimizer, "found_inf"):  # a graph-owned tensor: later eager steps must not read it
             del self.optimizer.found_inf
 
@@ -234,61 +234,40 @@ class GraphedTrainStep:
             raise ConfigError("cuda_graphs: this step was captured for one micro-batch per step, not a window")
         n = sum(count_targets(b) for b in window)
         self.loss_scale.fill_(1.0 / max(n, 1))
-        if self.accumulating:
-            return self._window(window, n)
-        self._load(window[0])
-        if self.graph is not None:
-            self.graph.replay()
-        elif not self.capture:
-            self.outputs = self._body()
-            self.optimizer.zero_grad(set_to_none=True)
-        elif self.steps < self.warmup:  # eager, on a side stream (capture runs on one too)
-            with self._side_stream():
-                self.outputs = self._body()
-                self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.outputs = self._body()
-            self.graph.replay()  # capture only recorded the work: run it for this batch
+        eager = not self.capture or self.steps < self.warmup
+        with self._side_stream() if eager and self.capture else contextlib.nullcontext():
+            if self.accumulating:  # the micro-batch graph once per micro-batch, then the update graph
+                self.window_loss.zero_()
+                for batch in window:
+                    self._load(batch)
+                    self._run("micro", self._micro, eager)
+                loss, norm = self.window_loss, self._run("update", self._update, eager)
+            else:
+                self._load(window[0])
+                loss, norm = self._run("step", self._body, eager)
+                if eager:
+                    self.optimizer.zero_grad(set_to_none=True)  # None when captured: see _body
         self.steps += 1
-        loss, norm = self.outputs
         return loss, norm, n
+
+    def _run(self, name: str, fn, eager: bool):
+        """fn() itself when eager (warm-up, or no capture); else the graph `name`, captured on first use (capture
+        only records the work, so it is replayed right away as well)."""
+        if eager:
+            return fn()
+        if name not in self.graphs:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.graph_outputs[name] = fn()
+            self.graphs[name] = graph
+        self.graphs[name].replay()
+        return self.graph_outputs[name]
 
     @contextlib.contextmanager
     def _side_stream(self):
+        """Warm-up steps run on a side stream, as capture does (lazy per-stream state is created off the default)."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             yield
         torch.cuda.current_stream(self.device).wait_stream(side)
-
-    def _window(self, window: list[dict], n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Gradient accumulation: the micro-batch graph once per micro-batch, then the update graph."""
-        self.window_loss.zero_()
-        eager = not self.capture or self.steps < self.warmup
-        with self._side_stream() if eager and self.capture else contextlib.nullcontext():
-            for i, batch in enumerate(window):
-                self._load(batch)
-                if eager:
-                    self._micro()
-                elif self.micro_graph is None:  # grads exist (zeroed in place by the warm-up updates)
-                    self.micro_graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(self.micro_graph):
-                        self._micro()
-                    self.micro_graph.replay()
-                else:
-                    self.micro_graph.replay()
-            if eager:
-                norm = self._update()
-            elif self.update_graph is None:
-                self.update_graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.update_graph):
-                    self.norm_out = self._update()
-                self.update_graph.replay()
-                norm = self.norm_out
-            else:
-                self.update_graph.replay()
-                norm = self.norm_out
-        self.steps += 1
-        return self.window_loss, norm, n

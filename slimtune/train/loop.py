@@ -103,7 +103,7 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
         if problems:
             raise ConfigError("cuda_graphs cannot be used here:\n  - " + "\n  - ".join(problems))
     graphed: GraphedTrainStep | None = None
-    padding: list[float] = []  # share of padding per graphed batch (warned about once, after 20 steps)
+    padding: list[float] = []  # share of padding in the first 20 graphed steps (one hint after them)
     per_epoch = steps_per_epoch(len(examples), cfg.batch_size, cfg.grad_accum, info.world_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.03 * total))
@@ -154,12 +154,13 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
                     graphed = GraphedTrainStep(model, params, optimizer, fixed[0], device=device, dtype=dtype,
                                                max_grad_norm=cfg.max_grad_norm, capture=capture)
                 loss_t, norm_t, n_targets = graphed(fixed if len(fixed) > 1 else fixed[0])
-                padding.append(1 - sum(count_real_tokens(b) for b, _ in batches)
-                               / sum(f["input_ids"].numel() for f in fixed))
-                if len(padding) == 20 and sum(padding) / 20 > 0.5:
-                    log(f"cuda_graphs: {100 * sum(padding) / 20:.0f}% of each padded batch is padding (every batch is "
-                        f"padded to max_seq_length={cfg.max_seq_length}); --packing or a lower --max-seq-length "
-                        "would spend that compute on real tokens")
+                if len(padding) < 20:
+                    padding.append(1 - sum(count_real_tokens(b) for b, _ in batches)
+                                   / sum(f["input_ids"].numel() for f in fixed))
+                    if len(padding) == 20 and sum(padding) / 20 > 0.5:
+                        log(f"cuda_graphs: {100 * sum(padding) / 20:.0f}% of each padded batch is padding (every "
+                            f"batch is padded to max_seq_length={cfg.max_seq_length}); --packing or a lower "
+                            "--max-seq-length would spend that compute on real tokens")
                 scheduler.step()
                 loss, grad_norm = float(loss_t), float(norm_t)
             else:

@@ -86,7 +86,7 @@ def _run_graphed(model, steps, device, dtype, *, capture, fused):
         loss, _, _ = step(b)
         sched.step()
         losses.append(float(loss))
-    captured = step.graph is not None or step.micro_graph is not None
+    captured = bool(step.graphs)
     step.close()
     return losses, step, captured
 
