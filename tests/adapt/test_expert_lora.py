@@ -37,6 +37,22 @@ def moe_path(tiny_dir):
     return tiny_dir("26b-a4b", text_only=True)
 
 
+def _saved_with_logits(ours, folder):
+    """Randomize our adapter's B, save it to `folder`; returns (ids, our logits on them, adapter_config.json)."""
+    _randomize_b(ours.named_parameters())
+    ids = _ids(ours)
+    with torch.no_grad():
+        expect = ours(input_ids=ids).logits
+    slimtune.save_adapter(ours, folder)
+    return ids, expect, json.loads((folder / "adapter_config.json").read_text())
+
+
+def _peft_logits(base, folder, ids):
+    peft_model = PeftModel.from_pretrained(base, str(folder)).eval()
+    with torch.no_grad():
+        return peft_model, peft_model(input_ids=ids).logits
+
+
 def _ours(path, load_in_4bit=False, **kw):
     model, _ = slimtune.load_model(path, dtype="float32", device="cpu", load_in_4bit=load_in_4bit)
     slimtune.add_lora(model, r=4, alpha=8, finetune_experts=True, **kw)
@@ -67,19 +83,12 @@ def test_add_lora_puts_peft_shaped_factors_on_every_expert_block(moe_path):
 
 def test_our_expert_adapter_loads_in_peft(moe_path, tmp_path):
     ours = _ours(moe_path)
-    _randomize_b(ours.named_parameters())
-    ids = _ids(ours)
-    with torch.no_grad():
-        expect = ours(input_ids=ids).logits
-    slimtune.save_adapter(ours, tmp_path / "ad")
-    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    ids, expect, cfg = _saved_with_logits(ours, tmp_path / "ad")
     assert cfg["target_parameters"][:2] == ["model.layers.0.experts.gate_up_proj", "model.layers.0.experts.down_proj"]
     base = _reference(moe_path).eval()
     with torch.no_grad():
         before = base(input_ids=ids).logits
-    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "ad")).eval()
-    with torch.no_grad():
-        got = peft_model(input_ids=ids).logits
+    peft_model, got = _peft_logits(base, tmp_path / "ad", ids)
     assert (expect - before).abs().max() > 0.1  # the expert deltas matter
     assert (expect - got).abs().max() <= 1e-5
     wrappers = [m for m in peft_model.modules() if type(m).__name__ == "ParamWrapper"]
@@ -247,17 +256,10 @@ def test_text_only_load_saves_multimodal_names_peft_applies(tiny_dir, tmp_path):
     path = tiny_dir("26b-a4b", text_only=False)
     ours, _ = slimtune.load_model(path, dtype="float32", device="cpu", text_only=True)
     slimtune.add_lora(ours, r=4, alpha=8, finetune_experts=True)
-    _randomize_b(ours.named_parameters())
-    ids = _ids(ours)
-    with torch.no_grad():
-        expect = ours(input_ids=ids).logits
-    slimtune.save_adapter(ours, tmp_path / "ad")
-    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    ids, expect, cfg = _saved_with_logits(ours, tmp_path / "ad")
     assert cfg["target_parameters"][0] == "model.language_model.layers.0.experts.gate_up_proj"
     full = transformers.Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    peft_model = PeftModel.from_pretrained(full, str(tmp_path / "ad")).eval()
-    with torch.no_grad():
-        got = peft_model(input_ids=ids).logits
+    _, got = _peft_logits(full, tmp_path / "ad", ids)
     assert (expect - got).abs().max() <= 1e-5
     again, _ = slimtune.load_model(path, dtype="float32", device="cpu", text_only=True)
     slimtune.load_adapter(again, tmp_path / "ad")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import weakref
 
 import pytest
 import safetensors
@@ -61,6 +60,28 @@ def _reference(path, text_only, dtype, four_bit):
     return model
 
 
+def _assert_same_tensors(ref, ours):
+    """Same state-dict keys in the same order, and the same dtype and bytes for every state-dict tensor and
+    buffer (NF4: packed codes, double-quantized absmax, quant maps; buffers outside the state dict, such as RoPE
+    tables and embed scales, built the way from_pretrained builds them)."""
+    a, b = ref.state_dict(), ours.state_dict()
+    assert list(a) == list(b)
+    assert not [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    ra, rb = dict(ref.named_buffers()), dict(ours.named_buffers())
+    assert ra.keys() == rb.keys()
+    assert not [k for k in ra if ra[k].dtype != rb[k].dtype or not torch.equal(ra[k], rb[k])]
+
+
+def _reference_and_streamed(monkeypatch, path, text_only, dtype, four_bit):
+    """(from_pretrained + quantize, load_model with from_pretrained refused: it must stream)."""
+    ref = _reference(path, text_only, dtype, four_bit)
+    with monkeypatch.context() as m:
+        _no_from_pretrained(m)
+        ours, _ = slimtune.load_model(path, dtype=str(dtype).removeprefix("torch."), device="cpu",
+                                      load_in_4bit=four_bit, offload_embeddings=False, attention="sdpa")
+    return ref, ours
+
+
 def _no_from_pretrained(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("load_model fell back to from_pretrained")
@@ -72,19 +93,9 @@ def _no_from_pretrained(monkeypatch):
 @pytest.mark.parametrize("four_bit", [True, False], ids=["nf4", "16bit"])
 @pytest.mark.parametrize(("variant", "text_only"), CASES, ids=[f"{v}-{'text' if t else 'mm'}" for v, t in CASES])
 def test_streamed_model_equals_from_pretrained(sharded, monkeypatch, variant, text_only, four_bit):
-    path = sharded(variant, text_only)
-    ref = _reference(path, text_only, torch.float32, four_bit)
-    with monkeypatch.context() as m:
-        _no_from_pretrained(m)
-        ours, _ = slimtune.load_model(path, dtype="float32", device="cpu", load_in_4bit=four_bit,
-                                      offload_embeddings=False, attention="sdpa")
-    a, b = ref.state_dict(), ours.state_dict()
-    assert list(a) == list(b)
-    # NF4: packed codes, absmax (double-quantized), quant maps: identical bytes, same dtypes
-    assert not [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
-    # buffers outside the state dict (RoPE tables, embed scales) are built the way from_pretrained builds them
-    ra, rb = dict(ref.named_buffers()), dict(ours.named_buffers())
-    assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
+    ref, ours = _reference_and_streamed(monkeypatch, sharded(variant, text_only), text_only, torch.float32,
+                                        four_bit)
+    _assert_same_tensors(ref, ours)
     assert ref.config.to_dict() == ours.config.to_dict()
     assert ours.generation_config.eos_token_id == ref.generation_config.eos_token_id
     n_nf4 = sum(is_nf4_linear(x) for x in ours.modules())
@@ -95,7 +106,7 @@ def test_streamed_model_equals_from_pretrained(sharded, monkeypatch, variant, te
         experts = ours.model.layers[0].experts
         if four_bit:
             assert isinstance(experts, NF4Experts) and experts.gate_up_proj.packed.dtype == torch.uint8
-            assert "model.layers.0.experts.down_proj.packed" in b
+            assert "model.layers.0.experts.down_proj.packed" in ours.state_dict()
         else:
             assert experts.gate_up_proj.dim() == 3 and experts.gate_up_proj.dtype == torch.float32
     # train mode: bitsandbytes' CPU eval kernel cannot run the tiny model's odd widths; training dequantizes
@@ -108,72 +119,18 @@ def test_streamed_model_equals_from_pretrained(sharded, monkeypatch, variant, te
 
 def test_bf16_streamed_state_dict_equals_from_pretrained(sharded, monkeypatch):
     """bf16 (what GPUs load): same bytes, including buffers transformers recomputes in fp32 then stores in bf16."""
-    path = sharded("e2b", False)
-    ref = _reference(path, False, torch.bfloat16, True)
-    with monkeypatch.context() as m:
-        _no_from_pretrained(m)
-        ours, _ = slimtune.load_model(path, dtype="bfloat16", device="cpu", load_in_4bit=True,
-                                      offload_embeddings=False, attention="sdpa")
-    a, b = ref.state_dict(), ours.state_dict()
-    assert list(a) == list(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
-    ra, rb = dict(ref.named_buffers()), dict(ours.named_buffers())
-    assert all(ra[k].dtype == rb[k].dtype and torch.equal(ra[k], rb[k]) for k in ra)
-
-
-class _TrackingFile:
-    """A safe_open handle that records every 16-bit/fp32 tensor it hands out and whether it is still alive."""
-
-    def __init__(self, handle, log):
-        self._h, self._log = handle, log
-
-    def __enter__(self):
-        self._h.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._h.__exit__(*exc)
-
-    def __getattr__(self, name):
-        return getattr(self._h, name)
-
-    def _track(self, key, tensor):
-        log = self._log
-        log["alive_before_read"].append(sum(log["alive"].values()))
-        log["reads"].append(key)
-        token = object()
-        log["alive"][id(token)] = tensor.nbytes
-        weakref.finalize(tensor, log["alive"].pop, id(token), None)
-        log["peak"] = max(log["peak"], sum(log["alive"].values()))
-        return tensor
-
-    def get_tensor(self, key):
-        return self._track(key, self._h.get_tensor(key))
-
-    def get_slice(self, key):
-        outer, inner = self, self._h.get_slice(key)
-
-        class _Slice:
-            def get_shape(self):
-                return inner.get_shape()
-
-            def __getitem__(self, rows):
-                outer._log.setdefault("slices", []).append((key, rows.start, rows.stop))
-                return outer._track(key, inner[rows])
-
-        return _Slice()
+    ref, ours = _reference_and_streamed(monkeypatch, sharded("e2b", False), False, torch.bfloat16, True)
+    _assert_same_tensors(ref, ours)
 
 
 @pytest.mark.parametrize("four_bit", [True, False], ids=["nf4", "16bit"])
-def test_one_tensor_at_a_time_and_no_fp32_weights(sharded, monkeypatch, four_bit):
+def test_one_tensor_at_a_time_and_no_fp32_weights(sharded, checkpoint_reads, four_bit):
     """fp32 checkpoint → bf16 model: each tensor read is cast (a new tensor), so a read still alive at the next
     read would be a held 16/32-bit copy. None is: host memory never holds more than one checkpoint tensor."""
     path = sharded("e2b", False)
-    log = {"alive": {}, "alive_before_read": [], "reads": [], "peak": 0}
-    real_open = safetensors.safe_open
-    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: _TrackingFile(real_open(*a, **k), log))
-    model, _ = slimtune.load_model(path, dtype="bfloat16", device="cpu", load_in_4bit=four_bit,
-                                   offload_embeddings=True, attention="sdpa")
-    monkeypatch.undo()
+    with checkpoint_reads() as log:
+        model, _ = slimtune.load_model(path, dtype="bfloat16", device="cpu", load_in_4bit=four_bit,
+                                       offload_embeddings=True, attention="sdpa")
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
     sizes = {}
     for shard in set(index.values()):
@@ -197,15 +154,12 @@ def test_one_tensor_at_a_time_and_no_fp32_weights(sharded, monkeypatch, four_bit
         assert nf4 and all(m.weight.dtype == torch.uint8 and m.compute_dtype == torch.bfloat16 for m in nf4)
 
 
-def test_4bit_experts_are_read_one_expert_slice_at_a_time(sharded, monkeypatch):
+def test_4bit_experts_are_read_one_expert_slice_at_a_time(sharded, checkpoint_reads):
     """26B-A4B under load_in_4bit: each fused expert tensor is read as one row slice per expert, each once, and
     never whole, so the 16-bit (E, out, in) stack never exists; no read is alive at the next read."""
     path = sharded("26b-a4b", True)
-    log = {"alive": {}, "alive_before_read": [], "reads": [], "peak": 0}
-    real_open = safetensors.safe_open
-    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: _TrackingFile(real_open(*a, **k), log))
-    model, _ = slimtune.load_model(path, dtype="bfloat16", device="cpu", load_in_4bit=True, attention="sdpa")
-    monkeypatch.undo()
+    with checkpoint_reads() as log:
+        model, _ = slimtune.load_model(path, dtype="bfloat16", device="cpu", load_in_4bit=True, attention="sdpa")
     experts = [k for k in set(log["reads"]) if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     n = model.config.num_experts
     assert len(experts) == 2 * model.config.num_hidden_layers and max(log["alive_before_read"]) == 0

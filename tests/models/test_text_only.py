@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import safetensors
 import torch
 from peft import PeftModel
 
@@ -20,34 +19,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:returning the tokenizer instead 
 _TOWER_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 
 
-class _CountingFile:
-    """A safe_open handle that records every tensor read (get_tensor / get_slice)."""
-
-    def __init__(self, handle, reads: list[str]):
-        self._h, self._reads = handle, reads
-
-    def __enter__(self):
-        self._h.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._h.__exit__(*exc)
-
-    def keys(self):
-        return self._h.keys()
-
-    def metadata(self):
-        return self._h.metadata()
-
-    def get_tensor(self, key):
-        self._reads.append(key)
-        return self._h.get_tensor(key)
-
-    def get_slice(self, key):
-        self._reads.append(key)
-        return self._h.get_slice(key)
-
-
 def _ids(n=2, t=33):
     return torch.randint(20, 250, (n, t), generator=torch.Generator().manual_seed(1))
 
@@ -59,14 +30,12 @@ def _randomize_lora(model, seed=0):
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
 
 
-def test_text_only_reads_no_tower_tensor_and_matches_the_full_model(tiny_dir, monkeypatch):
+def test_text_only_reads_no_tower_tensor_and_matches_the_full_model(tiny_dir, checkpoint_reads):
     path = tiny_dir("e2b", text_only=False)
     full, _ = slimtune.load_model(path, dtype="float32", device="cpu")
-    reads: list[str] = []
-    real_open = safetensors.safe_open
-    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: _CountingFile(real_open(*a, **k), reads))
-    lm, tok = slimtune.load_model(path, dtype="float32", device="cpu", text_only=True)
-    monkeypatch.undo()
+    with checkpoint_reads() as log:
+        lm, tok = slimtune.load_model(path, dtype="float32", device="cpu", text_only=True)
+    reads = log["reads"]
     assert type(lm).__name__ == "Gemma4ForCausalLM" and not hasattr(tok, "image_processor")
     assert reads and all(k.startswith("model.language_model.") for k in reads), reads[:5]
     assert not [k for k in reads if k.startswith(_TOWER_PREFIXES)]
