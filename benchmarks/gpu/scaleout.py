@@ -24,13 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 
-def prepare(geometry: str, folder: Path, *, tiny: bool, device: str, rows: int, words_per_row: int) -> Path:
-    """Random-weight checkpoint + tokenizer + data.jsonl in `folder` (reused when already there)."""
+def prepare(geometry: str, folder: Path, *, tiny: bool, device: str, rows: int, words_per_row: int,
+            checkpoint: bool = True) -> Path:
+    """Random-weight checkpoint (unless `checkpoint` is False) + tokenizer + data.jsonl in `folder` (reused)."""
     from slimtune.bench.random_model import build_random_model
     from slimtune.models.tokenizer_build import build_tokenizer
 
     ckpt = folder / f"{geometry}{'-tiny' if tiny else ''}"
-    if not (ckpt / "config.json").is_file():
+    if checkpoint and not (ckpt / "config.json").is_file():
         model = build_random_model(geometry, mode="lora16", device=device, offload_ple=False, tiny=tiny)
         tmp = ckpt.with_name(ckpt.name + ".tmp")
         model.save_pretrained(tmp)
@@ -50,13 +51,16 @@ def prepare(geometry: str, folder: Path, *, tiny: bool, device: str, rows: int, 
     return ckpt
 
 
-def train(ckpt: Path, data: Path, out: Path, *, nproc: int, seq: int, steps: int, device: str) -> dict:
+def train(ckpt: Path | str, data: Path, out: Path, *, nproc: int, seq: int, steps: int, device: str,
+          mode: str = "qlora", distributed: str = "auto", extra: tuple[str, ...] = ()) -> dict:
     """One `slimtune train` run; returns the median tokens/s (after 2 warm-up steps) and peak memory per GPU."""
     cmd = [sys.executable, "-m", "slimtune", "train", "--model", str(ckpt), "--data", str(data), "--output", str(out),
-           "--load-in-4bit", "--packing", "--max-seq-length", str(seq), "--max-steps", str(steps),
-           "--batch-size", "1", "--grad-accum", "1", "--device", device]
+           "--packing", "--max-seq-length", str(seq), "--max-steps", str(steps),
+           "--batch-size", "1", "--grad-accum", "1", "--device", device, *extra]
+    if mode == "qlora":
+        cmd.append("--load-in-4bit")
     if nproc > 1:
-        cmd += ["--nproc", str(nproc)]
+        cmd += ["--nproc", str(nproc), "--distributed", distributed]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"nproc": nproc, "seq": seq, "error": proc.stderr[-1500:]}
@@ -77,6 +81,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="the geometry's tiny look-alike (CPU smoke runs)")
+    ap.add_argument("--mode", choices=("qlora", "lora16"), default="qlora")
+    ap.add_argument("--distributed", choices=("auto", "ddp", "fsdp"), default="auto", help="for N > 1 processes")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="every process builds the geometry's random weights on its GPU (model random:<geometry>) "
+                         "instead of writing and streaming a checkpoint: minutes saved for 26B/31B")
+    ap.add_argument("--extra", default="", help="more `slimtune train` flags, space-separated")
     ap.add_argument("--json", help="append one JSON line per run")
     a = ap.parse_args()
     work = Path(a.work)
@@ -84,13 +94,18 @@ def main() -> None:
     counts = [int(n) for n in a.nproc.split(",")]
     # every process gets `steps` packed sequences of `seq` tokens: enough rows for the largest run
     rows, words = max(counts) * a.steps * 2, max(16, a.seq // 2)
-    ckpt = prepare(a.geometry, work, tiny=a.tiny, device=a.device, rows=rows, words_per_row=words)
+    if a.random_weights and a.tiny:
+        ap.error("--random-weights builds the real geometry; leave out --tiny")
+    ckpt = prepare(a.geometry, work, tiny=a.tiny, device=a.device, rows=rows, words_per_row=words,
+                   checkpoint=not a.random_weights)
+    model = f"random:{a.geometry}" if a.random_weights else ckpt
     data = work / f"data-{rows}x{words}.jsonl"
     base = None
     for n in counts:
         result = {"probe": "scaleout", "geometry": a.geometry, "tiny": a.tiny,
-                  **train(ckpt, data, work / f"run-{a.geometry}-{n}", nproc=n, seq=a.seq, steps=a.steps,
-                          device=a.device)}
+                  "mode": a.mode, "distributed": a.distributed if n > 1 else "none",
+                  **train(model, data, work / f"run-{a.geometry}-{a.mode}-{n}", nproc=n, seq=a.seq, steps=a.steps,
+                          device=a.device, mode=a.mode, distributed=a.distributed, extra=tuple(a.extra.split()))}
         if "tok_s" in result:
             base = base or result["tok_s"] / n
             result["speedup_vs_1"] = round(result["tok_s"] / base, 2) if base else None

@@ -8,7 +8,7 @@ import sys
 
 # flag → (TrainConfig field, type, help). Defaults live in TrainConfig; unset flags do not override the file.
 _FLAGS = [
-    ("--model", "model", str, "local model folder or hub id"),
+    ("--model", "model", str, "local model folder, hub id, or random:e2b/e4b/26b-a4b/31b (random weights)"),
     ("--data", "data", str, "dataset file or folder"),
     ("--output", "output", str, "run folder (adapter/, metrics.jsonl, config.yaml)"),
     ("--max-steps", "max_steps", int, "optimizer steps (default: one epoch)"),

@@ -190,7 +190,9 @@ def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_
     """Load a Gemma 4 checkpoint for fine-tuning.
 
     Args:
-        name_or_path: local Hugging Face folder, or a hub id (downloaded through huggingface_hub).
+        name_or_path: local Hugging Face folder, a hub id (downloaded through huggingface_hub), or
+            ``random:<e2b|e4b|26b-a4b|31b>`` for random weights of that real text geometry built on the device
+            (benchmarks and smoke tests of a setup; no checkpoint on disk).
         dtype: weights/compute dtype ("bfloat16", "float16", "float32", a torch.dtype, or None for automatic).
         load_in_4bit: quantize frozen linear weights and MoE expert tensors to NF4 (bitsandbytes' format) while
             loading (QLoRA).
@@ -210,6 +212,10 @@ def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_
         UnsupportedModelError: the checkpoint is not a supported family.
         ConfigError: bad dtype or max_seq_length.
     """
+    if isinstance(name_or_path, str) and name_or_path.startswith(RANDOM_PREFIX):
+        return load_random_model(name_or_path, dtype=dtype, load_in_4bit=load_in_4bit,
+                                 max_seq_length=max_seq_length, device=device, offload_embeddings=offload_embeddings,
+                                 attention=attention)
     folder = resolve_checkpoint(name_or_path)
     config = read_config(folder)
     family = family_for_model_type(config.get("model_type"))
@@ -265,3 +271,44 @@ def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_
     # text_only: the plain tokenizer; image/audio rows are refused by the data path (no towers to feed them to).
     tokenizer = load_tokenizer(folder, multimodal=cls.__name__ == family.multimodal_class and not text_only)
     return model, tokenizer
+
+
+RANDOM_PREFIX = "random:"
+
+
+def load_random_model(spec: str, *, dtype=None, load_in_4bit: bool = False, max_seq_length: int | None = None,
+                      device=None, offload_embeddings: bool | None = None, attention: str = "auto"):
+    """``random:<geometry>``: random frozen weights of a real Gemma 4 text geometry, built straight on the device.
+
+    Why: scale-out and memory measurements of 26B/31B need the real shapes, and writing then streaming a 62 GB
+    random checkpoint per run costs minutes of GPU time for nothing; every process builds the same weights from
+    the same seed instead. The tokenizer is the project's small built-in one (its ids fit any Gemma 4 vocabulary).
+    """
+    from slimtune.bench.random_model import build_random_model  # noqa: PLC0415 - bench imports this module
+    from slimtune.models.geometry import VARIANTS  # noqa: PLC0415
+    from slimtune.models.tokenizer_build import build_tokenizer  # noqa: PLC0415
+
+    variant = spec[len(RANDOM_PREFIX):]
+    if variant not in VARIANTS:
+        raise ConfigError(f"{spec!r}: unknown geometry {variant!r}; use one of "
+                          f"{', '.join(RANDOM_PREFIX + v for v in VARIANTS)}.")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    offload = offload_embeddings if offload_embeddings is not None else device.type == "cuda"
+    model = build_random_model(variant, mode="qlora" if load_in_4bit else "lora16", device=device, dtype=dtype,
+                               offload_ple=offload)
+    limit = model.config.get_text_config().max_position_embeddings
+    if max_seq_length is not None and not 0 < max_seq_length <= limit:
+        raise ConfigError(f"max_seq_length={max_seq_length} is outside this model's range 1..{limit}.")
+    if attention == "slimtune" or (attention == "auto" and device.type == "cuda"):
+        from slimtune.adapt.attention import enable_slimtune_attention  # noqa: PLC0415
+
+        enable_slimtune_attention(model)
+    elif attention not in ("auto", "sdpa"):
+        raise ConfigError(f"attention={attention!r} is not supported; use 'auto', 'slimtune' or 'sdpa'.")
+    model.eval()
+    model.slimtune_max_seq_length = max_seq_length or limit
+    model.slimtune_source = spec
+    model.slimtune_load_in_4bit = bool(load_in_4bit)
+    model.slimtune_text_only = False
+    return model, build_tokenizer()
