@@ -203,6 +203,41 @@ def test_captured_step_equals_eager_on_gpu(tiny_dir, accum):
     assert worst < 2e-2, worst
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_step_skips_a_non_finite_update_on_gpu(tiny_dir):
+    """Inside the graph the optimizer cannot be skipped from Python: found_inf must stop the fused AdamW, so a NaN
+    step leaves every weight and the optimizer's step count as they were, and the next finite step trains again."""
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    batches = _batches(_model(tiny_dir, "cpu", torch.float32), 6)
+    model = _model(tiny_dir, dev, dtype)
+    params = trainable_parameters(model)
+    opt = make_optimizer(params, lr=1e-2, fused=True, capturable=True)
+    step = GraphedTrainStep(model, params, opt, batches[0], device=dev, dtype=dtype, max_grad_norm=1.0, warmup=2)
+    for b in batches[:4]:
+        step(b)
+    assert step.graphs  # the remaining steps replay
+    poisoned = params[0]
+    keep = poisoned.detach().clone()
+    with torch.no_grad():
+        poisoned.view(-1)[0] = float("nan")
+    before = _lora_state(model)
+    counts = [opt.state[p]["step"].clone() for p in params]
+    loss, norm, _ = step(batches[4])
+    torch.cuda.synchronize()
+    assert not torch.isfinite(norm)
+    after = _lora_state(model)
+    changed = [k for k in before if not torch.equal(before[k].nan_to_num(), after[k].nan_to_num())]
+    assert changed == [], changed
+    assert all(torch.equal(c, opt.state[p]["step"]) for c, p in zip(counts, params))
+    with torch.no_grad():
+        poisoned.copy_(keep)
+    step(batches[5])
+    torch.cuda.synchronize()
+    assert any(not torch.equal(before[k].nan_to_num(), v) for k, v in _lora_state(model).items())
+    step.close()
+
+
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_training_run_with_cuda_graphs_equals_the_standard_run(tiny_dir, tmp_path, one_thread, packing):
     """`cuda_graphs: true` end to end (on CPU the fixed-shape step runs uncaptured): same losses, same adapter, and
