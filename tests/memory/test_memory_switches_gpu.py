@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 CUDA = torch.device("cuda")
 
 
-def _model(tiny_dir, variant="e2b", *, load_in_4bit=False, slim_attention=True):
-    model, _ = slimtune.load_model(tiny_dir(variant, text_only=True), dtype="bfloat16", device="cuda",
+def _model(tiny_dir, variant="e2b", *, load_in_4bit=False, slim_attention=True, dtype="bfloat16"):
+    model, _ = slimtune.load_model(tiny_dir(variant, text_only=True), dtype=dtype, device="cuda",
                                    load_in_4bit=load_in_4bit)
     if slim_attention:  # flash-style attention: no T×T scores, so layer inputs and MLPs dominate memory
         from slimtune.adapt.attention import enable_slimtune_attention
@@ -162,16 +162,25 @@ def test_all_switches_and_adamw8bit_train_on_cuda(tiny_dir):
 
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["bf16", "nf4"])
 def test_recomputed_norms_match_and_save_memory_on_cuda(tiny_dir, load_in_4bit):
-    """RecomputeRMSNorm on CUDA: the same loss (its forward is the same arithmetic) and LoRA gradients, and a lower
-    peak that is never higher with checkpointing (each norm keeps its bf16 input instead of an fp32 copy)."""
+    """RecomputeRMSNorm on CUDA: the same loss bits (its forward is the same arithmetic), LoRA gradients as close to
+    an fp32 run as the plain bf16 path's (its backward rounds differently: 2 % apart from the plain path's worst
+    gradient on the H200, both being bf16 noise), and a peak that is never higher with checkpointing."""
     from slimtune.adapt.rms_norm import swap_rms_norms
 
-    model = _model(tiny_dir, "e2b", load_in_4bit=load_in_4bit)
-    enable_checkpointing(model)
-    batch = _batch(model, (512, 512))
-    loss0, g0, peak0 = _step(model, batch)
-    assert swap_rms_norms(model) > 0
-    loss1, g1, peak1 = _step(model, batch)
+    def grads(dtype, swap):
+        model = _model(tiny_dir, "e2b", load_in_4bit=load_in_4bit, dtype=dtype)
+        enable_checkpointing(model)
+        if swap:
+            assert swap_rms_norms(model) > 0
+        return _step(model, _batch(model, (512, 512)))
+
+    loss0, g0, peak0 = grads("bfloat16", False)
+    loss1, g1, peak1 = grads("bfloat16", True)
+    _, ref, _ = grads("float32", False)
     assert loss1 == loss0
-    _close(g1, g0, 1e-2)
+
+    def worst(g):
+        return max(float((g[k] - ref[k]).norm() / (ref[k].norm() + 1e-12)) for k in ref)
+
+    assert worst(g1) <= 1.5 * worst(g0) + 1e-3, (worst(g1), worst(g0))
     assert peak1 <= peak0, (peak1, peak0)  # the size of the saving is measured by the bench, not here
