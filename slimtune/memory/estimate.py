@@ -28,6 +28,7 @@ tests/memory/test_calibration.py checks every measured configuration stays withi
 
 from __future__ import annotations
 
+from slimtune.adapt.rms_norm import CHUNK_ELEMENTS as NORM_CHUNK_ELEMENTS
 from slimtune.memory.model_shape import LayerShape, ModelShape, read_model_shape
 
 GIB = 2**30
@@ -182,6 +183,8 @@ def _layer_bytes(lay: LayerShape, h: int, n: int, batch: int, seq: int, lora_r: 
             total += batch * lay.heads * seq * seq * a * 2
     if transient:
         total += mlp_tokens * 3 * a * inter  # d(product), d(gelu), d(up) at the MLP's backward
+        if recompute_norms:  # RMSNormFunction's fp32 temporaries (x, x̂, g, their product), one row chunk at a time
+            total += 4 * 4 * min(n * lay.q_dim, NORM_CHUNK_ELEMENTS)
         if attention == "sdpa" and lay.window is not None and seq > lay.window:
             total += batch * seq * seq * a  # the kernel's additive 16-bit copy of the boolean mask
     return total

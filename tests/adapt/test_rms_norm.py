@@ -43,6 +43,24 @@ def test_same_output_bits_and_gradients(dtype, with_scale, weight_grad):
         assert (a.float() - b.float()).norm() <= tol * a.float().norm()
 
 
+@pytest.mark.parametrize("chunk_elements", [48, 100, 48 * 21], ids=["1-row", "2-rows-uneven", "one-chunk"])
+def test_row_chunks_change_no_bits(chunk_elements):
+    """Long sequences are normalised a few rows at a time (bounded fp32 temporaries): output and input gradient
+    are the same bits as in one piece, the weight gradient (a sum over rows) equal up to summation order."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 7, 48, generator=g) * 3).to(torch.bfloat16)
+    dy = torch.randn(3, 7, 48, generator=g).to(torch.bfloat16)
+    weight = torch.nn.Parameter(torch.randn(48, generator=g).to(torch.bfloat16))
+    whole, chunked = RecomputeRMSNorm(1e-6, weight), RecomputeRMSNorm(1e-6, weight, chunk_elements=chunk_elements)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = whole(xa), chunked(xb)
+    assert torch.equal(ya, yb)
+    dxa, dwa = torch.autograd.grad(ya, [xa, weight], dy)
+    dxb, dwb = torch.autograd.grad(yb, [xb, weight], dy)
+    assert torch.equal(dxa, dxb)
+    assert torch.allclose(dwa.float(), dwb.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_saves_the_16bit_input_not_an_fp32_copy():
     x = torch.randn(64, 256, dtype=torch.bfloat16, requires_grad=True)
     sizes = {}

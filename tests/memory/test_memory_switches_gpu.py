@@ -42,13 +42,13 @@ def _batch(model, lengths):
     return collate([Example(r, r) for r in rows], pad_id=0)
 
 
-def _step(model, batch):
-    """(loss, LoRA grads, peak allocated bytes of this forward+backward)."""
+def _step(model, batch, dtype=torch.bfloat16):
+    """(loss, LoRA grads, peak allocated bytes of this forward+backward); `dtype`: the autocast dtype."""
     model.train()
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    loss, _ = accumulate_gradients(model, [batch], device=CUDA, dtype=torch.bfloat16)
+    loss, _ = accumulate_gradients(model, [batch], device=CUDA, dtype=dtype)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -172,7 +172,7 @@ def test_recomputed_norms_match_and_save_memory_on_cuda(tiny_dir, load_in_4bit):
         enable_checkpointing(model)
         if swap:
             assert swap_rms_norms(model) > 0
-        return _step(model, _batch(model, (512, 512)))
+        return _step(model, _batch(model, (512, 512)), getattr(torch, dtype))
 
     loss0, g0, peak0 = grads("bfloat16", False)
     loss1, g1, peak1 = grads("bfloat16", True)
