@@ -195,3 +195,13 @@ def test_tiny_26b_qlora_expert_lora_model_grouped_equals_loop(tiny_dir, calls):
     for name, ref in result["loop"][1].items():
         got = result["grouped"][1][name]
         assert (got - ref).norm() <= 1e-5 * ref.norm() + 1e-9, name
+
+
+def test_planner_counts_one_dequantized_gate_up_stack_for_26b_qlora():
+    from slimtune.memory.estimate import GIB
+    from slimtune.memory.planner import predict
+
+    stack = 128 * 2 * 704 * 2816  # gate_up (E, 2I, H): the larger of the two, dequantized alone
+    qlora = predict("26b-a4b", 2048, load_in_4bit=True)
+    assert qlora.breakdown["nf4_expert_stack"] * GIB == pytest.approx(stack * (2 + 1 / 8), rel=1e-3)
+    assert predict("26b-a4b", 2048, load_in_4bit=False).breakdown.get("nf4_expert_stack", 0) == 0
