@@ -119,7 +119,8 @@ class LoraExperts(nn.Module):
 
     Same call signature and result as the base block: (hidden (T, H), top_k_index (T, k), top_k_weights (T, k))
     -> (T, H), computed by `route_to_experts`. On an NF4 base the base product uses the dequantized expert weight
-    (one expert at a time, see experts_nf4); the LoRA term is the same.
+    (one expert at a time, see experts_nf4); the LoRA term is the same. On CUDA in bf16 (or when forced), both
+    projections and their LoRA terms run as grouped GEMMs over all experts instead (experts_grouped).
     """
 
     def __init__(self, base_layer: nn.Module, params: list[str], *, r: int | dict, alpha: float | dict,

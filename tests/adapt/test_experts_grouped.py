@@ -111,6 +111,20 @@ def test_expert_lora_grouped_equals_loop(base_kind, r, calls):
         assert a_grad[EMPTY].abs().max() == 0 and a_grad[SINGLE].abs().max() > 0, name
 
 
+@pytest.mark.parametrize("params", [["gate_up_proj"], ["down_proj"]])
+def test_one_adapted_tensor_on_a_16bit_base_grouped_equals_loop(params, calls):
+    """The other projection runs the base product alone (no factors) inside the same grouped node."""
+    module = LoraExperts(_block(), params, r=5, alpha=5, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) * 0.1)
+    index, weights = _routing()
+    loop = _run(module, "loop", index, weights, calls)
+    assert len(loop) == 4
+    _assert_equal(_run(module, "grouped", index, weights, calls), loop)
+
+
 def test_nf4_experts_grouped_equals_loop(calls):
     nf4 = NF4Experts.from_experts(_block(), torch.float32, "cpu")
     index, weights = _routing()
