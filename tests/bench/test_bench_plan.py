@@ -74,3 +74,16 @@ def test_experts_impl_switch_is_set_for_the_run_and_restored(monkeypatch):
     assert seen == ["loop", "grouped"] and experts_grouped.IMPL == before
     with pytest.raises(ConfigError, match="experts_impl"):
         bench.BenchOptions(experts_impl="fast")
+
+
+def test_cli_experts_impl_list_runs_each_in_turn(monkeypatch):
+    import torch
+
+    runs = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run_bench", lambda *a, options, **k: runs.append(options.experts_impl))
+    assert main(["bench", "--geometry", "26b-a4b", "--experts-impl", "loop,grouped"]) == 0
+    assert runs == ["loop", "grouped"]
+    runs.clear()
+    assert main(["bench", "--geometry", "26b-a4b", "--experts-impl", "loop,fast"]) == 2  # refused before any run
+    assert runs == []
