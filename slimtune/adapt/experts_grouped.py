@@ -124,8 +124,8 @@ class _GroupedProjection(torch.autograd.Function):
 
     x (M, in), A (E, r8, in), B (E, out, r8) all in the compute dtype; base a 16-bit (E, out, in) tensor or an
     NF4ExpertStack. Backward, per group: dx = dy·W + s·(dy·B)·A; dA = s·(dy·B)ᵀ·x; dB = s·dyᵀ·(x·Aᵀ); grouped
-    GEMMs throughout (the gradient ones split the contraction by offs). Saves x, x·Aᵀ (r8 columns), the factors;
-    never the 16-bit W of an NF4 base (re-dequantized here, see the module docstring).
+    GEMMs throughout (the gradient ones split the contraction by offs). Saves x and x·Aᵀ (r8 columns) only with
+    factors, and never the 16-bit W of an NF4 base (re-dequantized here, see the module docstring).
     """
 
     @staticmethod
@@ -138,7 +138,9 @@ class _GroupedProjection(torch.autograd.Function):
             xa = _mm(x, lora_a.transpose(-2, -1), offs)
             y = y + _mm(xa, lora_b.transpose(-2, -1), offs) * scaling
         ctx.base, ctx.scaling = base, scaling
-        ctx.save_for_backward(x, offs, empty, lora_a, lora_b, xa)
+        # x only for the factors' gradients: without LoRA, dx needs dy and W alone, and keeping x would hold
+        # T·k rows of every checkpoint-free layer's input until its backward (the loop's node keeps none either)
+        ctx.save_for_backward(x if lora_a is not None else None, offs, empty, lora_a, lora_b, xa)
         return y
 
     @staticmethod

@@ -219,3 +219,17 @@ def test_planner_counts_one_dequantized_gate_up_stack_for_26b_qlora():
     qlora = predict("26b-a4b", 2048, load_in_4bit=True)
     assert qlora.breakdown["nf4_expert_stack"] * GIB == pytest.approx(stack * (2 + 1 / 8), rel=1e-3)
     assert predict("26b-a4b", 2048, load_in_4bit=False).breakdown.get("nf4_expert_stack", 0) == 0
+
+
+def test_without_factors_the_input_rows_are_not_saved():
+    """NF4Experts alone (QLoRA without expert LoRA): dx needs only dy and W, so the node must not keep its T·k
+    input rows (the loop's NF4ExpertMatmul keeps none); the activation between the projections is autograd's."""
+    nf4 = NF4Experts.from_experts(_block(), torch.float32, "cpu")
+    index, weights = _routing()
+    x = torch.randn(T, H, requires_grad=True)
+    rows = x.detach()[experts_grouped._sort(index, weights, E)[0]]  # the gathered input, sorted by expert
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.detach()) or t, lambda t: t), \
+            experts_impl("grouped"):
+        nf4(x, index, weights)
+    assert saved and not any(t.shape == rows.shape and torch.equal(t, rows) for t in saved)
