@@ -19,11 +19,11 @@ gate_up's stack (E·2I·H: 1.0 GB bf16 on 26B-A4B) is freed before down's (E·H�
 in backward: the designed transient is the larger stack alone (slimtune.memory counts it).
 
 Expert LoRA: A (E, r, in) and B (E, out, r) are products of the same groups, so they run as grouped GEMMs too
-(three forward/backward products more per projection, on r columns). bmm over padded groups was the alternative:
-it needs the largest group size on the host (a sync) and a (E, max_group, in) zero-padded copy of the activations,
-which under uneven routing is several times the rows that exist. _grouped_mm needs 16-byte-aligned strides, so the
-rank is zero-padded to a multiple of 8 (zero rows of A and zero columns of B change nothing, and their gradients
-are dropped by the padding's own backward).
+(two more products per projection forward, four backward, each with r on one side). bmm over padded groups was the
+alternative: it needs the largest group size on the host (a sync) and a (E, max_group, in) zero-padded copy of the
+activations, which under uneven routing is several times the rows that exist. _grouped_mm needs 16-byte-aligned
+strides, so the rank is zero-padded to a multiple of 8 (zero rows of A and zero columns of B change nothing, and
+their gradients are dropped by the padding's own backward).
 
 Selection (`use_grouped`): the module switch ``IMPL`` ("auto" | "loop" | "grouped", also the environment variable
 SLIMTUNE_EXPERTS_IMPL) forces either path; "auto" takes the grouped path on CUDA with bf16 compute (the only dtype
