@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from slimtune.adapt.experts_grouped import grouped_experts_forward, use_grouped
+
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # definition order in Gemma4TextExperts = PEFT's nesting order
 
 
@@ -117,7 +119,8 @@ class LoraExperts(nn.Module):
 
     Same call signature and result as the base block: (hidden (T, H), top_k_index (T, k), top_k_weights (T, k))
     -> (T, H), computed by `route_to_experts`. On an NF4 base the base product uses the dequantized expert weight
-    (one expert at a time, see experts_nf4); the LoRA term is the same.
+    (one expert at a time, see experts_nf4); the LoRA term is the same. On CUDA in bf16 (or when forced), both
+    projections and their LoRA terms run as grouped GEMMs over all experts instead (experts_grouped).
     """
 
     def __init__(self, base_layer: nn.Module, params: list[str], *, r: int | dict, alpha: float | dict,
@@ -161,8 +164,14 @@ class LoraExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        lora = {n: a.factors() for n, a in self.adapters.items()}
         gate_up, down = base.gate_up_proj, base.down_proj
+        frozen = not any(isinstance(w, torch.Tensor) and w.requires_grad for w in (gate_up, down))
+        if frozen and use_grouped(hidden_states, (down.shape[1], down.shape[2])):
+            # one grouped GEMM per projection over all experts (experts_grouped); the loop below is the reference
+            adapter = {n: self.adapters[n] if n in self.adapters else None for n in EXPERT_PARAMS}
+            return grouped_experts_forward(hidden_states, top_k_index, top_k_weights, self.num_experts, base.act_fn,
+                                           gate_up, down, adapter["gate_up_proj"], adapter["down_proj"])
+        lora = {n: a.factors() for n, a in self.adapters.items()}
 
         def run_expert(expert: int, x: torch.Tensor) -> torch.Tensor:
             h = self._project(x, "gate_up_proj", expert, gate_up, lora.get("gate_up_proj"))

@@ -26,6 +26,9 @@ uses it and drops it. Backward dequantizes again: the node keeps only views of t
 expert's 16-bit weight exists at a time, and none lives across the layer. Expert LoRA (LoraExperts) wraps an
 NF4Experts like a Gemma4TextExperts: its base product goes through the same node, its LoRA term is unchanged.
 
+On CUDA in bf16 the same function runs as two grouped GEMMs over all experts instead (slimtune.adapt.experts_grouped:
+the stack is dequantized whole inside each projection's node, forward and backward); this loop is the reference.
+
 Why a module swap rather than transformers' experts registry: 5.17 and 5.24 both have ``use_experts_implementation``
 (an ``ExpertsInterface`` function chosen by ``config._experts_implementation``), but such a function receives the
 transformers module with its 16-bit 3-D parameters, and the choice is per config, not per module. NF4 storage would
@@ -43,6 +46,7 @@ import torch
 from torch import nn
 
 from slimtune.adapt.experts import EXPERT_PARAMS, route_to_experts
+from slimtune.adapt.experts_grouped import grouped_experts_forward, use_grouped
 from slimtune.adapt.lora_matmul import compute_dtype
 from slimtune.adapt.quantize import dequantize_parts
 from slimtune.errors import UnsupportedModelError
@@ -232,6 +236,10 @@ class NF4Experts(nn.Module):
     @torch.compiler.disable
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if use_grouped(hidden_states, (self.hidden_dim, self.intermediate_dim)):
+            return grouped_experts_forward(hidden_states, top_k_index, top_k_weights, self.num_experts, self.act_fn,
+                                           self.gate_up_proj, self.down_proj)
+
         def run_expert(expert: int, x: torch.Tensor) -> torch.Tensor:
             gate, up = self.gate_up_proj.linear(x, expert).chunk(2, dim=-1)
             return self.down_proj.linear(self.act_fn(gate) * up, expert)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from slimtune.adapt.experts_grouped import IMPLS, experts_impl
 from slimtune.adapt.inject import add_lora, trainable_parameters
 from slimtune.bench.mm_batch import multimodal_batch
 from slimtune.bench.random_model import build_random_model
@@ -54,6 +55,8 @@ class BenchOptions:
     """MoE geometries (26b-a4b): LoRA on the fused expert tensors too."""
     cuda_graphs: bool = False
     """Capture the whole step as a CUDA graph after warm-up (slimtune.train.cuda_graph)."""
+    experts_impl: str = "auto"
+    """MoE experts we run (NF4 experts, expert LoRA): auto | loop | grouped (slimtune.adapt.experts_grouped)."""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -65,6 +68,8 @@ class BenchOptions:
             p.append(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         if self.cuda_graphs and (self.activation_offload or self.optimizer != "adamw" or not self.fused_adamw):
             p.append("cuda_graphs needs the fused AdamW and no activation_offload")
+        if self.experts_impl not in IMPLS:
+            p.append(f"experts_impl must be one of {', '.join(IMPLS)} (got {self.experts_impl!r})")
         if self.activation_offload and not self.gradient_checkpointing:
             p.append("activation_offload needs gradient_checkpointing (it offloads the checkpointed layer inputs)")
         if p:
@@ -88,6 +93,12 @@ def bench_one(variant: str, mode: str, seq: int, *, steps: int = 6, multimodal: 
               options: BenchOptions | None = None, device="cuda") -> dict:
     """Build, adapt and train `steps` steps; returns peak memory and speed figures (one JSON-able dict)."""
     options = options or BenchOptions()
+    with experts_impl(options.experts_impl):  # the switch is process-wide: restored for the next combination
+        return _bench_one(variant, mode, seq, steps=steps, multimodal=multimodal, options=options, device=device)
+
+
+def _bench_one(variant: str, mode: str, seq: int, *, steps: int, multimodal: bool, options: BenchOptions,
+               device) -> dict:
     device = torch.device(device)
     torch.cuda.empty_cache()
     t0 = time.perf_counter()

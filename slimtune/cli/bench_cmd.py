@@ -23,6 +23,10 @@ def register(sub) -> None:
     p.add_argument("--finetune-experts", action="store_true", help="26b-a4b: LoRA on the fused expert tensors too")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture each training step as one CUDA graph after 2 warm-up steps")
+    p.add_argument("--experts-impl", default="auto",
+                   help="26b-a4b NF4 experts / expert LoRA: auto | loop | grouped, or a comma list run one after the "
+                        "other in this process (auto: grouped on CUDA bf16). 16-bit experts without "
+                        "--finetune-experts run transformers' own implementation")
     p.add_argument("--mlp-chunk-size", type=int, default=0, help="sequence-tiled MLP: tokens per chunk (0 = off)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--steps-profile", type=int, default=0, help="also profile N steps (torch.profiler table)")
@@ -33,6 +37,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from dataclasses import replace  # noqa: PLC0415
+
     import torch  # noqa: PLC0415
 
     from slimtune.bench.run import BenchOptions, run_bench  # noqa: PLC0415
@@ -50,6 +56,7 @@ def run(args) -> int:
                         finetune_vision_layers=args.finetune_vision_layers,
                         finetune_audio_layers=args.finetune_audio_layers, cuda_graphs=args.cuda_graphs,
                         finetune_experts=args.finetune_experts, recompute_norms=args.recompute_norms)
+    impls = [replace(opts, experts_impl=i) for i in args.experts_impl.split(",")]  # each one validated
     explicit = frozenset(name for name, given in (("gradient_checkpointing", args.no_gradient_checkpointing),
                                                   ("loss_chunk_size", args.loss_chunk_size is not None),
                                                   ("activation_offload", args.activation_offload),
@@ -57,6 +64,8 @@ def run(args) -> int:
                                                   ("optimizer", args.optimizer != "adamw")) if given)
     if (args.finetune_vision_layers or args.finetune_audio_layers) and not args.multimodal:
         raise ConfigError("--finetune-vision-layers / --finetune-audio-layers need --multimodal (the towers).")
-    run_bench(args.geometry, args.mode.split(","), [int(s) for s in args.seq.split(",")], steps=args.steps,
-              multimodal=args.multimodal, options=opts, json_path=args.json, max_memory=budget, explicit=explicit)
+    for options in impls:  # built and checked above, so a bad name fails before any model is built
+        run_bench(args.geometry, args.mode.split(","), [int(s) for s in args.seq.split(",")], steps=args.steps,
+                  multimodal=args.multimodal, options=options, json_path=args.json, max_memory=budget,
+                  explicit=explicit)
     return 0

@@ -17,6 +17,10 @@ layer       the working set of one layer's recompute + backward, maximised over 
             N×I MLP intermediates, the PLE gate) plus the gradients in flight at the MLP's backward (3·N·I·A).
             Tiled MLP (mlp_chunk_size) keeps only one chunk of MLP intermediates. SDPA sliding layers add the bf16
             copy of the mask the kernel takes (2·B·T²).
+experts     QLoRA MoE layers on CUDA run their experts as grouped GEMMs (slimtune.adapt.experts_grouped), which
+            dequantize one whole fused expert tensor at a time, in forward and in backward: the larger one, gate_up
+            (E·2I·H·A; 26B-A4B: 0.95 GiB), plus the fp32 absmax of its 64-blocks twice while it is built
+            (E·2I·H/8 bytes). Counted once, in the backward phase (layers run one at a time).
 loss        the chunked lm_head + cross-entropy: one chunk of fp32 logits and its 16-bit gradient (c·V·(4+A)), the
             final norm's fp32 input, the kept-row copy of the hidden states and their gradient; plus autocast's
             16-bit copies of the LoRA weights.
@@ -149,6 +153,7 @@ def training_terms(shape: ModelShape, *, seq_len: int, batch_size: int, load_in_
     backward_phase = {
         "lora_grads": lora_params * 4,
         "layer_working_set": working * LAYER_WORKING_SET_SCALE + n * h * a * 2,  # + gradient flowing between layers
+        "nf4_expert_stack": max(lay.moe_stack for lay in layers) * (a + 8 / 64) if load_in_4bit else 0,
     }
     phase = "loss" if sum(loss_phase.values()) >= sum(backward_phase.values()) else "backward"
     breakdown = {**static, **boundary, **(loss_phase if phase == "loss" else backward_phase)}

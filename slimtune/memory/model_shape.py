@@ -25,6 +25,7 @@ class LayerShape:
     inter: int  # dense MLP width
     ple_dim: int  # per-layer-input width (0 without PLE)
     moe_inter: int  # top_k × expert width (0 without MoE)
+    moe_stack: int = 0  # elements of the larger fused expert tensor, gate_up (E, 2I, H) (0 without MoE)
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,13 @@ def _read(model: str, multimodal: bool, text_only: bool = False, finetune_expert
 def _layer_shape(layer, text) -> LayerShape:
     attn = layer.self_attn
     k_proj = getattr(attn, "k_proj", None)
-    moe = 0
+    moe = stack = 0
     if getattr(layer, "enable_moe_block", False):
         moe = int(getattr(text, "top_k_experts", 0) or 0) * int(getattr(text, "moe_intermediate_size", 0) or 0)
+        stack = int(getattr(text, "num_experts", 0) or 0) * 2 * int(text.moe_intermediate_size) * text.hidden_size
     return LayerShape(q_dim=attn.q_proj.out_features, kv_dim=k_proj.out_features if k_proj is not None else 0,
                       heads=attn.q_proj.out_features // attn.head_dim,
                       window=attn.sliding_window if getattr(attn, "is_sliding", False) else None,
                       inter=layer.mlp.intermediate_size,
-                      ple_dim=int(getattr(layer, "hidden_size_per_layer_input", 0) or 0), moe_inter=moe)
+                      ple_dim=int(getattr(layer, "hidden_size_per_layer_input", 0) or 0), moe_inter=moe,
+                      moe_stack=stack)

@@ -57,3 +57,33 @@ def test_budget_with_cuda_graphs_plans_only_what_a_captured_step_can_run():
     without = bench.predicted_gib("e2b", "qlora", 8192, bench.BenchOptions(
         attention="slimtune", mlp_chunk_size=graphs.mlp_chunk_size))
     assert with_pool > without
+
+
+def test_experts_impl_switch_is_set_for_the_run_and_restored(monkeypatch):
+    """--experts-impl reaches the experts' process-wide switch while one configuration runs, and only then."""
+    import pytest
+
+    from slimtune.adapt import experts_grouped
+    from slimtune.errors import ConfigError
+
+    seen = []
+    monkeypatch.setattr(bench, "_bench_one", lambda *a, **k: seen.append(experts_grouped.IMPL) or {})
+    before = experts_grouped.IMPL
+    for impl in ("loop", "grouped"):
+        bench.bench_one("26b-a4b", "qlora", 2048, options=bench.BenchOptions(experts_impl=impl))
+    assert seen == ["loop", "grouped"] and experts_grouped.IMPL == before
+    with pytest.raises(ConfigError, match="experts_impl"):
+        bench.BenchOptions(experts_impl="fast")
+
+
+def test_cli_experts_impl_list_runs_each_in_turn(monkeypatch):
+    import torch
+
+    runs = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run_bench", lambda *a, options, **k: runs.append(options.experts_impl))
+    assert main(["bench", "--geometry", "26b-a4b", "--experts-impl", "loop,grouped"]) == 0
+    assert runs == ["loop", "grouped"]
+    runs.clear()
+    assert main(["bench", "--geometry", "26b-a4b", "--experts-impl", "loop,fast"]) == 2  # refused before any run
+    assert runs == []
