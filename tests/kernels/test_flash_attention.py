@@ -266,6 +266,7 @@ def test_enable_switches_only_the_text_tower_of_multimodal_gemma4():
 # Triton kernels under the interpreter (CPU), tiny fp16 shapes.
 
 _INTERPRETER_SCRIPT = r"""
+import sys
 import torch
 from slimtune.kernels.flash_attention import flash_attention, KernelConfig
 from slimtune.kernels.attention_reference import attention_reference
@@ -275,6 +276,7 @@ def rel(a, b):
     return (a.double() - b).norm().item() / (d if d > 1e-6 else 1.0)
 
 torch.manual_seed(0)
+VARIANT = int(sys.argv[1])  # KernelConfig.variant of dQ and dK/dV: 0 single kernels, 1 fused delta + split dK/dV
 small = KernelConfig(16, 16, 4, 1)
 cases = [
     dict(b=1, hq=2, hk=1, t=40, window=None, docs=None, pad=None, dkdv=small),
@@ -288,6 +290,8 @@ cases = [
          pad=[[0] * 5 + [1] * 32, [1] * 37], dkdv=KernelConfig(16, 16, 4, 1, True, 1), scratch=1),
     dict(b=2, hq=4, hk=2, t=37, window=None, docs=None, pad=[[0] * 5 + [1] * 32, [1] * 37],
          dkdv=KernelConfig(16, 16, 4, 1, False, 2), scratch=2),
+    # one query head per KV head (no head split): dK/dV written directly in the input dtype, no partial sums
+    dict(b=2, hq=2, hk=2, t=45, window=None, docs=[[0] * 20 + [1] + [2] * 24, [0] * 45], pad=None, dkdv=small),
 ]
 for c in cases:
     q = torch.randn(c["b"], c["hq"], c["t"], 16, dtype=torch.float16, requires_grad=True)
@@ -295,7 +299,8 @@ for c in cases:
     docs = torch.tensor(c["docs"]) if c["docs"] else None
     pad = torch.tensor(c["pad"], dtype=torch.bool) if c["pad"] else None
     sc = c.get("scratch", 0)
-    cfg = {"fwd": KernelConfig(32, 16, 4, 1, False, sc), "dq": KernelConfig(16, 16, 4, 1, False, sc), "dkdv": c["dkdv"]}
+    cfg = {"fwd": KernelConfig(32, 16, 4, 1, False, sc), "dq": KernelConfig(16, 16, 4, 1, False, sc, VARIANT),
+           "dkdv": c["dkdv"]._replace(variant=VARIANT)}
     out = flash_attention(q, k, v, scale=0.3, window=c["window"], doc_ids=docs, key_padding_mask=pad, _configs=cfg)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
@@ -311,10 +316,12 @@ print("INTERPRETER_OK")
 """
 
 
-def test_triton_kernels_under_interpreter():
+@pytest.mark.parametrize("variant", [0, 1], ids=["single_kernels", "fused_delta_split_dkdv"])
+def test_triton_kernels_under_interpreter(variant):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, str(variant)], env=env, capture_output=True,
+                          text=True,
                           check=False, timeout=600)
     assert proc.returncode == 0 and "INTERPRETER_OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
