@@ -170,16 +170,21 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DSTART, DEND, KVALID,
 
 
 @triton.jit
-def _dk_or_dv_loop(acc, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, dstart_base, k_idx,
+def _dk_or_dv_loop(acc, k, v, q_base, do_base, STRIDE_QT: tl.constexpr, STRIDE_DOT: tl.constexpr, lse_base, delta_base, dstart_base, k_idx,
                    k_valid, slot, lo, hi, T, W, qk_scale,
                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, WANT_DK: tl.constexpr,
                    HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr):
     """Accumulate dKᵀ (WANT_DK) or dVᵀ, shape (D, BLOCK_N), of one key block over query rows [lo, hi)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = q_base + lo.to(tl.int64) * stride_qt + offs_m[:, None] * stride_qt + offs_d[None, :]
-    do_ptrs = do_base + lo.to(tl.int64) * stride_dot + offs_m[:, None] * stride_dot + offs_d[None, :]
+    q_row = lo.to(tl.int64) * STRIDE_QT  # scalar offsets of row m0 (int64: T × stride can pass 2³¹)
+    do_row = lo.to(tl.int64) * STRIDE_DOT
     for m0 in range(lo, hi, BLOCK_M):
+        # Row strides are compile-time constants here: each thread's 16-byte pieces of a tile then sit at immediate
+        # offsets from one base address. With run-time strides every piece needs its own 64-bit address, which
+        # ptxas hoists out of the loop and spills (offline SASS: ~60 LDL/STL per step of the hd512 loop).
+        q_ptrs = q_base + q_row + offs_m[:, None] * STRIDE_QT + offs_d[None, :]
+        do_ptrs = do_base + do_row + offs_m[:, None] * STRIDE_DOT + offs_d[None, :]
         q_idx = m0 + offs_m
         row_ok = q_idx < T
         if MASK:
@@ -219,15 +224,15 @@ def _dk_or_dv_loop(acc, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, 
             else:
                 do = tl.load(do_ptrs)
             acc = tl.dot(tl.trans(do), p, acc=acc)
-        q_ptrs += BLOCK_M * stride_qt
-        do_ptrs += BLOCK_M * stride_dot
+        q_row += BLOCK_M * STRIDE_QT
+        do_row += BLOCK_M * STRIDE_DOT
     return acc
 
 
 @triton.jit(do_not_specialize=["T", "H", "HK", "G", "HEADS_PER_SPLIT", "W"])
 def _attn_bwd_dk_or_dv_kernel(Q, K, V, DO, OUT, LSE, DELTA, DSTART, DEND, KVALID, SCR,
-                              stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                              stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                              stride_qb, stride_qh, STRIDE_QT: tl.constexpr, stride_kb, stride_kh, stride_kt,
+                              stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, STRIDE_DOT: tl.constexpr,
                               stride_os, stride_ob, stride_oh, stride_ot,
                               T, H, HK, G, HEADS_PER_SPLIT, W, qk_scale, sm_scale,
                               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -263,13 +268,13 @@ def _attn_bwd_dk_or_dv_kernel(Q, K, V, DO, OUT, LSE, DELTA, DSTART, DEND, KVALID
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         row = (b * H + h).to(tl.int64) * T
-        acc = _dk_or_dv_loop(acc, k, v, q_base, do_base, stride_qt, stride_dot, LSE + row, DELTA + row, dstart_base,
+        acc = _dk_or_dv_loop(acc, k, v, q_base, do_base, STRIDE_QT, STRIDE_DOT, LSE + row, DELTA + row, dstart_base,
                              k_idx, k_valid, slot, full_lo, full_hi, T, W, qk_scale,
                              BLOCK_M, HEAD_DIM, False, WANT_DK, HAS_KEY_MASK, SCRATCH)
-        acc = _dk_or_dv_loop(acc, k, v, q_base, do_base, stride_qt, stride_dot, LSE + row, DELTA + row, dstart_base,
+        acc = _dk_or_dv_loop(acc, k, v, q_base, do_base, STRIDE_QT, STRIDE_DOT, LSE + row, DELTA + row, dstart_base,
                              k_idx, k_valid, slot, q_lo, full_lo, T, W, qk_scale,
                              BLOCK_M, HEAD_DIM, True, WANT_DK, HAS_KEY_MASK, SCRATCH)
-        acc = _dk_or_dv_loop(acc, k, v, q_base, do_base, stride_qt, stride_dot, LSE + row, DELTA + row, dstart_base,
+        acc = _dk_or_dv_loop(acc, k, v, q_base, do_base, STRIDE_QT, STRIDE_DOT, LSE + row, DELTA + row, dstart_base,
                              k_idx, k_valid, slot, full_hi, q_hi, T, W, qk_scale,
                              BLOCK_M, HEAD_DIM, True, WANT_DK, HAS_KEY_MASK, SCRATCH)
     if WANT_DK:
