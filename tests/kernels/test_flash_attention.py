@@ -368,9 +368,16 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("variant", [0, 1], ids=["default", "fused_delta_split_dkdv"])
 @pytest.mark.parametrize("b,hq,hk,t,d,window,docs,pad,dtype", GPU_CASES)
-def test_triton_attention_matches_fp64_reference(b, hq, hk, t, d, window, docs, pad, dtype):
-    from slimtune.kernels.flash_attention import flash_attention
+def test_triton_attention_matches_fp64_reference(b, hq, hk, t, d, window, docs, pad, dtype, variant):
+    from slimtune.kernels.flash_attention import KernelConfig, flash_attention
+
+    C = KernelConfig
+    cfgs = None
+    if variant == 1:  # the non-default backward structures the sweep times (bench_flash_attention.SWEEP)
+        cfgs = {512: {"dq": C(64, 32, 8, 1, False, 2, 1), "dkdv": C(64, 64, 8, 1, True, 2, 1)},
+                256: {"dq": C(128, 32, 8, 2, False, 0, 1), "dkdv": C(64, 64, 8, 2, True, 2, 1)}}[d]
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(hash((b, hq, hk, t, d, window, docs, pad)) % 2**31)
@@ -388,7 +395,7 @@ def test_triton_attention_matches_fp64_reference(b, hq, hk, t, d, window, docs, 
         kpm[0, :37] = False  # left padding: the first 37 rows of batch 0 see no key at all
         if b > 1:
             kpm[1, t - 100:] = False
-    out = flash_attention(q, k, v, scale=1.0, window=window, doc_ids=doc_ids, key_padding_mask=kpm)
+    out = flash_attention(q, k, v, scale=1.0, window=window, doc_ids=doc_ids, key_padding_mask=kpm, _configs=cfgs)
     do = torch.randn(out.shape, device=dev, dtype=dtype, generator=gen)
     grads = torch.autograd.grad(out, (q, k, v), do)
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
@@ -405,9 +412,11 @@ def test_triton_attention_matches_fp64_reference(b, hq, hk, t, d, window, docs, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("variant", ["plain", "scratch", "keys_as_rows"])
+@pytest.mark.parametrize("variant", ["plain", "scratch", "keys_as_rows", "split_dkdv_32x64", "split_dkdv_32x64_2stages",
+                                     "split_dkdv_64x32"])
 def test_triton_attention_other_configs(variant):
-    """Non-default launch variants stay correct: no chain cut, global-scratch cut, keys-as-rows dK/dV."""
+    """Non-default launch variants stay correct: no chain cut, global-scratch cut, keys-as-rows dK/dV, the other
+    split dV/dK block shapes of the sweep."""
     from slimtune.kernels.flash_attention import KernelConfig, flash_attention
 
     dev = torch.device("cuda")
@@ -422,6 +431,10 @@ def test_triton_attention_other_configs(variant):
             "dkdv": KernelConfig(64, 32, 8, 1, True, mode)}
     if variant == "keys_as_rows":
         cfgs = {"dkdv": KernelConfig(32, 32, 8, 2, False, 0)}
+    elif variant.startswith("split_dkdv"):
+        bm, bn, st = {"split_dkdv_32x64": (32, 64, 1), "split_dkdv_32x64_2stages": (32, 64, 2),
+                      "split_dkdv_64x32": (64, 32, 1)}[variant]
+        cfgs = {"dq": KernelConfig(64, 32, 8, 1, False, 2, 1), "dkdv": KernelConfig(bm, bn, 8, st, True, 2, 1)}
     out = flash_attention(q, k, v, scale=1.0, window=300, doc_ids=docs, _configs=cfgs)
     do = torch.randn(out.shape, device=dev, dtype=out.dtype, generator=gen)
     grads = torch.autograd.grad(out, (q, k, v), do)
