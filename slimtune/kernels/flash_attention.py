@@ -53,6 +53,9 @@ class KernelConfig(NamedTuple):
     ``variant`` picks a kernel structure: for "dq", 1 computes δ = rowsum(dO·O) inside the dQ kernel (no separate
     delta launch); for "dkdv", 1 runs two kernels, one for dV and one for dK (one accumulator each, so BLOCK_N can be
     64 at head_dim 512: ``_flash_attention_bwd_triton``). 0 (default) is the original single kernel in both cases.
+    ``max_split`` ("dkdv" only) caps how many programs share one KV head's query heads (0: automatic, up to G when the
+    key blocks alone do not fill the GPU). 1 never splits: no fp32 partials and no summing launch, which suits
+    windowed layers whose key blocks all carry the same small amount of work.
     """
 
     block_m: int
@@ -62,6 +65,7 @@ class KernelConfig(NamedTuple):
     transposed: bool = False
     scratch: int = 0
     variant: int = 0
+    max_split: int = 0
 
 
 def _scratch(cfg: KernelConfig, n_programs: int, slots: int, like: torch.Tensor) -> torch.Tensor:
@@ -177,7 +181,8 @@ def _bwd_dkdv(do, q, k, v, lse, delta, scale, window, dstart, dend, key_valid, c
     g = h // hk
     n_blocks = triton.cdiv(t, c.block_n) * b * hk
     split = 1
-    while split < g and n_blocks * split < 2 * _num_sms(q.device) and g % (split * 2) == 0:
+    while split < g and n_blocks * split < 2 * _num_sms(q.device) and g % (split * 2) == 0 \
+            and (c.max_split == 0 or split * 2 <= c.max_split):
         split *= 2
     dk = torch.empty((b, hk, t, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, hk, t, d), dtype=v.dtype, device=v.device)
@@ -223,16 +228,17 @@ _KINDS = ("fwd", "dq", "dkdv")
 
 
 def _encode_configs(head_dim: int, override: dict[str, KernelConfig] | None) -> list[int]:
-    """The three kernels' launch shapes as the flat int list the registered ops take (7 ints per kernel)."""
+    """The three kernels' launch shapes as the flat int list the registered ops take (8 ints per kernel)."""
     out: list[int] = []
     for kind in _KINDS:
         c = _config(head_dim, kind, override)
-        out += [c.block_m, c.block_n, c.num_warps, c.num_stages, int(c.transposed), c.scratch, c.variant]
+        out += [c.block_m, c.block_n, c.num_warps, c.num_stages, int(c.transposed), c.scratch, c.variant,
+                c.max_split]
     return out
 
 
 def _decode_configs(flat: list[int]) -> dict[str, KernelConfig]:
-    return {kind: KernelConfig(*flat[7 * i: 7 * i + 4], bool(flat[7 * i + 4]), *flat[7 * i + 5: 7 * i + 7])
+    return {kind: KernelConfig(*flat[8 * i: 8 * i + 4], bool(flat[8 * i + 4]), *flat[8 * i + 5: 8 * i + 8])
             for i, kind in enumerate(_KINDS)}
 
 
