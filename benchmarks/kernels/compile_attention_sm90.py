@@ -106,11 +106,12 @@ def variants(fwd, bwd):
                         dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, WANT_DK=want_dk, HAS_KEY_MASK=False, SCRATCH=2,
                              STRIDE_QT=8 * d, STRIDE_DOT=d), 8,
                         st))
-    for d, bm, bn, st, sc in ((512, 64, 32, 1, 2), (256, 128, 32, 2, 0)):
-        for fuse in (False, True):
-            out.append((f"dq hd{d} ({bm},{bn},8,{st},-,{sc},v{int(fuse)})", fwd._attn_bwd_dq_kernel,
-                        dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, HAS_KEY_MASK=False, SCRATCH=sc, FUSE_DELTA=fuse), 8,
-                        st))
+    for d, bm, bn, st, sc, var in ((512, 64, 32, 1, 2, 0), (512, 64, 32, 1, 2, 1), (512, 64, 64, 1, 2, 3),
+                                   (512, 64, 32, 1, 2, 3), (256, 128, 32, 2, 0, 0), (256, 128, 32, 2, 0, 1),
+                                   (256, 128, 64, 1, 0, 3)):
+        out.append((f"dq hd{d} ({bm},{bn},8,{st},-,{sc},v{var})", fwd._attn_bwd_dq_kernel,
+                    dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, HAS_KEY_MASK=False, SCRATCH=sc, FUSE_DELTA=bool(var & 1),
+                         V_FIRST=bool(var & 2), KT_C=d if var & 2 else 0, VT_C=d if var & 2 else 0), 8, st))
     out.append(("sum_splits", bwd._sum_splits_kernel, dict(BLOCK=1024), 4, 1))
     return out
 

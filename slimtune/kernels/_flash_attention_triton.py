@@ -218,19 +218,34 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride
 def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_idx, q_dstart, kvalid_base, slot_ds,
              lo, hi, T, W, qk_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-             SCRATCH: tl.constexpr):
+             SCRATCH: tl.constexpr, V_FIRST: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_ptrs = k_base + lo.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = v_base + lo.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_row = lo.to(tl.int64) * stride_kt
+    v_row = lo.to(tl.int64) * stride_vt
     for n0 in range(lo, hi, BLOCK_N):
         k_idx = n0 + offs_n
+        if V_FIRST:  # here the strides are constexprs: addresses from a scalar row offset + immediates (no spills)
+            k_ptrs = k_base + k_row + offs_n[:, None] * stride_kt + offs_d[None, :]
+            v_ptrs = v_base + v_row + offs_n[:, None] * stride_vt + offs_d[None, :]
+            k_row += BLOCK_N * stride_kt
+            v_row += BLOCK_N * stride_vt  # V's tile is dead after dP, before K's is loaded: both share one slot of shared memory
+            if MASK:
+                v = tl.load(v_ptrs, mask=k_idx[:, None] < T, other=0.0)
+            else:
+                v = tl.load(v_ptrs)
+            dp = tl.dot(do, tl.trans(v))
         if MASK:
             k = tl.load(k_ptrs, mask=k_idx[:, None] < T, other=0.0)
-            v = tl.load(v_ptrs, mask=k_idx[:, None] < T, other=0.0)
         else:
             k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        if not V_FIRST:
+            if MASK:
+                v = tl.load(v_ptrs, mask=k_idx[:, None] < T, other=0.0)
+            else:
+                v = tl.load(v_ptrs)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if MASK or HAS_KEY_MASK:
@@ -240,7 +255,8 @@ def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_idx,
             keep = _visible(q_idx[:, None], k_idx[None, :], q_dstart[:, None], k_valid[None, :], W,
                             MASK, HAS_KEY_MASK)
             p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        if not V_FIRST:
+            dp = tl.dot(do, tl.trans(v))
         ds = (p * (dp - delta[:, None])).to(k.dtype)
         if SCRATCH:
             ds = _cut(ds, slot_ds, W > 0, SCRATCH)
@@ -257,9 +273,16 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DSTART, KVALID, SCR, O,
                         stride_dqb, stride_dqh, stride_dqt, stride_ob, stride_oh, stride_ot,
                         T, H, G, W, qk_scale, sm_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr, FUSE_DELTA: tl.constexpr):
+                        HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr, FUSE_DELTA: tl.constexpr,
+                        V_FIRST: tl.constexpr, KT_C: tl.constexpr = 0, VT_C: tl.constexpr = 0):
     """dQ of one query block. FUSE_DELTA: also compute δ = rowsum(dO·O) of the block here (dO is loaded anyway) and
-    store it for the dK/dV kernel launched after this one, instead of a separate delta launch."""
+    store it for the dK/dV kernel launched after this one, instead of a separate delta launch. V_FIRST: load V and
+    compute dP before loading K, so the two key-side tiles never live together in shared memory (head_dim 512:
+    Q, dO resident 128 KiB + one 64-key tile 64 KiB fits, where K and V together would need 256 KiB); it also takes
+    the K/V row strides as constexprs KT_C/VT_C (as the split dK/dV kernel does for Q/dO)."""
+    if V_FIRST:
+        stride_kt = KT_C
+        stride_vt = VT_C
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -292,11 +315,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DSTART, KVALID, SCR, O,
     slot = _scratch_slot(SCR, 0, BLOCK_M, BLOCK_N, 1)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, q_dstart, kvalid_base,
-                  slot, full_lo, full_hi, T, W, qk_scale, BLOCK_N, HEAD_DIM, False, HAS_KEY_MASK, SCRATCH)
+                  slot, full_lo, full_hi, T, W, qk_scale, BLOCK_N, HEAD_DIM, False, HAS_KEY_MASK, SCRATCH, V_FIRST)
     dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, q_dstart, kvalid_base,
-                  slot, lo, full_lo, T, W, qk_scale, BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH)
+                  slot, lo, full_lo, T, W, qk_scale, BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH, V_FIRST)
     dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, q_dstart, kvalid_base,
-                  slot, full_hi, hi, T, W, qk_scale, BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH)
+                  slot, full_hi, hi, T, W, qk_scale, BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH, V_FIRST)
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + m0.to(tl.int64) * stride_dqt
              + offs_r[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])

@@ -50,8 +50,9 @@ class KernelConfig(NamedTuple):
     ``transposed`` (dK/dV kernel only) accumulates dKᵀ/dVᵀ with the head dim as rows (see ``_dkdv_loop``);
     ``scratch`` cuts the def-use chain between the S/dP products and the next product (see ``_cut``): 0 off,
     1 through a per-program global scratch slot, 2 through an always-taken branch.
-    ``variant`` picks a kernel structure: for "dq", 1 computes δ = rowsum(dO·O) inside the dQ kernel (no separate
-    delta launch); for "dkdv", 1 runs two kernels, one for dV and one for dK (one accumulator each, so BLOCK_N can be
+    ``variant`` picks a kernel structure: for "dq", bit 1 computes δ = rowsum(dO·O) inside the dQ kernel (no separate
+    delta launch) and bit 2 loads V (for dP) before K so both share one shared-memory tile (BLOCK_N 64 fits at head_dim
+    512); for "dkdv", 1 runs two kernels, one for dV and one for dK (one accumulator each, so BLOCK_N can be
     64 at head_dim 512: ``_flash_attention_bwd_triton``). 0 (default) is the original single kernel in both cases.
     ``max_split`` ("dkdv" only) caps how many programs share one KV head's query heads (0: automatic, up to G when the
     key blocks alone do not fill the GPU). 1 never splits: no fp32 partials and no summing launch, which suits
@@ -154,7 +155,7 @@ def _bwd_delta(o, do):
 
 
 def _bwd_dq(do, q, k, v, o, lse, delta, scale, window, dstart, key_valid, c: KernelConfig):
-    """dQ; with ``c.variant == 1`` the kernel also fills ``delta`` (rowsum(dO·O)) for the dK/dV kernel after it."""
+    """dQ; with ``c.variant & 1`` the kernel also fills ``delta`` (rowsum(dO·O)) for the dK/dV kernel after it."""
     b, h, t, d = q.shape
     dq = torch.empty_like(q)
     grid = (triton.cdiv(t, c.block_m), b * h)
@@ -164,7 +165,9 @@ def _bwd_dq(do, q, k, v, o, lse, delta, scale, window, dstart, key_valid, c: Ker
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], *o.stride()[:3],
         t, h, h // k.shape[1], window, scale * _LOG2E, scale,
         HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, HAS_KEY_MASK=key_valid is not None,
-        SCRATCH=int(c.scratch), FUSE_DELTA=c.variant == 1, num_warps=c.num_warps, num_stages=c.num_stages,
+        SCRATCH=int(c.scratch), FUSE_DELTA=bool(c.variant & 1), V_FIRST=bool(c.variant & 2),
+        KT_C=k.stride(2) if c.variant & 2 else 0, VT_C=v.stride(2) if c.variant & 2 else 0, num_warps=c.num_warps,
+        num_stages=c.num_stages,
     )
     return dq
 
@@ -215,7 +218,7 @@ def _bwd_dkdv(do, q, k, v, lse, delta, scale, window, dstart, dend, key_valid, c
 def _backward(do, q, k, v, o, lse, scale, window, dstart, dend, key_valid, cfgs):
     if do.stride(-1) != 1:
         do = do.contiguous()
-    if cfgs["dq"].variant == 1:  # the dQ kernel fills delta
+    if cfgs["dq"].variant & 1:  # the dQ kernel fills delta
         delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     else:
         delta = _bwd_delta(o, do)

@@ -276,7 +276,7 @@ def rel(a, b):
     return (a.double() - b).norm().item() / (d if d > 1e-6 else 1.0)
 
 torch.manual_seed(0)
-VARIANT = int(sys.argv[1])  # KernelConfig.variant of dQ and dK/dV: 0 single kernels, 1 fused delta + split dK/dV
+VARIANT = int(sys.argv[1])  # 0: default kernels; 1: dQ with fused delta and V loaded first (variant 3), split dK/dV
 small = KernelConfig(16, 16, 4, 1)
 cases = [
     dict(b=1, hq=2, hk=1, t=40, window=None, docs=None, pad=None, dkdv=small),
@@ -299,7 +299,7 @@ for c in cases:
     docs = torch.tensor(c["docs"]) if c["docs"] else None
     pad = torch.tensor(c["pad"], dtype=torch.bool) if c["pad"] else None
     sc = c.get("scratch", 0)
-    cfg = {"fwd": KernelConfig(32, 16, 4, 1, False, sc), "dq": KernelConfig(16, 16, 4, 1, False, sc, VARIANT),
+    cfg = {"fwd": KernelConfig(32, 16, 4, 1, False, sc), "dq": KernelConfig(16, 16, 4, 1, False, sc, 3 * VARIANT),
            "dkdv": c["dkdv"]._replace(variant=VARIANT)}
     out = flash_attention(q, k, v, scale=0.3, window=c["window"], doc_ids=docs, key_padding_mask=pad, _configs=cfg)
     do = torch.randn_like(out)
@@ -376,7 +376,7 @@ def test_triton_attention_matches_fp64_reference(b, hq, hk, t, d, window, docs, 
     C = KernelConfig
     cfgs = None
     if variant == 1:  # the non-default backward structures the sweep times (bench_flash_attention.SWEEP)
-        cfgs = {512: {"dq": C(64, 32, 8, 1, False, 2, 1), "dkdv": C(64, 64, 8, 1, True, 2, 1)},
+        cfgs = {512: {"dq": C(64, 32, 8, 1, False, 2, 3), "dkdv": C(64, 64, 8, 1, True, 2, 1)},
                 256: {"dq": C(128, 32, 8, 2, False, 0, 1), "dkdv": C(64, 64, 8, 2, True, 2, 1, 1)}}[d]
 
     dev = torch.device("cuda")
@@ -434,7 +434,7 @@ def test_triton_attention_other_configs(variant):
     elif variant.startswith("split_dkdv"):
         bm, bn, st = {"split_dkdv_32x64": (32, 64, 1), "split_dkdv_32x64_2stages": (32, 64, 2),
                       "split_dkdv_64x32": (64, 32, 1)}[variant]
-        cfgs = {"dq": KernelConfig(64, 32, 8, 1, False, 2, 1), "dkdv": KernelConfig(bm, bn, 8, st, True, 2, 1)}
+        cfgs = {"dq": KernelConfig(64, 64, 8, 1, False, 2, 3), "dkdv": KernelConfig(bm, bn, 8, st, True, 2, 1)}
     out = flash_attention(q, k, v, scale=1.0, window=300, doc_ids=docs, _configs=cfgs)
     do = torch.randn(out.shape, device=dev, dtype=out.dtype, generator=gen)
     grads = torch.autograd.grad(out, (q, k, v), do)
