@@ -46,7 +46,8 @@ C = KernelConfig
 # Candidates per head_dim and kernel; the first of each list is the current default (_CONFIGS). KernelConfig fields:
 # (block_m, block_n, warps, stages, transposed, scratch, variant, max_split); variant 1 = delta fused into dQ / separate
 # dV and dK kernels (always transposed accumulators), dq variant 3 = fused delta + V loaded before K (BLOCK_N 64 fits
-# at hd512); max_split 1 = no head split (no fp32 partials, no sum launch). Offline resources and predictions: ATTENTION_NOTES.md, "Backward variants".
+# at hd512); max_split 1 = no head split (no fp32 partials, no sum launch).
+# Offline resources and predictions: ATTENTION_NOTES.md, "Backward variants".
 SWEEP = {
     512: {
         "fwd": [C(64, 32, 8, 2, False, 2)],
@@ -103,6 +104,8 @@ def _compile_job(job):
     kind, cfg, d, window = job
     try:
         _run_kernel(kind, cfg, 512, d, window)()
+        if kind == "dkdv":  # also the no-split specialisation (bf16 outputs) that long sequences (32K) take
+            _run_kernel(kind, cfg._replace(max_split=1), 512, d, window)()
         torch.cuda.synchronize()
         return job, "ok"
     except Exception as e:  # noqa: BLE001 - report any compile/launch failure of a candidate and continue

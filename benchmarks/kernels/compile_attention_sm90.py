@@ -39,7 +39,8 @@ def _load_kernels():
         sys.modules[name] = mod
     mods = []
     for name in ("_flash_attention_triton", "_flash_attention_bwd_triton"):
-        spec = importlib.util.spec_from_file_location(f"slimtune.kernels.{name}", ROOT / "slimtune/kernels" / f"{name}.py")
+        path = ROOT / "slimtune" / "kernels" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"slimtune.kernels.{name}", path)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mod
         spec.loader.exec_module(mod)

@@ -1,4 +1,4 @@
-"""dK/dV kernels behind :mod:`slimtune.kernels.flash_attention` (private; math and masking in ``_flash_attention_triton``).
+"""dK/dV kernels behind :mod:`slimtune.kernels.flash_attention` (private; math, masking: ``_flash_attention_triton``).
 
 Two ways to compute the key-side gradients of one key block (BLOCK_N keys) of one KV head, looping over the query
 blocks (BLOCK_M rows) that can see it and over the G query heads of the group (or a share of them: "split"):
@@ -170,7 +170,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DSTART, DEND, KVALID,
 
 
 @triton.jit
-def _dk_or_dv_loop(acc, k, v, q_base, do_base, STRIDE_QT: tl.constexpr, STRIDE_DOT: tl.constexpr, lse_base, delta_base, dstart_base, k_idx,
+def _dk_or_dv_loop(acc, k, v, q_base, do_base, STRIDE_QT: tl.constexpr, STRIDE_DOT: tl.constexpr, lse_base,
+                   delta_base, dstart_base, k_idx,
                    k_valid, slot, lo, hi, T, W, qk_scale,
                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, WANT_DK: tl.constexpr,
                    HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr):

@@ -227,11 +227,13 @@ def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_idx,
     v_row = lo.to(tl.int64) * stride_vt
     for n0 in range(lo, hi, BLOCK_N):
         k_idx = n0 + offs_n
-        if V_FIRST:  # here the strides are constexprs: addresses from a scalar row offset + immediates (no spills)
+        if V_FIRST:
+            # V's tile is dead after dP, before K's is loaded: both share one slot of shared memory. The strides are
+            # constexprs here: addresses from a scalar row offset plus immediates, nothing hoisted and spilled.
             k_ptrs = k_base + k_row + offs_n[:, None] * stride_kt + offs_d[None, :]
             v_ptrs = v_base + v_row + offs_n[:, None] * stride_vt + offs_d[None, :]
             k_row += BLOCK_N * stride_kt
-            v_row += BLOCK_N * stride_vt  # V's tile is dead after dP, before K's is loaded: both share one slot of shared memory
+            v_row += BLOCK_N * stride_vt
             if MASK:
                 v = tl.load(v_ptrs, mask=k_idx[:, None] < T, other=0.0)
             else:
