@@ -24,5 +24,5 @@ echo "pytest rc=$?"; tail -25 "$OUT/tests.log"
 wait $CP; echo "compile rc=$?"; grep -i "fail" "$OUT/compile.log" | head
 EXTRA=()
 case " $* " in *" --sweep-only "*) EXTRA=(--workers 0 --budget-s "${SWEEP_BUDGET:-150}");; esac
-timeout ${BENCH_TIMEOUT:-170} python3 benchmarks/kernels/bench_flash_attention.py --json "$OUT/bench.json" "${EXTRA[@]}" "$@" 2>&1 | tee "$OUT/bench.log"
+timeout ${BENCH_TIMEOUT:-170} python3 benchmarks/kernels/bench_flash_attention.py --json "$OUT/bench.json" ${EXTRA[@]+"${EXTRA[@]}"} "$@" 2>&1 | tee "$OUT/bench.log"
 echo "bench rc=$?"
