@@ -96,9 +96,10 @@ def resources(kernel, sass_path: Path | None = None) -> dict:
 def variants(fwd, bwd):
     """(name, kernel, constexprs, num_warps, num_stages) of the kernels worth checking at Gemma 4's shapes."""
     out = []
-    for d, bm, bn, st in ((512, 64, 32, 1), (256, 64, 64, 2)):
-        out.append((f"dkdv fused hd{d} ({bm},{bn},8,{st},T,2)", bwd._attn_bwd_dkdv_kernel,
-                    dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, TRANSPOSED=True, HAS_KEY_MASK=False, SCRATCH=2), 8, st))
+    for d, bm, bn, st, var in ((512, 64, 32, 1, 0), (512, 64, 32, 1, 2), (256, 64, 64, 2, 0), (256, 64, 64, 2, 2)):
+        out.append((f"dkdv fused hd{d} ({bm},{bn},8,{st},T,2,v{var})", bwd._attn_bwd_dkdv_kernel,
+                    dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, TRANSPOSED=True, HAS_KEY_MASK=False, SCRATCH=2,
+                         QT_C=8 * d if var else 0, DOT_C=8 * d if var else 0), 8, st))
     for d, bm, bn, st in ((512, 64, 64, 1), (512, 64, 32, 1), (512, 32, 64, 1), (512, 32, 64, 2),
                           (256, 64, 64, 2), (256, 128, 64, 1), (256, 64, 128, 1)):
         for want_dk in (False, True):

@@ -41,18 +41,27 @@ def _key_block_ranges(DEND, b, n0, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 def _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, dstart_base, k_idx,
                k_valid, slot_p, slot_ds, lo, hi, T, W, qk_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, TRANSPOSED: tl.constexpr,
-               HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr):
+               HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr, CONST_STRIDES: tl.constexpr):
     """Accumulate dK, dV of one key block over query rows [lo, hi).
 
     TRANSPOSED=False keeps keys as rows: dv (BLOCK_N, D) += pᵀ·do, so every product has BLOCK_N rows.
     TRANSPOSED=True keeps the head dim as rows: dvᵀ (D, BLOCK_N) += doᵀ·p and dkᵀ += qᵀ·ds, so every product has
     ≥ 64 rows (BLOCK_M or D) even with BLOCK_N = 32, which lets Hopper use its warpgroup MMA for head_dim 512.
+    CONST_STRIDES: the row strides are constexprs and the addresses are rebuilt each step from a scalar row offset
+    (immediate offsets instead of hoisted, spilled 64-bit addresses; see ``_dk_or_dv_loop``).
     """
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptrs = q_base + lo.to(tl.int64) * stride_qt + offs_m[:, None] * stride_qt + offs_d[None, :]
     do_ptrs = do_base + lo.to(tl.int64) * stride_dot + offs_m[:, None] * stride_dot + offs_d[None, :]
+    q_row = lo.to(tl.int64) * stride_qt
+    do_row = lo.to(tl.int64) * stride_dot
     for m0 in range(lo, hi, BLOCK_M):
+        if CONST_STRIDES:
+            q_ptrs = q_base + q_row + offs_m[:, None] * stride_qt + offs_d[None, :]
+            do_ptrs = do_base + do_row + offs_m[:, None] * stride_dot + offs_d[None, :]
+            q_row += BLOCK_M * stride_qt
+            do_row += BLOCK_M * stride_dot
         q_idx = m0 + offs_m
         if MASK:
             row_ok = q_idx < T
@@ -109,7 +118,12 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DSTART, DEND, KVALID,
                           stride_dks, stride_dkb, stride_dkh, stride_dkt,
                           T, H, HK, G, HEADS_PER_SPLIT, W, qk_scale, sm_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          TRANSPOSED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr):
+                          TRANSPOSED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr,
+                          QT_C: tl.constexpr = 0, DOT_C: tl.constexpr = 0):
+    """dK and dV of one key block. QT_C/DOT_C > 0: the Q/dO row strides as constexprs (KernelConfig variant 2)."""
+    if QT_C > 0:
+        stride_qt = QT_C
+        stride_dot = DOT_C
     pid_n = tl.program_id(0)  # earliest key blocks see the most queries: start them first
     pid_bk = tl.program_id(1)
     split = tl.program_id(2)
@@ -151,13 +165,16 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DSTART, DEND, KVALID,
         row = (b * H + h).to(tl.int64) * T
         dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, LSE + row, DELTA + row,
                             dstart_base, k_idx, k_valid, slot_p, slot_ds, full_lo, full_hi, T, W, qk_scale,
-                            BLOCK_M, HEAD_DIM, False, TRANSPOSED, HAS_KEY_MASK, SCRATCH)
+                            BLOCK_M, HEAD_DIM, False, TRANSPOSED, HAS_KEY_MASK, SCRATCH,
+                            QT_C > 0)
         dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, LSE + row, DELTA + row,
                             dstart_base, k_idx, k_valid, slot_p, slot_ds, q_lo, full_lo, T, W, qk_scale,
-                            BLOCK_M, HEAD_DIM, True, TRANSPOSED, HAS_KEY_MASK, SCRATCH)
+                            BLOCK_M, HEAD_DIM, True, TRANSPOSED, HAS_KEY_MASK, SCRATCH,
+                            QT_C > 0)
         dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, LSE + row, DELTA + row,
                             dstart_base, k_idx, k_valid, slot_p, slot_ds, full_hi, q_hi, T, W, qk_scale,
-                            BLOCK_M, HEAD_DIM, True, TRANSPOSED, HAS_KEY_MASK, SCRATCH)
+                            BLOCK_M, HEAD_DIM, True, TRANSPOSED, HAS_KEY_MASK, SCRATCH,
+                            QT_C > 0)
     dk = dk * sm_scale
     if TRANSPOSED:
         dk = tl.trans(dk)

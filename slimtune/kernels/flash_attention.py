@@ -53,7 +53,8 @@ class KernelConfig(NamedTuple):
     ``variant`` picks a kernel structure: for "dq", bit 1 computes δ = rowsum(dO·O) inside the dQ kernel (no separate
     delta launch) and bit 2 loads V (for dP) before K so both share one shared-memory tile (BLOCK_N 64 fits at head_dim
     512); for "dkdv", 1 runs two kernels, one for dV and one for dK (one accumulator each, so BLOCK_N can be
-    64 at head_dim 512: ``_flash_attention_bwd_triton``). 0 (default) is the original single kernel in both cases.
+    64 at head_dim 512: ``_flash_attention_bwd_triton``), 2 runs the single kernel with compile-time Q/dO row strides.
+    0 (default) is the original single kernel in both cases.
     ``max_split`` ("dkdv" only) caps how many programs share one KV head's query heads (0: automatic, up to G when the
     key blocks alone do not fill the GPU). 1 never splits: no fp32 partials and no summing launch, which suits
     windowed layers whose key blocks all carry the same small amount of work.
@@ -205,10 +206,11 @@ def _bwd_dkdv(do, q, k, v, lse, delta, scale, window, dstart, dend, key_valid, c
         for want_dk, out in ((False, outs[1]), (True, outs[0])):
             _kb._attn_bwd_dk_or_dv_kernel[grid](q, k, v, do, out, lse, delta, dstart, dend, kvalid, scr,
                                                *strides, *sizes, WANT_DK=want_dk, **common)
-    else:
+    else:  # variant 2: the same kernel with the Q/dO row strides as constexprs
         _kb._attn_bwd_dkdv_kernel[grid](q, k, v, do, *outs, lse, delta, dstart, dend, kvalid,
                                         _scratch(c, grid[0] * grid[1] * grid[2], 2, q), *strides, *sizes,
-                                        TRANSPOSED=bool(c.transposed), **common)
+                                        TRANSPOSED=bool(c.transposed), QT_C=q.stride(2) if c.variant == 2 else 0,
+                                        DOT_C=do.stride(2) if c.variant == 2 else 0, **common)
     if split > 1:
         n = b * hk * t * d
         _kb._sum_splits_kernel[(triton.cdiv(n, 1024), 2)](parts, dk, dv, n, split, BLOCK=1024, num_warps=4)

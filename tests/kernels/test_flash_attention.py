@@ -293,14 +293,14 @@ cases = [
     # one query head per KV head (no head split): dK/dV written directly in the input dtype, no partial sums
     dict(b=2, hq=2, hk=2, t=45, window=None, docs=[[0] * 20 + [1] + [2] * 24, [0] * 45], pad=None, dkdv=small),
 ]
-for c in cases:
+for i, c in enumerate(cases):
     q = torch.randn(c["b"], c["hq"], c["t"], 16, dtype=torch.float16, requires_grad=True)
     k, v = (torch.randn(c["b"], c["hk"], c["t"], 16, dtype=torch.float16, requires_grad=True) for _ in range(2))
     docs = torch.tensor(c["docs"]) if c["docs"] else None
     pad = torch.tensor(c["pad"], dtype=torch.bool) if c["pad"] else None
     sc = c.get("scratch", 0)
     cfg = {"fwd": KernelConfig(32, 16, 4, 1, False, sc), "dq": KernelConfig(16, 16, 4, 1, False, sc, 3 * VARIANT),
-           "dkdv": c["dkdv"]._replace(variant=VARIANT)}
+           "dkdv": c["dkdv"]._replace(variant=VARIANT and 1 + i % 2)}  # variant 1: split and const-stride dK/dV
     out = flash_attention(q, k, v, scale=0.3, window=c["window"], doc_ids=docs, key_padding_mask=pad, _configs=cfg)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
@@ -413,7 +413,7 @@ def test_triton_attention_matches_fp64_reference(b, hq, hk, t, d, window, docs, 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and Triton")
 @pytest.mark.parametrize("variant", ["plain", "scratch", "keys_as_rows", "split_dkdv_32x64", "split_dkdv_32x64_2stages",
-                                     "split_dkdv_64x32"])
+                                     "split_dkdv_64x32", "const_strides_dkdv"])
 def test_triton_attention_other_configs(variant):
     """Non-default launch variants stay correct: no chain cut, global-scratch cut, keys-as-rows dK/dV, the other
     split dV/dK block shapes of the sweep."""
@@ -431,6 +431,8 @@ def test_triton_attention_other_configs(variant):
             "dkdv": KernelConfig(64, 32, 8, 1, True, mode)}
     if variant == "keys_as_rows":
         cfgs = {"dkdv": KernelConfig(32, 32, 8, 2, False, 0)}
+    elif variant == "const_strides_dkdv":
+        cfgs = {"dkdv": KernelConfig(64, 32, 8, 1, True, 2, 2)}
     elif variant.startswith("split_dkdv"):
         bm, bn, st = {"split_dkdv_32x64": (32, 64, 1), "split_dkdv_32x64_2stages": (32, 64, 2),
                       "split_dkdv_64x32": (64, 32, 1)}[variant]
