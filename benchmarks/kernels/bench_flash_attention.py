@@ -6,12 +6,18 @@ Shapes: E2B full layer (batch 1, 8 q / 1 kv heads, head_dim 512, causal) at 2K/8
 sliding layer (window 512, head_dim 256, 8 q / 1 kv) at 8K/32K. FLOPs count the visible (query, key) pairs:
 4·B·H·D·pairs for the forward (T²/2 pairs when causal), ×3.5 for forward + backward.
 
-``--sweep`` first times each kernel (forward, dQ, dK/dV) alone for several launch configurations at 8K, after
-compiling them in parallel worker processes, and then uses the fastest ones for the main table.
+``--sweep`` / ``--sweep-only``: for every candidate KernelConfig in ``SWEEP`` (the defaults first, then the variants:
+fused delta in dQ, split dV/dK kernels) it first checks fwd+bwd against the fp64 reference on a small shape (a wrong
+candidate is reported as "WRONG" and never picked), then times the kernel alone at 8K (hd512 full causal; hd256
+window 512), then fwd+bwd with the defaults and with the best kernel per kind (8K, and 32K for hd512). One JSON line
+per result, a final ``"event": "best_per_kernel"`` line; hard time budget ``--budget-s`` (compilation included;
+candidates are compiled first in ``--workers`` parallel processes, ``--workers 0`` when the cache is already warm).
+``--sweep`` then runs the main table with the best configs; ``--sweep-only`` stops after the sweep.
 
 Usage::
 
     python benchmarks/kernels/bench_flash_attention.py --json out.json [--sweep] [--providers slimtune,flex]
+    python benchmarks/kernels/bench_flash_attention.py --sweep-only --budget-s 185 --json sweep.json
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import datetime
 import json
 import multiprocessing as mp
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,55 +38,67 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from slimtune.kernels import flash_attention as fa
 from slimtune.kernels.flash_attention import KernelConfig, causal_attention_flops
 
+DEVICE, DTYPE = "cuda", torch.bfloat16  # (a CPU smoke test of the sweep logic swaps these for the interpreter)
+CHECK_T = 777  # sequence length of each candidate's correctness check (odd: partial blocks)
 PEAK_TFLOPS = 790.0  # measured bf16 matmul rate of the H200 (shared/reference/gpu-facts.md)
 
 C = KernelConfig
+# Candidates per head_dim and kernel; the first of each list is the current default (_CONFIGS). KernelConfig fields:
+# (block_m, block_n, warps, stages, transposed, scratch, variant, max_split). dq variant 1 = delta fused into dQ,
+# 3 = that + V loaded before K (BLOCK_N 64 fits at hd512); dkdv variant 1 = separate dV and dK kernels (transposed
+# accumulators), 2 = the single kernel with constexpr row strides; max_split 1 = no head split (no fp32 partials, no
+# sum launch).
+# Offline resources and predictions: ATTENTION_NOTES.md, "Backward variants".
 SWEEP = {
     512: {
-        "fwd": [C(64, 32, 8, 2), C(64, 32, 8, 2, False, 2), C(64, 64, 8, 1, False, 2)],
-        "dq": [C(64, 32, 8, 1, False, 1), C(64, 32, 8, 1, False, 2)],
-        "dkdv": [C(64, 32, 8, 1, True, 1), C(64, 32, 8, 1, True, 2)],
+        "fwd": [C(64, 32, 8, 2, False, 2)],
+        "dq": [C(64, 32, 8, 1, False, 2), C(64, 32, 8, 1, False, 2, 1), C(64, 64, 8, 1, False, 2, 3)],
+        "dkdv": [C(64, 32, 8, 1, True, 2), C(64, 64, 8, 1, True, 2, 1), C(64, 32, 8, 1, True, 2, 1),
+                 C(32, 64, 8, 2, True, 2, 1), C(32, 64, 8, 1, True, 2, 1)],
     },
     256: {
         "fwd": [C(128, 64, 8, 2), C(128, 32, 8, 3)],
-        "dq": [C(128, 64, 8, 1), C(64, 64, 8, 2, False, 2), C(128, 32, 8, 2)],
-        "dkdv": [C(64, 64, 8, 2, False, 1), C(64, 64, 8, 2, True, 2), C(64, 64, 8, 2, False, 2),
-                 C(128, 64, 8, 1, True, 2)],
+        "dq": [C(128, 32, 8, 2), C(128, 32, 8, 2, False, 0, 1), C(128, 64, 8, 1, False, 0, 3)],
+        "dkdv": [C(64, 64, 8, 2, True, 2), C(64, 64, 8, 2, True, 2, 0, 1), C(64, 64, 8, 2, True, 2, 2, 1),
+                 C(64, 64, 8, 2, True, 2, 1),
+                 C(64, 64, 8, 2, True, 2, 1, 1), C(128, 64, 8, 1, True, 2, 1), C(64, 128, 8, 1, True, 2, 1)],
     },
 }
+SWEEP_WINDOW = {512: None, 256: 512}
 SHAPES = [  # (name, head_dim, window, seqs)
     ("full_hd512", 512, None, [2048, 8192, 32768, 131072]),
     ("sliding512_hd256", 256, 512, [8192, 32768]),
 ]
 
 
-def _inputs(t: int, d: int, hq: int = 8, hk: int = 1, dtype=torch.bfloat16, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def _inputs(t: int, d: int, hq: int = 8, hk: int = 1, dtype=None, seed: int = 0):
+    dtype = dtype or DTYPE
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     # transformers' layout: (B, T, H, D) storage viewed as (B, H, T, D)
-    q = torch.randn(1, t, hq, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2).requires_grad_()
-    k = torch.randn(1, t, hk, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2).requires_grad_()
-    v = torch.randn(1, t, hk, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2).requires_grad_()
+    q = torch.randn(1, t, hq, d, device=DEVICE, dtype=dtype, generator=g).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, t, hk, d, device=DEVICE, dtype=dtype, generator=g).transpose(1, 2).requires_grad_()
+    v = torch.randn(1, t, hk, d, device=DEVICE, dtype=dtype, generator=g).transpose(1, 2).requires_grad_()
     return q, k, v
 
 
 def _kernel_args(t, d, window):
     q, k, v = _inputs(t, d)
-    dstart = torch.zeros((1, t), dtype=torch.int32, device="cuda")
-    dend = torch.full((1, t), t, dtype=torch.int32, device="cuda")
+    dstart = torch.zeros((1, t), dtype=torch.int32, device=DEVICE)
+    dend = torch.full((1, t), t, dtype=torch.int32, device=DEVICE)
     w = window if window is not None else t + 1
     return q.detach(), k.detach(), v.detach(), dstart, dend, w
 
 
 def _run_kernel(kind: str, cfg: KernelConfig, t: int, d: int, window):
-    """One launch of a single kernel (used for compiling and timing)."""
+    """One launch of a single kernel (used for compiling and timing); dO in the token-major layout autograd gives."""
     q, k, v, dstart, dend, w = _kernel_args(t, d, window)
     o, lse = fa._forward(q, k, v, 1.0, w, dstart, None, fa._config(d, "fwd", None))
-    do = torch.randn_like(o)
+    do = torch.randn_like(o)  # same (B, T, H, D) storage as o
     delta = fa._bwd_delta(o, do)
     if kind == "fwd":
         return lambda: fa._forward(q, k, v, 1.0, w, dstart, None, cfg)
-    if kind == "dq":
-        return lambda: fa._bwd_dq(do, q, k, v, lse, delta, 1.0, w, dstart, None, cfg)
+    if kind == "dq":  # variant 1 also (re)computes delta: the time includes the fused delta
+        return lambda: fa._bwd_dq(do, q, k, v, o, lse, delta, 1.0, w, dstart, None, cfg)
     return lambda: fa._bwd_dkdv(do, q, k, v, lse, delta, 1.0, w, dstart, dend, None, cfg)
 
 
@@ -87,6 +106,8 @@ def _compile_job(job):
     kind, cfg, d, window = job
     try:
         _run_kernel(kind, cfg, 512, d, window)()
+        if kind == "dkdv":  # also the no-split specialisation (bf16 outputs) that long sequences (32K) take
+            _run_kernel(kind, cfg._replace(max_split=1), 512, d, window)()
         torch.cuda.synchronize()
         return job, "ok"
     except Exception as e:  # noqa: BLE001 - report any compile/launch failure of a candidate and continue
@@ -123,31 +144,97 @@ def _time(fn, long: bool) -> float:
     return sorted(times)[1]
 
 
-def sweep(t: int, workers: int) -> dict[int, dict[str, KernelConfig]]:
-    jobs = [(kind, cfg, d, 512 if d == 256 else None) for d, kinds in SWEEP.items() for kind, cfgs in kinds.items()
+def _jobs():
+    return [(kind, cfg, d, SWEEP_WINDOW[d]) for d, kinds in SWEEP.items() for kind, cfgs in kinds.items()
             for cfg in cfgs]
-    failed = compile_in_parallel(jobs, workers)
-    best: dict[int, dict[str, KernelConfig]] = {}
+
+
+def check_candidate(kind: str, cfg: KernelConfig, d: int, window) -> float:
+    """Max relative error (out, dq, dk, dv) of fwd+bwd with ``cfg`` for ``kind`` against the fp64 reference, on a
+    small odd-length shape with packed documents (incl. a 1-token one), GQA 8:1 and the layer's window. Same layouts
+    as the timed shapes, so the check compiles nothing extra."""
+    from slimtune.kernels.attention_reference import attention_reference
+
+    t = CHECK_T
+    q, k, v = _inputs(t, d, seed=7)
+    ids = [0] * (t // 3) + [1] + [2] * (t - t // 3 - 1)
+    doc_ids = torch.tensor([ids], device=DEVICE)
+    out = fa.flash_attention(q, k, v, scale=1.0, window=window, doc_ids=doc_ids, _configs={kind: cfg})
+    do = torch.randn(1, t, 8, d, device=DEVICE, dtype=q.dtype).transpose(1, 2)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = attention_reference(*ref_in, scale=1.0, window=window, doc_ids=doc_ids)
+    ref_grads = torch.autograd.grad(ref, ref_in, do.double())
+    errs = []
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        if not torch.isfinite(got).all():
+            return float("inf")
+        errs.append(((got.double() - want).norm() / want.norm().clamp_min(1e-6)).item())
+    return max(errs)
+
+
+def sweep(t: int, workers: int, budget_s: float, t0: float, long_seq: int = 32768):
+    """Check, then time every SWEEP candidate kernel alone at ``t``; then fwd+bwd with the defaults and with the best
+    per kernel. One JSON line per result; candidates failing the check are reported and never picked. Stops timing
+    (reporting what it skipped) once ``budget_s`` seconds have passed since ``t0``."""
+    failed = compile_in_parallel(_jobs(), workers) if workers > 0 else {}
+    units = {"fwd": 2, "dq": 3, "dkdv": 4}  # matmuls of each kernel, in units of one QKᵀ over the visible pairs
+    best: dict[int, dict[str, tuple[KernelConfig, float]]] = {}
+    default_ms: dict[tuple[int, str], float] = {}
     rows = []
+
+    def emit(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
     for d, kinds in SWEEP.items():
-        window = 512 if d == 256 else None
-        units = {"fwd": 2, "dq": 3, "dkdv": 4}  # matmuls each kernel executes, in units of one QKᵀ over visible pairs
+        window = SWEEP_WINDOW[d]
         base = causal_attention_flops(1, 8, t, d, window) / 2.0
         for kind, cfgs in kinds.items():
-            for cfg in cfgs:
+            for i, cfg in enumerate(cfgs):
+                row = {"event": "candidate", "head_dim": d, "window": window, "seq": t, "kind": kind,
+                       "config": list(cfg), "default": i == 0}
                 if (kind, cfg, d, window) in failed:
+                    emit({**row, "status": "compile_failed", "error": failed[(kind, cfg, d, window)]})
+                    continue
+                if time.monotonic() - t0 > budget_s:
+                    emit({**row, "status": "skipped_budget"})
                     continue
                 try:
+                    err = check_candidate(kind, cfg, d, window)
+                    if not err <= 2e-2:
+                        emit({**row, "status": "WRONG", "max_rel_err": err})
+                        continue
                     ms = _time(_run_kernel(kind, cfg, t, d, window), long=False)
-                except Exception as e:  # noqa: BLE001
-                    print(f"sweep {kind} hd{d} {tuple(cfg)} failed: {e}", flush=True)
+                except Exception as e:  # noqa: BLE001 - report a failing candidate and go on
+                    emit({**row, "status": "error", "error": f"{type(e).__name__}: {str(e)[:200]}"})
                     continue
-                tf = units[kind] * base / ms / 1e9
-                rows.append({"kind": kind, "head_dim": d, "seq": t, "config": list(cfg), "ms": ms, "tflops": tf})
-                print(f"sweep hd{d} {kind:5s} {tuple(cfg)!s:28s} {ms:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
+                emit({**row, "status": "ok", "max_rel_err": err, "ms": ms, "tflops": units[kind] * base / ms / 1e9})
+                if i == 0:
+                    default_ms[(d, kind)] = ms
                 if kind not in best.setdefault(d, {}) or ms < best[d][kind][1]:
                     best[d][kind] = (cfg, ms)
-    return {d: {k: c for k, (c, _) in v.items()} for d, v in best.items()}, rows
+    chosen = {d: {k: c for k, (c, _) in v.items()} for d, v in best.items()}
+    for name, d, window, _ in SHAPES:
+        seqs = [t] + ([long_seq] if d == 512 and long_seq else [])
+        for seq in seqs:
+            for label, cfgs in (("default", None), ("best", chosen.get(d))):
+                if time.monotonic() - t0 > budget_s:
+                    emit({"event": "fwd_bwd", "shape": name, "seq": seq, "which": label, "status": "skipped_budget"})
+                    continue
+                try:
+                    r = bench_row("slimtune", name, d, window, seq, cfgs)
+                except Exception as e:  # noqa: BLE001
+                    emit({"event": "fwd_bwd", "shape": name, "seq": seq, "which": label, "status": "error",
+                          "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    continue
+                emit({"event": "fwd_bwd", "which": label, "status": "ok", **r})
+    summary = {str(d): {k: {"config": list(c), "ms": ms, "default_ms": default_ms.get((d, k)),
+                            "speedup_vs_default": (default_ms[(d, k)] / ms) if (d, k) in default_ms else None}
+                        for k, (c, ms) in v.items()} for d, v in best.items()}
+    print(json.dumps({"event": "best_per_kernel", "seq": t, "best": summary,
+                      "elapsed_s": round(time.monotonic() - t0, 1)}), flush=True)
+    return chosen, rows
 
 
 def _attn_call(provider: str, d: int, window, t: int, configs):
@@ -187,7 +274,8 @@ def _attn_call(provider: str, d: int, window, t: int, configs):
 def bench_row(provider, name, d, window, t, configs):
     q, k, v = _inputs(t, d)
     call = _attn_call(provider, d, window, t, configs)
-    do = torch.randn(q.shape, device="cuda", dtype=q.dtype)
+    # dO in the (B, T, H, D) layout autograd hands back through the caller's transpose (as in training)
+    do = torch.randn(1, t, q.shape[1], d, device=DEVICE, dtype=q.dtype).transpose(1, 2)
 
     def step():
         out = call(q, k, v)
@@ -234,6 +322,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write raw results here")
     ap.add_argument("--providers", default="slimtune,flex,sdpa_math")
     ap.add_argument("--sweep", action="store_true", help="time kernel configurations first and use the best")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="only the sweep: check + time each candidate kernel, fwd+bwd default vs best, JSON lines")
+    ap.add_argument("--budget-s", type=float, default=185.0,
+                    help="hard time budget of the sweep in seconds from start (compilation included)")
     ap.add_argument("--workers", type=int, default=8, help="parallel compile processes for --sweep")
     ap.add_argument("--max-seq", type=int, default=131072)
     ap.add_argument("--other-seqs", default="2048,8192,32768",
@@ -241,6 +333,7 @@ def main() -> None:
     ap.add_argument("--compile-only", action="store_true", help="only compile the --sweep candidates (warm cache)")
     ap.add_argument("--profile", action="store_true", help="print the CUDA kernel times of one fwd+bwd per shape")
     args = ap.parse_args()
+    t_start = time.monotonic()
     if not torch.cuda.is_available():
         raise SystemExit("bench_flash_attention needs CUDA")
     import triton
@@ -249,14 +342,17 @@ def main() -> None:
                 "torch": torch.__version__, "triton": triton.__version__}
     print(meta, flush=True)
     if args.compile_only:
-        jobs = [(kind, cfg, d, 512 if d == 256 else None) for d, kinds in SWEEP.items() for kind, cfgs in kinds.items()
-                for cfg in cfgs]
-        compile_in_parallel(jobs, args.workers)
+        compile_in_parallel(_jobs(), args.workers)
         return
     chosen: dict[int, dict[str, KernelConfig]] = {}
     sweep_rows = []
-    if args.sweep:
-        chosen, sweep_rows = sweep(8192, args.workers)
+    if args.sweep or args.sweep_only:
+        chosen, sweep_rows = sweep(8192, args.workers, args.budget_s, t_start,
+                                   long_seq=32768 if args.max_seq >= 32768 else 0)
+        if args.sweep_only:
+            if args.json:
+                args.json.write_text(json.dumps({"meta": meta, "sweep": sweep_rows}, indent=1))
+            return
         print("best configs:", {d: {k: tuple(c) for k, c in v.items()} for d, v in chosen.items()}, flush=True)
     if args.profile:
         for name, d, window, _ in SHAPES:

@@ -218,19 +218,36 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride
 def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_idx, q_dstart, kvalid_base, slot_ds,
              lo, hi, T, W, qk_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-             SCRATCH: tl.constexpr):
+             SCRATCH: tl.constexpr, V_FIRST: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_ptrs = k_base + lo.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = v_base + lo.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_row = lo.to(tl.int64) * stride_kt
+    v_row = lo.to(tl.int64) * stride_vt
     for n0 in range(lo, hi, BLOCK_N):
         k_idx = n0 + offs_n
+        if V_FIRST:
+            # V's tile is dead after dP, before K's is loaded: both share one slot of shared memory. The strides are
+            # constexprs here: addresses from a scalar row offset plus immediates, nothing hoisted and spilled.
+            k_ptrs = k_base + k_row + offs_n[:, None] * stride_kt + offs_d[None, :]
+            v_ptrs = v_base + v_row + offs_n[:, None] * stride_vt + offs_d[None, :]
+            k_row += BLOCK_N * stride_kt
+            v_row += BLOCK_N * stride_vt
+            if MASK:
+                v = tl.load(v_ptrs, mask=k_idx[:, None] < T, other=0.0)
+            else:
+                v = tl.load(v_ptrs)
+            dp = tl.dot(do, tl.trans(v))
         if MASK:
             k = tl.load(k_ptrs, mask=k_idx[:, None] < T, other=0.0)
-            v = tl.load(v_ptrs, mask=k_idx[:, None] < T, other=0.0)
         else:
             k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        if not V_FIRST:
+            if MASK:
+                v = tl.load(v_ptrs, mask=k_idx[:, None] < T, other=0.0)
+            else:
+                v = tl.load(v_ptrs)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if MASK or HAS_KEY_MASK:
@@ -240,7 +257,8 @@ def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_idx,
             keep = _visible(q_idx[:, None], k_idx[None, :], q_dstart[:, None], k_valid[None, :], W,
                             MASK, HAS_KEY_MASK)
             p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        if not V_FIRST:
+            dp = tl.dot(do, tl.trans(v))
         ds = (p * (dp - delta[:, None])).to(k.dtype)
         if SCRATCH:
             ds = _cut(ds, slot_ds, W > 0, SCRATCH)
@@ -251,13 +269,22 @@ def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_idx,
 
 
 @triton.jit(do_not_specialize=["T", "H", "G", "W"])
-def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DSTART, KVALID, SCR,
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DSTART, KVALID, SCR, O,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                         stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-                        stride_dqb, stride_dqh, stride_dqt,
+                        stride_dqb, stride_dqh, stride_dqt, stride_ob, stride_oh, stride_ot,
                         T, H, G, W, qk_scale, sm_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr):
+                        HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr, FUSE_DELTA: tl.constexpr,
+                        V_FIRST: tl.constexpr, KT_C: tl.constexpr = 0, VT_C: tl.constexpr = 0):
+    """dQ of one query block. FUSE_DELTA: also compute δ = rowsum(dO·O) of the block here (dO is loaded anyway) and
+    store it for the dK/dV kernel launched after this one, instead of a separate delta launch. V_FIRST: load V and
+    compute dP before loading K, so the two key-side tiles never live together in shared memory (head_dim 512:
+    Q, dO resident 128 KiB + one 64-key tile 64 KiB fits, where K and V together would need 256 KiB); it also takes
+    the K/V row strides as constexprs KT_C/VT_C (as the split dK/dV kernel does for Q/dO)."""
+    if V_FIRST:
+        stride_kt = KT_C
+        stride_vt = VT_C
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -274,7 +301,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DSTART, KVALID, SCR,
     do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + m0.to(tl.int64) * stride_dot
                  + offs_r[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    if FUSE_DELTA:
+        o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_ot
+                    + offs_r[:, None] * stride_ot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=row_ok)
+    else:
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     kvalid_base = KVALID + b.to(tl.int64) * T
@@ -284,149 +317,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DSTART, KVALID, SCR,
     slot = _scratch_slot(SCR, 0, BLOCK_M, BLOCK_N, 1)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, q_dstart, kvalid_base,
-                  slot, full_lo, full_hi, T, W, qk_scale, BLOCK_N, HEAD_DIM, False, HAS_KEY_MASK, SCRATCH)
+                  slot, full_lo, full_hi, T, W, qk_scale, BLOCK_N, HEAD_DIM, False, HAS_KEY_MASK, SCRATCH, V_FIRST)
     dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, q_dstart, kvalid_base,
-                  slot, lo, full_lo, T, W, qk_scale, BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH)
+                  slot, lo, full_lo, T, W, qk_scale, BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH, V_FIRST)
     dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, q_dstart, kvalid_base,
-                  slot, full_hi, hi, T, W, qk_scale, BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH)
+                  slot, full_hi, hi, T, W, qk_scale, BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH, V_FIRST)
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + m0.to(tl.int64) * stride_dqt
              + offs_r[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
-
-
-@triton.jit
-def _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, dstart_base, k_idx,
-               k_valid, slot_p, slot_ds, lo, hi, T, W, qk_scale,
-               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, TRANSPOSED: tl.constexpr,
-               HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr):
-    """Accumulate dK, dV of one key block over query rows [lo, hi).
-
-    TRANSPOSED=False keeps keys as rows: dv (BLOCK_N, D) += pᵀ·do, so every product has BLOCK_N rows.
-    TRANSPOSED=True keeps the head dim as rows: dvᵀ (D, BLOCK_N) += doᵀ·p and dkᵀ += qᵀ·ds, so every product has
-    ≥ 64 rows (BLOCK_M or D) even with BLOCK_N = 32, which lets Hopper use its warpgroup MMA for head_dim 512.
-    """
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = q_base + lo.to(tl.int64) * stride_qt + offs_m[:, None] * stride_qt + offs_d[None, :]
-    do_ptrs = do_base + lo.to(tl.int64) * stride_dot + offs_m[:, None] * stride_dot + offs_d[None, :]
-    for m0 in range(lo, hi, BLOCK_M):
-        q_idx = m0 + offs_m
-        if MASK:
-            row_ok = q_idx < T
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(lse_base + q_idx, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_base + q_idx, mask=row_ok, other=0.0)
-            q_dstart = tl.load(dstart_base + q_idx, mask=row_ok, other=0)
-        else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse = tl.load(lse_base + q_idx)
-            delta = tl.load(delta_base + q_idx)
-            q_dstart = q_idx
-        if TRANSPOSED:
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
-            p = tl.exp2(s - lse[:, None])
-            if MASK or HAS_KEY_MASK:
-                keep = _visible(q_idx[:, None], k_idx[None, :], q_dstart[:, None], k_valid[None, :], W,
-                                MASK, HAS_KEY_MASK)
-                p = tl.where(keep, p, 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            ds = (p * (dp - delta[:, None])).to(q.dtype)
-            p = p.to(do.dtype)
-            if SCRATCH:
-                p = _cut(p, slot_p, W > 0, SCRATCH)
-                ds = _cut(ds, slot_ds, W > 0, SCRATCH)
-            dv = tl.dot(tl.trans(do), p, acc=dv)  # (D, BLOCK_N)
-            dk = tl.dot(tl.trans(q), ds, acc=dk)
-        else:
-            s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M): keys are rows
-            p_t = tl.exp2(s_t - lse[None, :])
-            if MASK or HAS_KEY_MASK:
-                keep = _visible(q_idx[None, :], k_idx[:, None], q_dstart[None, :], k_valid[:, None], W,
-                                MASK, HAS_KEY_MASK)
-                p_t = tl.where(keep, p_t, 0.0)
-            dp_t = tl.dot(v, tl.trans(do))
-            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-            p_t = p_t.to(do.dtype)
-            if SCRATCH:
-                p_t = _cut(p_t, slot_p, W > 0, SCRATCH)
-                ds_t = _cut(ds_t, slot_ds, W > 0, SCRATCH)
-            dv = tl.dot(p_t, do, acc=dv)
-            dk = tl.dot(ds_t, q, acc=dk)
-        q_ptrs += BLOCK_M * stride_qt
-        do_ptrs += BLOCK_M * stride_dot
-    return dk, dv
-
-
-@triton.jit(do_not_specialize=["T", "H", "HK", "G", "HEADS_PER_SPLIT", "W"])
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DSTART, DEND, KVALID, SCR,
-                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-                          stride_dks, stride_dkb, stride_dkh, stride_dkt,
-                          T, H, HK, G, HEADS_PER_SPLIT, W, qk_scale, sm_scale,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          TRANSPOSED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr):
-    pid_n = tl.program_id(0)  # earliest key blocks see the most queries: start them first
-    pid_bk = tl.program_id(1)
-    split = tl.program_id(2)
-    b = pid_bk // HK
-    hk = pid_bk % HK
-    n0 = pid_n * BLOCK_N
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_idx = n0 + offs_n
-    col_ok = k_idx < T
-
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + n0.to(tl.int64) * stride_kt
-                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + n0.to(tl.int64) * stride_vt
-                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    k_valid = k_idx
-    if HAS_KEY_MASK:
-        k_valid = tl.load(KVALID + b.to(tl.int64) * T + k_idx, mask=col_ok, other=0)
-
-    # Query-block ranges: masked [q_lo, full_lo), full [full_lo, full_hi), masked [full_hi, q_hi).
-    q_lo = (n0 // BLOCK_M) * BLOCK_M
-    q_hi = tl.minimum(tl.minimum(T, n0 + BLOCK_N - 1 + W), tl.load(DEND + b * T + tl.minimum(n0 + BLOCK_N - 1, T - 1)))
-    full_lim = tl.minimum(tl.minimum(T, n0 + W), tl.load(DEND + b * T + n0))
-    q_hi_r = ((q_hi + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-    full_lo = tl.minimum(((n0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, q_hi_r)
-    full_hi = tl.maximum(tl.minimum((full_lim // BLOCK_M) * BLOCK_M, q_hi_r), full_lo)
-
-    if TRANSPOSED:
-        dk = tl.zeros([HEAD_DIM, BLOCK_N], dtype=tl.float32)
-        dv = tl.zeros([HEAD_DIM, BLOCK_N], dtype=tl.float32)
-    else:
-        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dstart_base = DSTART + b.to(tl.int64) * T
-    if TRANSPOSED:
-        slot_p = _scratch_slot(SCR, 0, BLOCK_M, BLOCK_N, 2)
-        slot_ds = _scratch_slot(SCR, 1, BLOCK_M, BLOCK_N, 2)
-    else:
-        slot_p = _scratch_slot(SCR, 0, BLOCK_N, BLOCK_M, 2)
-        slot_ds = _scratch_slot(SCR, 1, BLOCK_N, BLOCK_M, 2)
-    for g in range(HEADS_PER_SPLIT):
-        h = hk * G + split * HEADS_PER_SPLIT + g
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        row = (b * H + h).to(tl.int64) * T
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, LSE + row, DELTA + row,
-                            dstart_base, k_idx, k_valid, slot_p, slot_ds, full_lo, full_hi, T, W, qk_scale,
-                            BLOCK_M, HEAD_DIM, False, TRANSPOSED, HAS_KEY_MASK, SCRATCH)
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, LSE + row, DELTA + row,
-                            dstart_base, k_idx, k_valid, slot_p, slot_ds, q_lo, full_lo, T, W, qk_scale,
-                            BLOCK_M, HEAD_DIM, True, TRANSPOSED, HAS_KEY_MASK, SCRATCH)
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, LSE + row, DELTA + row,
-                            dstart_base, k_idx, k_valid, slot_p, slot_ds, full_hi, q_hi, T, W, qk_scale,
-                            BLOCK_M, HEAD_DIM, True, TRANSPOSED, HAS_KEY_MASK, SCRATCH)
-    dk = dk * sm_scale
-    if TRANSPOSED:
-        dk = tl.trans(dk)
-        dv = tl.trans(dv)
-    base = split.to(tl.int64) * stride_dks + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh \
-        + n0.to(tl.int64) * stride_dkt
-    offs = offs_n[:, None] * stride_dkt + offs_d[None, :]
-    tl.store(DK + base + offs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + base + offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])

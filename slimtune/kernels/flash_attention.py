@@ -32,10 +32,11 @@ from slimtune.kernels.attention_reference import attention_fallback, document_bo
 try:  # Triton is optional: CPU installs use the reference path.
     import triton
 
+    from slimtune.kernels import _flash_attention_bwd_triton as _kb
     from slimtune.kernels import _flash_attention_triton as _k
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
-    _k = None
+    _k = _kb = None
 
 __all__ = ["KernelConfig", "causal_attention_flops", "flash_attention",
            "triton_attention_available"]
@@ -49,6 +50,14 @@ class KernelConfig(NamedTuple):
     ``transposed`` (dK/dV kernel only) accumulates dKᵀ/dVᵀ with the head dim as rows (see ``_dkdv_loop``);
     ``scratch`` cuts the def-use chain between the S/dP products and the next product (see ``_cut``): 0 off,
     1 through a per-program global scratch slot, 2 through an always-taken branch.
+    ``variant`` picks a kernel structure: for "dq", bit 1 computes δ = rowsum(dO·O) inside the dQ kernel (no separate
+    delta launch) and bit 2 loads V (for dP) before K so both share one shared-memory tile (BLOCK_N 64 fits at head_dim
+    512); for "dkdv", 1 runs two kernels, one for dV and one for dK (one accumulator each, so BLOCK_N can be
+    64 at head_dim 512: ``_flash_attention_bwd_triton``), 2 runs the single kernel with compile-time Q/dO row strides.
+    0 (default) is the original single kernel in both cases.
+    ``max_split`` ("dkdv" only) caps how many programs share one KV head's query heads (0: automatic, up to G when the
+    key blocks alone do not fill the GPU). 1 never splits: no fp32 partials and no summing launch, which suits
+    windowed layers whose key blocks all carry the same small amount of work.
     """
 
     block_m: int
@@ -57,6 +66,8 @@ class KernelConfig(NamedTuple):
     num_stages: int
     transposed: bool = False
     scratch: int = 0
+    variant: int = 0
+    max_split: int = 0
 
 
 def _scratch(cfg: KernelConfig, n_programs: int, slots: int, like: torch.Tensor) -> torch.Tensor:
@@ -144,53 +155,76 @@ def _bwd_delta(o, do):
     return delta
 
 
-def _bwd_dq(do, q, k, v, lse, delta, scale, window, dstart, key_valid, c: KernelConfig):
+def _bwd_dq(do, q, k, v, o, lse, delta, scale, window, dstart, key_valid, c: KernelConfig):
+    """dQ; with ``c.variant & 1`` the kernel also fills ``delta`` (rowsum(dO·O)) for the dK/dV kernel after it."""
     b, h, t, d = q.shape
     dq = torch.empty_like(q)
     grid = (triton.cdiv(t, c.block_m), b * h)
     _k._attn_bwd_dq_kernel[grid](
         q, k, v, do, dq, lse, delta, dstart, key_valid if key_valid is not None else lse,
-        _scratch(c, grid[0] * grid[1], 1, q),
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+        _scratch(c, grid[0] * grid[1], 1, q), o,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], *o.stride()[:3],
         t, h, h // k.shape[1], window, scale * _LOG2E, scale,
         HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, HAS_KEY_MASK=key_valid is not None,
-        SCRATCH=int(c.scratch), num_warps=c.num_warps, num_stages=c.num_stages,
+        SCRATCH=int(c.scratch), FUSE_DELTA=bool(c.variant & 1), V_FIRST=bool(c.variant & 2),
+        KT_C=k.stride(2) if c.variant & 2 else 0, VT_C=v.stride(2) if c.variant & 2 else 0, num_warps=c.num_warps,
+        num_stages=c.num_stages,
     )
     return dq
 
 
 def _bwd_dkdv(do, q, k, v, lse, delta, scale, window, dstart, dend, key_valid, c: KernelConfig):
-    """dK, dV (summed over each KV group's query heads), accumulated in fp32 buffers and cast at the end."""
+    """dK, dV (summed over each KV group's query heads).
+
+    With one program per key block (split 1) the kernels write dK/dV in the input dtype directly; when the query
+    heads of a group are split over programs (too few key blocks to fill the GPU) they write fp32 partials, summed
+    and cast by one more launch.
+    """
     b, h, t, d = q.shape
     hk = k.shape[1]
     g = h // hk
     n_blocks = triton.cdiv(t, c.block_n) * b * hk
     split = 1
-    # Too few key blocks to fill the GPU: split the G query heads of a group over several programs and sum after.
-    while split < g and n_blocks * split < 2 * _num_sms(q.device) and g % (split * 2) == 0:
+    while split < g and n_blocks * split < 2 * _num_sms(q.device) and g % (split * 2) == 0 \
+            and (c.max_split == 0 or split * 2 <= c.max_split):
         split *= 2
-    dk = torch.empty((split, b, hk, t, d), dtype=torch.float32, device=k.device)
-    dv = torch.empty_like(dk)
-    grid = (triton.cdiv(t, c.block_n), b * hk, split)
-    _k._attn_bwd_dkdv_kernel[grid](
-        q, k, v, do, dk, dv, lse, delta, dstart, dend, key_valid if key_valid is not None else lse,
-        _scratch(c, grid[0] * grid[1] * grid[2], 2, q),
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:4],
-        t, h, hk, g, g // split, window, scale * _LOG2E, scale,
-        HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, TRANSPOSED=bool(c.transposed),
-        HAS_KEY_MASK=key_valid is not None, SCRATCH=int(c.scratch), num_warps=c.num_warps,
-        num_stages=c.num_stages,
-    )
+    dk = torch.empty((b, hk, t, d), dtype=k.dtype, device=k.device)
+    dv = torch.empty((b, hk, t, d), dtype=v.dtype, device=v.device)
     if split == 1:
-        return dk[0].to(k.dtype), dv[0].to(v.dtype)
-    return dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
+        outs, out_strides = (dk, dv), (0, *dk.stride()[:3])
+    else:
+        parts = torch.empty((2, split, b, hk, t, d), dtype=torch.float32, device=k.device)
+        outs, out_strides = (parts[0], parts[1]), parts[0].stride()[:4]
+    grid = (triton.cdiv(t, c.block_n), b * hk, split)
+    common = dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, HAS_KEY_MASK=key_valid is not None,
+                  SCRATCH=int(c.scratch), num_warps=c.num_warps, num_stages=c.num_stages)
+    kvalid = key_valid if key_valid is not None else lse
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *out_strides)
+    sizes = (t, h, hk, g, g // split, window, scale * _LOG2E, scale)
+    if c.variant == 1:  # separate dV and dK kernels (see _flash_attention_bwd_triton)
+        scr = _scratch(c, grid[0] * grid[1] * grid[2], 1, q)
+        for want_dk, out in ((False, outs[1]), (True, outs[0])):
+            _kb._attn_bwd_dk_or_dv_kernel[grid](q, k, v, do, out, lse, delta, dstart, dend, kvalid, scr,
+                                               *strides, *sizes, WANT_DK=want_dk, **common)
+    else:  # variant 2: the same kernel with the Q/dO row strides as constexprs
+        _kb._attn_bwd_dkdv_kernel[grid](q, k, v, do, *outs, lse, delta, dstart, dend, kvalid,
+                                        _scratch(c, grid[0] * grid[1] * grid[2], 2, q), *strides, *sizes,
+                                        TRANSPOSED=bool(c.transposed), QT_C=q.stride(2) if c.variant == 2 else 0,
+                                        DOT_C=do.stride(2) if c.variant == 2 else 0, **common)
+    if split > 1:
+        n = b * hk * t * d
+        _kb._sum_splits_kernel[(triton.cdiv(n, 1024), 2)](parts, dk, dv, n, split, BLOCK=1024, num_warps=4)
+    return dk, dv
 
 
 def _backward(do, q, k, v, o, lse, scale, window, dstart, dend, key_valid, cfgs):
     if do.stride(-1) != 1:
         do = do.contiguous()
-    delta = _bwd_delta(o, do)
-    dq = _bwd_dq(do, q, k, v, lse, delta, scale, window, dstart, key_valid, cfgs["dq"])
+    if cfgs["dq"].variant & 1:  # the dQ kernel fills delta
+        delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    else:
+        delta = _bwd_delta(o, do)
+    dq = _bwd_dq(do, q, k, v, o, lse, delta, scale, window, dstart, key_valid, cfgs["dq"])
     dk, dv = _bwd_dkdv(do, q, k, v, lse, delta, scale, window, dstart, dend, key_valid, cfgs["dkdv"])
     return dq, dk, dv
 
@@ -199,16 +233,17 @@ _KINDS = ("fwd", "dq", "dkdv")
 
 
 def _encode_configs(head_dim: int, override: dict[str, KernelConfig] | None) -> list[int]:
-    """The three kernels' launch shapes as the flat int list the registered ops take (6 ints per kernel)."""
+    """The three kernels' launch shapes as the flat int list the registered ops take (8 ints per kernel)."""
     out: list[int] = []
     for kind in _KINDS:
         c = _config(head_dim, kind, override)
-        out += [c.block_m, c.block_n, c.num_warps, c.num_stages, int(c.transposed), c.scratch]
+        out += [c.block_m, c.block_n, c.num_warps, c.num_stages, int(c.transposed), c.scratch, c.variant,
+                c.max_split]
     return out
 
 
 def _decode_configs(flat: list[int]) -> dict[str, KernelConfig]:
-    return {kind: KernelConfig(*flat[6 * i: 6 * i + 4], bool(flat[6 * i + 4]), flat[6 * i + 5])
+    return {kind: KernelConfig(*flat[8 * i: 8 * i + 4], bool(flat[8 * i + 4]), *flat[8 * i + 5: 8 * i + 8])
             for i, kind in enumerate(_KINDS)}
 
 

@@ -266,6 +266,7 @@ def test_enable_switches_only_the_text_tower_of_multimodal_gemma4():
 # Triton kernels under the interpreter (CPU), tiny fp16 shapes.
 
 _INTERPRETER_SCRIPT = r"""
+import sys
 import torch
 from slimtune.kernels.flash_attention import flash_attention, KernelConfig
 from slimtune.kernels.attention_reference import attention_reference
@@ -275,12 +276,13 @@ def rel(a, b):
     return (a.double() - b).norm().item() / (d if d > 1e-6 else 1.0)
 
 torch.manual_seed(0)
+VARIANT = int(sys.argv[1])  # 0: default kernels; 1: dQ with fused delta and V loaded first (variant 3), split dK/dV
 small = KernelConfig(16, 16, 4, 1)
 cases = [
     dict(b=1, hq=2, hk=1, t=40, window=None, docs=None, pad=None, dkdv=small),
     dict(b=2, hq=4, hk=2, t=37, window=9, docs=None, pad=None, dkdv=KernelConfig(16, 16, 4, 1, True)),
     dict(b=2, hq=4, hk=1, t=37, window=7, docs=[[0] * 10 + [1] + [2] * 20 + [3] * 6, [0] * 37], pad=None,
-         dkdv=small),
+         dkdv=small._replace(max_split=1)),  # GQA without the head split: no fp32 partials
     dict(b=2, hq=2, hk=1, t=37, window=12, docs=None,
          pad=[[0] * 5 + [1] * 32, [1] * 30 + [0] * 7], dkdv=KernelConfig(16, 32, 4, 1, True)),
     dict(b=1, hq=4, hk=1, t=1, window=None, docs=None, pad=None, dkdv=small),
@@ -288,14 +290,17 @@ cases = [
          pad=[[0] * 5 + [1] * 32, [1] * 37], dkdv=KernelConfig(16, 16, 4, 1, True, 1), scratch=1),
     dict(b=2, hq=4, hk=2, t=37, window=None, docs=None, pad=[[0] * 5 + [1] * 32, [1] * 37],
          dkdv=KernelConfig(16, 16, 4, 1, False, 2), scratch=2),
+    # one query head per KV head (no head split): dK/dV written directly in the input dtype, no partial sums
+    dict(b=2, hq=2, hk=2, t=45, window=None, docs=[[0] * 20 + [1] + [2] * 24, [0] * 45], pad=None, dkdv=small),
 ]
-for c in cases:
+for i, c in enumerate(cases):
     q = torch.randn(c["b"], c["hq"], c["t"], 16, dtype=torch.float16, requires_grad=True)
     k, v = (torch.randn(c["b"], c["hk"], c["t"], 16, dtype=torch.float16, requires_grad=True) for _ in range(2))
     docs = torch.tensor(c["docs"]) if c["docs"] else None
     pad = torch.tensor(c["pad"], dtype=torch.bool) if c["pad"] else None
     sc = c.get("scratch", 0)
-    cfg = {"fwd": KernelConfig(32, 16, 4, 1, False, sc), "dq": KernelConfig(16, 16, 4, 1, False, sc), "dkdv": c["dkdv"]}
+    cfg = {"fwd": KernelConfig(32, 16, 4, 1, False, sc), "dq": KernelConfig(16, 16, 4, 1, False, sc, 3 * VARIANT),
+           "dkdv": c["dkdv"]._replace(variant=VARIANT and 1 + i % 2)}  # variant 1: split and const-stride dK/dV
     out = flash_attention(q, k, v, scale=0.3, window=c["window"], doc_ids=docs, key_padding_mask=pad, _configs=cfg)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
@@ -311,10 +316,12 @@ print("INTERPRETER_OK")
 """
 
 
-def test_triton_kernels_under_interpreter():
+@pytest.mark.parametrize("variant", [0, 1], ids=["single_kernels", "fused_delta_split_dkdv"])
+def test_triton_kernels_under_interpreter(variant):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, str(variant)], env=env, capture_output=True,
+                          text=True,
                           check=False, timeout=600)
     assert proc.returncode == 0 and "INTERPRETER_OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -361,9 +368,16 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("variant", [0, 1], ids=["default", "fused_delta_split_dkdv"])
 @pytest.mark.parametrize("b,hq,hk,t,d,window,docs,pad,dtype", GPU_CASES)
-def test_triton_attention_matches_fp64_reference(b, hq, hk, t, d, window, docs, pad, dtype):
-    from slimtune.kernels.flash_attention import flash_attention
+def test_triton_attention_matches_fp64_reference(b, hq, hk, t, d, window, docs, pad, dtype, variant):
+    from slimtune.kernels.flash_attention import KernelConfig, flash_attention
+
+    C = KernelConfig
+    cfgs = None
+    if variant == 1:  # the non-default backward structures the sweep times (bench_flash_attention.SWEEP)
+        cfgs = {512: {"dq": C(64, 32, 8, 1, False, 2, 3), "dkdv": C(64, 64, 8, 1, True, 2, 1)},
+                256: {"dq": C(128, 32, 8, 2, False, 0, 1), "dkdv": C(64, 64, 8, 2, True, 2, 1, 1)}}[d]
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(hash((b, hq, hk, t, d, window, docs, pad)) % 2**31)
@@ -381,7 +395,7 @@ def test_triton_attention_matches_fp64_reference(b, hq, hk, t, d, window, docs, 
         kpm[0, :37] = False  # left padding: the first 37 rows of batch 0 see no key at all
         if b > 1:
             kpm[1, t - 100:] = False
-    out = flash_attention(q, k, v, scale=1.0, window=window, doc_ids=doc_ids, key_padding_mask=kpm)
+    out = flash_attention(q, k, v, scale=1.0, window=window, doc_ids=doc_ids, key_padding_mask=kpm, _configs=cfgs)
     do = torch.randn(out.shape, device=dev, dtype=dtype, generator=gen)
     grads = torch.autograd.grad(out, (q, k, v), do)
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
@@ -398,9 +412,11 @@ def test_triton_attention_matches_fp64_reference(b, hq, hk, t, d, window, docs, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("variant", ["plain", "scratch", "keys_as_rows"])
+@pytest.mark.parametrize("variant", ["plain", "scratch", "keys_as_rows", "split_dkdv_32x64", "split_dkdv_32x64_2stages",
+                                     "split_dkdv_64x32", "const_strides_dkdv"])
 def test_triton_attention_other_configs(variant):
-    """Non-default launch variants stay correct: no chain cut, global-scratch cut, keys-as-rows dK/dV."""
+    """Non-default launch variants stay correct: no chain cut, global-scratch cut, keys-as-rows dK/dV, the other
+    split dV/dK block shapes of the sweep."""
     from slimtune.kernels.flash_attention import KernelConfig, flash_attention
 
     dev = torch.device("cuda")
@@ -415,6 +431,12 @@ def test_triton_attention_other_configs(variant):
             "dkdv": KernelConfig(64, 32, 8, 1, True, mode)}
     if variant == "keys_as_rows":
         cfgs = {"dkdv": KernelConfig(32, 32, 8, 2, False, 0)}
+    elif variant == "const_strides_dkdv":
+        cfgs = {"dkdv": KernelConfig(64, 32, 8, 1, True, 2, 2)}
+    elif variant.startswith("split_dkdv"):
+        bm, bn, st = {"split_dkdv_32x64": (32, 64, 1), "split_dkdv_32x64_2stages": (32, 64, 2),
+                      "split_dkdv_64x32": (64, 32, 1)}[variant]
+        cfgs = {"dq": KernelConfig(64, 64, 8, 1, False, 2, 3), "dkdv": KernelConfig(bm, bn, 8, st, True, 2, 1)}
     out = flash_attention(q, k, v, scale=1.0, window=300, doc_ids=docs, _configs=cfgs)
     do = torch.randn(out.shape, device=dev, dtype=out.dtype, generator=gen)
     grads = torch.autograd.grad(out, (q, k, v), do)
