@@ -183,7 +183,9 @@ def entry(rank: int, world: int, port: int, model_dir: str, out_dir: str, train_
             from slimtune.train.run import train  # noqa: PLC0415
 
             record_writes(Path(train_kwargs["output"]), Path(out_dir) / f"writes-rank{rank}.json")
-            result = train(TrainConfig(**train_kwargs), log=lambda msg: None)
+            printed: list[str] = []
+            result = train(TrainConfig(**train_kwargs), log=printed.append)
             (Path(out_dir) / f"history-rank{rank}.json").write_text(json.dumps(result.history))
+            (Path(out_dir) / f"printed-rank{rank}.json").write_text(json.dumps(printed))
     finally:
         dist.destroy_process_group()

@@ -130,6 +130,20 @@ def test_fsdp_shards_per_rank_what_the_memory_planner_counts(spawned, qlora):
     assert got["lora_numel"] == want["lora_shard_numel"]
 
 
+def test_the_two_process_run_prints_the_per_gpu_prediction_once(spawned):
+    """train() under the real 2-rank group: rank 0 prints the FSDP2 per-GPU prediction (world size taken from the
+    process group), rank 1 prints nothing."""
+    from slimtune.memory.planner import predict
+
+    out, model_dir, kwargs = spawned
+    rank0, rank1 = (json.loads((out / f"printed-rank{r}.json").read_text()) for r in range(WORLD))
+    want = predict(str(model_dir), kwargs["max_seq_length"], world_size=WORLD, distributed="fsdp", lora_r=4,
+                   batch_size=kwargs["batch_size"], grad_accum=kwargs["grad_accum"], load_in_4bit=False,
+                   attention="sdpa", activation_bytes=4)
+    assert rank0[0].startswith(f"memory: predicted peak per GPU (FSDP2, 2 GPUs): {want.predicted_gib:.2f} GiB")
+    assert rank1 == []
+
+
 def test_per_rank_normalisation_would_differ(spawned):
     """Negative control: each rank dividing by its OWN target tokens (then averaging over ranks) gives
     gradients far from the global normalisation the 2-rank runs matched above (measured: worst relative difference 0.61, vs <= 1e-5 for the real runs)."""
