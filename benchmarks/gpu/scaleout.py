@@ -1,11 +1,17 @@
 """Scale-out measurement (issue 9): the same QLoRA training run on 1 and on N GPUs, tokens/s and peak memory per GPU.
 
+Each record also carries the memory planner's per-GPU prediction as the trainer printed it (`predicted_gib`, from
+its "memory: predicted peak per GPU (FSDP2, 2 GPUs): … GiB" line) next to rank 0's measured peak
+(`mem_gib_rank0`, torch.cuda.max_memory_allocated), and their ratio: the check of
+slimtune.memory.distributed_plan on real GPUs (single-GPU predictions are within ~1.5% on the H200).
+
 `slimtune bench` measures one process; multi-GPU runs go through the real trainer (`slimtune train --nproc N`,
 torchrun underneath), so this script first writes a checkpoint of a real geometry with random weights, a tokenizer
 and a dataset of long plain-text rows, then trains on it with 1 and N processes and reads metrics.jsonl.
 
 Usage (GPU box, repository root; E4B's 16-bit checkpoint takes ~16 GB of disk):
     python benchmarks/gpu/scaleout.py --geometry e4b --work /tmp/scaleout --nproc 1,2 --seq 8192 --json out.jsonl
+    python benchmarks/gpu/scaleout.py --geometry 31b --work /tmp/scaleout --nproc 1,2 --seq 8192 --distributed fsdp
 CPU smoke run (what tests/bench/test_scaleout_script.py does): --tiny --device cpu --nproc 1 --seq 64 --steps 2
 """
 
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -51,24 +58,41 @@ def prepare(geometry: str, folder: Path, *, tiny: bool, device: str, rows: int, 
     return ckpt
 
 
+# "memory: predicted peak GPU memory 7.71 GiB (…" or "memory: predicted peak per GPU (FSDP2, 2 GPUs): 7.28 GiB (…"
+_PREDICTED = re.compile(r"^memory: predicted peak (?:GPU memory|per GPU \(([^)]*)\):) ([\d.]+) GiB", re.MULTILINE)
+
+
+def printed_prediction(stdout: str) -> dict:
+    """The planner's prediction the trainer printed (rank 0): GiB per GPU and for which layout, or {}."""
+    match = _PREDICTED.search(stdout)
+    if not match:
+        return {}
+    return {"predicted_gib": float(match.group(2)), "predicted_for": match.group(1) or "1 GPU"}
+
+
 def train(ckpt: Path | str, data: Path, out: Path, *, nproc: int, seq: int, steps: int, device: str,
           mode: str = "qlora", distributed: str = "auto", extra: tuple[str, ...] = ()) -> dict:
-    """One `slimtune train` run; returns the median tokens/s (after 2 warm-up steps) and peak memory per GPU."""
+    """One `slimtune train` run; returns the median tokens/s (after 2 warm-up steps), rank 0's peak memory and the
+    planner's per-GPU prediction beside it."""
     cmd = [sys.executable, "-m", "slimtune", "train", "--model", str(ckpt), "--data", str(data), "--output", str(out),
            "--packing", "--max-seq-length", str(seq), "--max-steps", str(steps),
-           "--batch-size", "1", "--grad-accum", "1", "--device", device, *extra]
+           "--batch-size", "1", "--grad-accum", "1", "--device", device, "--distributed", distributed, *extra]
     if mode == "qlora":
         cmd.append("--load-in-4bit")
     if nproc > 1:
-        cmd += ["--nproc", str(nproc), "--distributed", distributed]
+        cmd += ["--nproc", str(nproc)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"nproc": nproc, "seq": seq, "error": proc.stderr[-1500:]}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     timed = rows[2:] or rows
-    return {"nproc": nproc, "seq": seq, "steps": len(rows),
+    measured = round(max(r.get("mem_gib", 0.0) for r in rows), 3)
+    predicted = printed_prediction(proc.stdout)
+    if predicted and measured:  # > 1: the planner over-predicts (safe side); < 1: a run could go out of memory
+        predicted["predicted_over_measured"] = round(predicted["predicted_gib"] / measured, 3)
+    return {"nproc": nproc, "seq": seq, "distributed": distributed, "steps": len(rows),
             "tok_s": round(statistics.median(r["tokens_per_s"] for r in timed), 1),
-            "mem_gib_rank0": round(max(r.get("mem_gib", 0.0) for r in rows), 3),
+            "mem_gib_rank0": measured, **predicted,
             "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"]}
 
 
@@ -80,9 +104,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--distributed", default="auto", choices=("auto", "ddp", "fsdp"),
+                    help="how the N processes share the model (the planner predicts per GPU for this layout)")
     ap.add_argument("--tiny", action="store_true", help="the geometry's tiny look-alike (CPU smoke runs)")
     ap.add_argument("--mode", choices=("qlora", "lora16"), default="qlora")
-    ap.add_argument("--distributed", choices=("auto", "ddp", "fsdp"), default="auto", help="for N > 1 processes")
     ap.add_argument("--random-weights", action="store_true",
                     help="every process builds the geometry's random weights on its GPU (model random:<geometry>) "
                          "instead of writing and streaming a checkpoint: minutes saved for 26B/31B")
@@ -103,8 +128,8 @@ def main() -> None:
     base = None
     for n in counts:
         result = {"probe": "scaleout", "geometry": a.geometry, "tiny": a.tiny,
-                  "mode": a.mode, "distributed": a.distributed if n > 1 else "none",
-                  **train(model, data, work / f"run-{a.geometry}-{a.mode}-{n}", nproc=n, seq=a.seq, steps=a.steps,
+                  "mode": a.mode,
+                  **train(model, data, work / f"run-{a.geometry}-{a.mode}-{n}-{a.distributed}", nproc=n, seq=a.seq, steps=a.steps,
                           device=a.device, mode=a.mode, distributed=a.distributed, extra=tuple(a.extra.split()))}
         if "tok_s" in result:
             base = base or result["tok_s"] / n

@@ -31,8 +31,8 @@ _FLAGS = [
     ("--tool-messages", "tool_messages", str, "keep (default) | reject rows with tool turns"),
     ("--image-max-soft-tokens", "image_max_soft_tokens", int, "image budget: 70 | 140 | 280 | 560 | 1120"),
     ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (0 = off)"),
-    ("--max-memory", "max_memory", str, "GPU memory budget, e.g. 8GiB, 8GB, 8000MiB: settings you leave unset are "
-     "planned to fit it"),
+    ("--max-memory", "max_memory", str, "GPU memory budget, e.g. 8GiB, 8GB, 8000MiB (per GPU with --nproc): "
+     "settings you leave unset are planned to fit it"),
     ("--loss-chunk-size", "loss_chunk_size", int, "rows per lm_head + loss chunk (0 = automatic)"),
     ("--eval-data", "eval_data", str, "held-out dataset file for evaluation"),
     ("--eval-fraction", "eval_fraction", float, "fraction of the training samples held out for evaluation"),
@@ -41,7 +41,7 @@ _FLAGS = [
     ("--optimizer", "optimizer", str, "adamw (default) | adamw8bit"),
     ("--early-stopping-patience", "early_stopping_patience", int,
      "stop after N evaluations without improvement (0 = off)"),
-    ("--distributed", "distributed", str, "with several processes: auto (= ddp) | ddp | fsdp (16-bit LoRA only)"),
+    ("--distributed", "distributed", str, "with several processes: auto (= ddp) | ddp | fsdp (shards weights and LoRA)"),
 ]
 _BOOLS = [
     ("--load-in-4bit", "load_in_4bit", "QLoRA: NF4 base weights"),

@@ -114,7 +114,9 @@ def training_terms(shape: ModelShape, *, seq_len: int, batch_size: int, load_in_
                    gradient_checkpointing: bool, offload_ple: bool, attention: str, activation_offload: bool,
                    mlp_chunk_size: int, loss_chunk_size: int, optimizer: str, activation_bytes: int = 2,
                    cuda_graphs: bool = False, recompute_norms: bool = False) -> dict:
-    """The estimate's terms in bytes: {"breakdown": {term: bytes}, "phase": which phase is the peak}."""
+    """The estimate's terms in bytes: {"breakdown": {term: bytes}, "phase": which phase is the peak}, and the four
+    groups the breakdown is made of (static, boundary, loss_phase, backward_phase: slimtune.memory.distributed_plan
+    re-splits them per GPU)."""
     a = activation_bytes
     n = seq_len * batch_size
     h, layers = shape.hidden, shape.layers
@@ -157,7 +159,8 @@ def training_terms(shape: ModelShape, *, seq_len: int, batch_size: int, load_in_
     }
     phase = "loss" if sum(loss_phase.values()) >= sum(backward_phase.values()) else "backward"
     breakdown = {**static, **boundary, **(loss_phase if phase == "loss" else backward_phase)}
-    return {"breakdown": breakdown, "phase": phase, "loss_phase": loss_phase, "backward_phase": backward_phase}
+    return {"breakdown": breakdown, "phase": phase, "static": static, "boundary": boundary, "loss_phase": loss_phase,
+            "backward_phase": backward_phase}
 
 
 def _window_cuts(layers: tuple[LayerShape, ...], seq_len: int) -> bool:

@@ -58,29 +58,11 @@ def read_model_shape(model: str, multimodal: bool = False, text_only: bool = Fal
 
 @functools.lru_cache(maxsize=16)
 def _read(model: str, multimodal: bool, text_only: bool = False, finetune_experts: bool = False) -> ModelShape:
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
-
     from slimtune.adapt.inject import select_lora_targets  # noqa: PLC0415
     from slimtune.adapt.quantize import nf4_module_names  # noqa: PLC0415
-    from slimtune.models import gemma4  # noqa: F401,PLC0415 - registers the family
-    from slimtune.models.geometry import VARIANTS, build_config  # noqa: PLC0415
     from slimtune.models.registry import family_of  # noqa: PLC0415
 
-    if model in VARIANTS:
-        config = build_config(model, tiny=False, text_only=not multimodal)
-    else:
-        folder = Path(model).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ValueError(f"cannot estimate memory for {model!r}: not a local model folder (with config.json) "
-                             f"or one of {', '.join(VARIANTS)}")
-        config = transformers.AutoConfig.from_pretrained(str(folder))
-    multimodal = getattr(config, "model_type", "") == "gemma4"
-    if multimodal and text_only:
-        config, multimodal = config.get_text_config(), False
-    cls = transformers.Gemma4ForConditionalGeneration if multimodal else transformers.Gemma4ForCausalLM
-    with torch.device("meta"):
-        m = cls(config)
+    m, config, multimodal = build_meta_model(model, multimodal, text_only)
     quant = set(nf4_module_names(m, family_of(m)))  # owners: linears and expert blocks (experts.gate_up_proj)
     counts = {"quantizable": 0, "ple": 0, "other": 0}
     seen = set()
@@ -101,6 +83,35 @@ def _read(model: str, multimodal: bool, text_only: bool = False, finetune_expert
     return ModelShape(**counts, lora_in_out=lora, hidden=text.hidden_size, vocab=text.vocab_size,
                       layers=tuple(_layer_shape(layer, text) for layer in decoder.layers),
                       max_position=int(getattr(text, "max_position_embeddings", 0) or 0), multimodal=multimodal)
+
+
+def build_meta_model(model: str, multimodal: bool = False, text_only: bool = False):
+    """(the model built on the meta device, its config, whether it is multimodal) for a geometry name or a local
+    folder; shared by the estimate's counts and the distributed planner's per-tensor inventory.
+
+    Raises:
+        ValueError: the model is neither a geometry name nor a local folder with a config.json.
+    """
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    from slimtune.models import gemma4  # noqa: F401,PLC0415 - registers the family
+    from slimtune.models.geometry import VARIANTS, build_config  # noqa: PLC0415
+
+    if model in VARIANTS:
+        config = build_config(model, tiny=False, text_only=not multimodal)
+    else:
+        folder = Path(model).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"cannot estimate memory for {model!r}: not a local model folder (with config.json) "
+                             f"or one of {', '.join(VARIANTS)}")
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+    multimodal = getattr(config, "model_type", "") == "gemma4"
+    if multimodal and text_only:
+        config, multimodal = config.get_text_config(), False
+    cls = transformers.Gemma4ForConditionalGeneration if multimodal else transformers.Gemma4ForCausalLM
+    with torch.device("meta"):
+        return cls(config), config, multimodal
 
 
 def _layer_shape(layer, text) -> LayerShape:

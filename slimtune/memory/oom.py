@@ -52,7 +52,8 @@ def _prediction_and_plan(cfg, gpu_total_bytes: int | None) -> str:
     else:
         return text
     # Advice, so nothing is held fixed except what defines the run: the effective batch and the LoRA rank.
-    context = {k: current.settings[k] for k in ("lora_r", "attention", "activation_bytes")}
+    context = {k: current.settings[k] for k in ("lora_r", "attention", "activation_bytes", "world_size",
+                                                 "distributed")}
     try:
         plan = plan_memory(model_ref(cfg.model), cfg.max_seq_length, budget,
                            batch_size=cfg.batch_size * cfg.grad_accum, **context)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from slimtune.errors import ConfigError
+from slimtune.memory.distributed_plan import check_distributed, per_gpu_terms
 from slimtune.memory.estimate import GIB, check_settings, training_terms
 from slimtune.memory.model_shape import read_model_shape
 from slimtune.memory.sizes import format_gib
@@ -25,7 +26,7 @@ _MLP_CHUNKS = (0, 4096, 2048, 1024, 512)
 _LOSS_CHUNKS = (0, 256, 128, 64)
 _FIXED_DEFAULTS = {"grad_accum": 1, "lora_r": 16, "attention": "slimtune", "multimodal": False,
                    "text_only": False, "finetune_experts": False, "activation_bytes": 2, "cuda_graphs": False,
-                   "recompute_norms": False}
+                   "recompute_norms": False, "world_size": 1, "distributed": "auto"}
 UNMEASURED_MARGIN = 0.85
 """Share of the budget a prediction may use where no H200 measurement backs the estimate yet (runs without
 gradient checkpointing): turning checkpointing off is a speed gain, not worth an out-of-memory on a guess."""
@@ -65,6 +66,17 @@ class Plan:
     def fits(self) -> bool:
         return self.budget_bytes is None or self.predicted_bytes <= self.budget_bytes * self.margin
 
+    @property
+    def world_size(self) -> int:
+        return self.settings.get("world_size", 1)
+
+    def scope(self) -> str:
+        """What the prediction is for: "GPU memory" (one process), else e.g. "per GPU (FSDP2, 2 GPUs):"."""
+        if self.world_size == 1:
+            return "GPU memory"
+        kind = "FSDP2" if self.settings.get("distributed") == "fsdp" else "DDP"
+        return f"per GPU ({kind}, {self.world_size} GPUs):"
+
     def main_terms(self, k: int = 4) -> list[tuple[str, float]]:
         """The k largest terms, (name, GiB)."""
         return sorted(self.breakdown.items(), key=lambda kv: -kv[1])[:k]
@@ -72,9 +84,9 @@ class Plan:
     def summary(self) -> str:
         """Human-readable lines: prediction, main terms, planned changes, notes."""
         terms = ", ".join(f"{name} {gib:.2f}" for name, gib in self.main_terms())
-        head = f"memory: predicted peak GPU memory {format_gib(self.predicted_bytes)}"
+        head = f"memory: predicted peak {self.scope()} {format_gib(self.predicted_bytes)}"
         if self.budget_bytes is not None:
-            head += f" of a {format_gib(self.budget_bytes)} budget"
+            head += f" of a {format_gib(self.budget_bytes)} budget" + (" per GPU" if self.world_size > 1 else "")
         lines = [f"{head} ({self.seq_len} tokens × batch {self.settings['batch_size']}; "
                  f"largest terms, GiB: {terms})"]
         if self.changes:
@@ -121,7 +133,14 @@ def _predict(model: str, seq_len: int, s: dict, budget: int | None = None) -> Pl
     args = {k: s[k] for k in ("batch_size", "load_in_4bit", "lora_r", "gradient_checkpointing", "offload_ple",
                               "attention", "activation_offload", "mlp_chunk_size", "loss_chunk_size", "optimizer",
                               "activation_bytes", "cuda_graphs", "recompute_norms")}
+    check_distributed(s["world_size"], s["distributed"], s["cuda_graphs"])
     terms = training_terms(shape, seq_len=seq_len, **args)
+    # under torchrun: one GPU's share (world_size 1 returns the single-GPU terms untouched)
+    terms = per_gpu_terms(terms, model, world_size=s["world_size"], distributed=s["distributed"],
+                          grad_accum=s["grad_accum"], multimodal=s["multimodal"], text_only=s["text_only"],
+                          finetune_experts=s["finetune_experts"], load_in_4bit=s["load_in_4bit"],
+                          offload_ple=s["offload_ple"], lora_r=s["lora_r"], optimizer=s["optimizer"],
+                          activation_bytes=s["activation_bytes"])
     total = sum(terms["breakdown"].values())
     return Plan(model=model, seq_len=seq_len, settings=dict(s), predicted_bytes=total, phase=terms["phase"],
                 breakdown={k: round(v / GIB, 3) for k, v in terms["breakdown"].items()}, budget_bytes=budget,
@@ -134,11 +153,13 @@ def plan_memory(model, seq_len: int, budget_bytes: int, **user_settings) -> Plan
     Args:
         model: geometry name (e2b, e4b, 26b-a4b, 31b) or local model folder.
         seq_len: tokens per sequence (max_seq_length).
-        budget_bytes: peak GPU memory allowed (allocated tensors; leave room for the CUDA context).
+        budget_bytes: peak GPU memory allowed (allocated tensors; leave room for the CUDA context); with
+            world_size > 1, per GPU.
         **user_settings: any of load_in_4bit, offload_ple, gradient_checkpointing, activation_offload,
             mlp_chunk_size, loss_chunk_size, batch_size, optimizer (kept fixed), plus grad_accum, lora_r,
-            attention, multimodal. batch_size is the effective micro-batch: it is split (grad_accum raised)
-            unless grad_accum is given too.
+            attention, multimodal, world_size and distributed (auto | ddp | fsdp: torchrun processes and how they
+            share the model; slimtune.memory.distributed_plan). batch_size is the effective micro-batch (per
+            process): it is split (grad_accum raised) unless grad_accum is given too.
 
     Raises:
         MemoryBudgetError: even the smallest allowed settings do not fit (message: the smallest prediction and

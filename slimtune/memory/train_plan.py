@@ -46,19 +46,26 @@ def model_ref(name: str) -> str:
         raise ValueError(f"cannot read the config of {name!r} to predict its memory ({type(exc).__name__})") from exc
 
 
-def _context(cfg) -> dict:
-    """Settings the planner needs that TrainConfig does not choose."""
+def _context(cfg, world_size: int | None = None) -> dict:
+    """Settings the planner needs that TrainConfig does not choose. world_size: the processes sharing the run
+    (None: torchrun's WORLD_SIZE, 1 outside torchrun); the prediction and a budget are then per GPU."""
     import torch  # noqa: PLC0415
 
+    if world_size is None:
+        from slimtune.train.distributed import launched_world_size  # noqa: PLC0415
+
+        world_size = launched_world_size()
     cuda = cfg.device == "cuda" or (cfg.device is None and torch.cuda.is_available())
     return {"lora_r": cfg.lora_r, "attention": "slimtune" if cuda else "sdpa", "text_only": bool(cfg.text_only),
             "finetune_experts": bool(cfg.finetune_experts), "cuda_graphs": bool(cfg.cuda_graphs),
             "recompute_norms": bool(cfg.recompute_norms),
-            "activation_bytes": 4 if cfg.dtype in ("float32", "fp32") else 2}
+            "activation_bytes": 4 if cfg.dtype in ("float32", "fp32") else 2,
+            "world_size": world_size, "distributed": cfg.distributed}
 
 
-def plan_for_config(cfg) -> Plan:
-    """The plan for cfg.max_memory (or, without one, the prediction of cfg's own settings).
+def plan_for_config(cfg, world_size: int | None = None) -> Plan:
+    """The plan for cfg.max_memory (or, without one, the prediction of cfg's own settings), per GPU of
+    `world_size` processes (None: torchrun's WORLD_SIZE; max_memory is then each GPU's budget).
 
     Raises:
         MemoryBudgetError: nothing fits the budget (message: smallest peak and the longest max_seq_length).
@@ -68,13 +75,14 @@ def plan_for_config(cfg) -> Plan:
     explicit = explicit_fields(cfg)
     if cfg.max_memory is None:
         return predict(ref, cfg.max_seq_length, **{k: getattr(cfg, k) for k in _PLANNED_FIELDS},
-                       grad_accum=cfg.grad_accum, **_context(cfg))
+                       grad_accum=cfg.grad_accum, **_context(cfg, world_size))
     user = {k: getattr(cfg, k) for k in _PLANNED_FIELDS if k in explicit}
     if "grad_accum" in explicit:
         user["grad_accum"] = cfg.grad_accum
     if cfg.cuda_graphs:  # a captured step can neither offload activations nor use 8-bit AdamW
         user.update(activation_offload=False, optimizer="adamw")
-    return plan_memory(ref, cfg.max_seq_length, parse_memory_size(cfg.max_memory), **user, **_context(cfg))
+    return plan_memory(ref, cfg.max_seq_length, parse_memory_size(cfg.max_memory), **user,
+                       **_context(cfg, world_size))
 
 
 def plan_changes(cfg, plan: Plan) -> dict:
@@ -93,14 +101,17 @@ def report_lines(cfg, plan: Plan) -> list[str]:
     return lines
 
 
-def apply_memory_plan(cfg, log=print):
+def apply_memory_plan(cfg, log=print, world_size: int | None = None):
     """Print the memory prediction; with max_memory, return cfg with the planned settings (else cfg itself).
+
+    world_size: processes of a torchrun job (the trainer passes its process group's size; None reads
+    WORLD_SIZE). Above 1, the prediction and max_memory are per GPU, for cfg.distributed's DDP or FSDP2.
 
     Raises:
         ConfigError: max_memory is set and nothing fits it, or the model cannot be read to plan.
     """
     try:
-        plan = plan_for_config(cfg)
+        plan = plan_for_config(cfg, world_size)
     except MemoryBudgetError:
         raise
     except ValueError as exc:
@@ -111,7 +122,7 @@ def apply_memory_plan(cfg, log=print):
     for line in report_lines(cfg, plan):
         log(line)
     if cfg.max_memory is None:
-        _warn_if_over_gpu(cfg, plan, log)
+        _warn_if_over_gpu(cfg, plan, log, world_size)
         return cfg
     changes = plan_changes(cfg, plan)
     if not changes:
@@ -121,7 +132,7 @@ def apply_memory_plan(cfg, log=print):
     return planned
 
 
-def _warn_if_over_gpu(cfg, plan: Plan, log) -> None:
+def _warn_if_over_gpu(cfg, plan: Plan, log, world_size: int | None = None) -> None:
     """Without a budget: say so when the prediction exceeds the GPU, with the longest context that would fit."""
     import torch  # noqa: PLC0415
 
@@ -130,7 +141,7 @@ def _warn_if_over_gpu(cfg, plan: Plan, log) -> None:
     total = torch.cuda.mem_get_info()[1]
     if plan.predicted_bytes <= total:
         return
-    longest = longest_context(plan.model, total, multiple_of=128, **_context(cfg),
+    longest = longest_context(plan.model, total, multiple_of=128, **_context(cfg, world_size),
                               **{k: plan.settings[k] for k in _PLANNED_FIELDS})
     log(f"memory warning: the prediction exceeds this GPU's {format_gib(total)}; with these settings the longest "
         f"max_seq_length that fits is {longest}. Add --max-memory {total / 2**30:.0f}GiB to let the planner choose "

@@ -119,11 +119,11 @@ class TrainConfig:
     """Rows per chunk of the lm_head + cross-entropy (0 = automatic: 512 at Gemma 4's 262,144-token vocab)."""
     max_memory: str | None = None
     """GPU memory budget such as "8GiB", "8GB" or "8000MiB": the planner chooses the settings you left unset so
-    the predicted peak fits (slimtune.memory.planner)."""
+    the predicted peak fits (slimtune.memory.planner). Under torchrun (--nproc N) it is each GPU's budget."""
     distributed: str = "auto"
     """auto | ddp | fsdp: how processes started by torchrun (or --nproc) share the work. ddp (= auto) keeps a
-    full model per GPU; fsdp shards the 16-bit weights and LoRA over the GPUs (FSDP2; NF4 weights of
-    load_in_4bit stay whole on every GPU)."""
+    full model per GPU; fsdp shards the 16-bit weights and LoRA over the GPUs (FSDP2; with load_in_4bit the NF4
+    weights behind a LoRA adapter are sharded too, other NF4 linears and MoE experts stay whole on every GPU)."""
     extra: dict = field(default_factory=dict)
     """Reserved for settings of later stages; must be empty for now."""
 

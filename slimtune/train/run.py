@@ -170,8 +170,9 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
 
     info, device = init_distributed(cfg.device)
     try:
-        # prints the prediction (rank 0); with max_memory, fills in the unset settings alike on every rank
-        cfg = apply_memory_plan(cfg, log if info.is_main else _quiet)
+        # prints the per-GPU prediction (rank 0); with max_memory (a per-GPU budget), fills in the unset settings
+        # alike on every rank
+        cfg = apply_memory_plan(cfg, log if info.is_main else _quiet, world_size=info.world_size)
         return _train(cfg, log if info.is_main else _quiet, info, device)
     finally:
         shutdown_distributed(info)

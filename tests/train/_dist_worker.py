@@ -66,6 +66,19 @@ def _grads(parallel: ParallelModel) -> dict[str, torch.Tensor]:
     return out
 
 
+def local_param_bytes(parallel: ParallelModel) -> dict:
+    """This rank's share of what FSDP2 sharded (DTensor local shards): frozen bytes and LoRA values."""
+    frozen = lora = 0
+    for p in parallel.model.parameters():
+        if hasattr(p, "device_mesh"):
+            local = p.to_local()
+            if p.requires_grad:
+                lora += local.numel()
+            else:
+                frozen += local.numel() * local.element_size()
+    return {"frozen_bytes": frozen, "lora_numel": lora}
+
+
 PARTIAL_TARGETS = ["q_proj", "v_proj"]  # QLoRA with NF4 linears that have no adapter (kept whole under FSDP2)
 
 
@@ -75,6 +88,7 @@ def grads_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str,
     info = DistInfo(rank=dist.get_rank(), world_size=world)
     model = make_model(model_dir, load_in_4bit=qlora, targets=PARTIAL_TARGETS if partial else None)
     parallel = ParallelModel(model, kind, info, torch.device("cpu"))
+    local = local_param_bytes(parallel)
     batches = window(make_examples(model.config.get_text_config().vocab_size), rank, world)
     loss, n = accumulate_gradients(model, batches, device=torch.device("cpu"),
                                    dtype=torch.bfloat16 if qlora else torch.float64, parallel=parallel)
@@ -86,7 +100,7 @@ def grads_worker(rank: int, world: int, model_dir: str, out_dir: str, kind: str,
     others = [m.weight for m in model.modules() if type(m).__name__ == "Linear4bit"
               and all(m.weight is not w for w in behind_lora)]
     if rank == 0:
-        torch.save({"loss": loss, "n": n, "grads": grads, "sharded": sharded,
+        torch.save({"loss": loss, "n": n, "grads": grads, "sharded": sharded, "local": local,
                     "nf4_lora": [hasattr(w, "device_mesh") for w in behind_lora],
                     "nf4_other": [hasattr(w, "device_mesh") for w in others]},
                    Path(out_dir) / f"{kind}{'-qlora' if qlora else ''}{'-partial' if partial else ''}.pt")
@@ -169,7 +183,9 @@ def entry(rank: int, world: int, port: int, model_dir: str, out_dir: str, train_
             from slimtune.train.run import train  # noqa: PLC0415
 
             record_writes(Path(train_kwargs["output"]), Path(out_dir) / f"writes-rank{rank}.json")
-            result = train(TrainConfig(**train_kwargs), log=lambda msg: None)
+            printed: list[str] = []
+            result = train(TrainConfig(**train_kwargs), log=printed.append)
             (Path(out_dir) / f"history-rank{rank}.json").write_text(json.dumps(result.history))
+            (Path(out_dir) / f"printed-rank{rank}.json").write_text(json.dumps(printed))
     finally:
         dist.destroy_process_group()

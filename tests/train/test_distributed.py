@@ -116,6 +116,34 @@ def test_fsdp_qlora_keeps_nf4_linears_without_lora_whole(spawned):
         assert _rel(got["grads"][name], g) <= 2e-2, (name, _rel(got["grads"][name], g))
 
 
+@pytest.mark.parametrize("qlora", [False, True])
+def test_fsdp_shards_per_rank_what_the_memory_planner_counts(spawned, qlora):
+    """The planner's per-GPU FSDP2 shard sizes (padded rows, NF4 codes behind LoRA only, the PLE table, which the
+    CPU loader keeps on the device) are the bytes rank 0 really held after _fully_shard."""
+    from slimtune.memory.distributed_plan import fsdp_bytes
+
+    out, model_dir, _ = spawned
+    got = torch.load(out / f"fsdp{'-qlora' if qlora else ''}.pt")["local"]
+    # fp64 model (the 16-bit path with 8-byte weights), or QLoRA with bf16 weights; LoRA r=4; PLE on the device
+    want = fsdp_bytes(str(model_dir), False, False, False, WORLD, qlora, False, 4, 2 if qlora else 8)
+    assert got["frozen_bytes"] > 0 and got["frozen_bytes"] == want["weights_sharded"]
+    assert got["lora_numel"] == want["lora_shard_numel"]
+
+
+def test_the_two_process_run_prints_the_per_gpu_prediction_once(spawned):
+    """train() under the real 2-rank group: rank 0 prints the FSDP2 per-GPU prediction (world size taken from the
+    process group), rank 1 prints nothing."""
+    from slimtune.memory.planner import predict
+
+    out, model_dir, kwargs = spawned
+    rank0, rank1 = (json.loads((out / f"printed-rank{r}.json").read_text()) for r in range(WORLD))
+    want = predict(str(model_dir), kwargs["max_seq_length"], world_size=WORLD, distributed="fsdp", lora_r=4,
+                   batch_size=kwargs["batch_size"], grad_accum=kwargs["grad_accum"], load_in_4bit=False,
+                   attention="sdpa", activation_bytes=4)
+    assert rank0[0].startswith(f"memory: predicted peak per GPU (FSDP2, 2 GPUs): {want.predicted_gib:.2f} GiB")
+    assert rank1 == []
+
+
 def test_per_rank_normalisation_would_differ(spawned):
     """Negative control: each rank dividing by its OWN target tokens (then averaging over ranks) gives
     gradients far from the global normalisation the 2-rank runs matched above (measured: worst relative difference 0.61, vs <= 1e-5 for the real runs)."""
