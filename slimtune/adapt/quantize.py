@@ -58,6 +58,10 @@ def make_nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype, device: torch
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
     q = q.to(device)
+    if linear.in_features % q.weight.quant_state.blocksize:
+        # bitsandbytes' CPU inference repacking (AVX512-BF16 CPUs, first no-grad eval forward) reshapes the absmax
+        # per row of blocks and fails when a row is not a whole number of blocks (tiny models: evaluation crashed)
+        q.support_avx512bf16_for_cpu = False
     return q
 
 

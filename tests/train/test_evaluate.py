@@ -91,6 +91,18 @@ def test_training_logs_eval_loss_best_and_tensorboard(tiny_dir, tmp_path):
         assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
 
 
+def test_qlora_run_evaluates_on_cpu_with_tiny_widths(tiny_dir, tmp_path):
+    """QLoRA evaluation on CPU: bitsandbytes repacks NF4 weights for its CPU inference kernel at the first no-grad
+    eval forward (on AVX512-BF16 CPUs) and failed on the demo model's 16-wide per-layer projection."""
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_dir("e2b", text_only=True, size="demo"), out, max_steps=2, eval_fraction=0.1, eval_steps=1,
+               load_in_4bit=True)
+    train(cfg, log=lambda *_: None)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["eval_loss"])) for r in records if "eval_loss" in r)
+    assert sum("eval_loss" in r for r in records) == 2
+
+
 def test_early_stopping_stops_and_best_holds_the_best_steps_adapter(tiny_dir, tmp_path, monkeypatch):
     # Scripted eval losses make the stopping point exact: best at step 2, then two evaluations without improvement.
     losses = iter([5.0, 4.0, 4.5, 4.0, 3.0, 2.0, 1.0, 0.5])
