@@ -69,7 +69,7 @@ def estimate_training_memory(model: str, *, seq_len: int, batch_size: int = 1, l
                              attention: str = "slimtune", activation_offload: bool = False, mlp_chunk_size: int = 0,
                              loss_chunk_size: int = 0, optimizer: str = "adamw", multimodal: bool = False,
                              activation_bytes: int = 2, cuda_graphs: bool = False,
-                             recompute_norms: bool = False) -> dict:
+                             recompute_norms: bool = False, finetune_experts: bool = False) -> dict:
     """Estimated peak GPU memory of LoRA/QLoRA training.
 
     Args:
@@ -77,7 +77,7 @@ def estimate_training_memory(model: str, *, seq_len: int, batch_size: int = 1, l
         seq_len / batch_size: one micro-batch of batch_size sequences of seq_len tokens.
         attention: slimtune (O(T) kernel; training's default on CUDA) | sdpa (bench default) | eager.
         mlp_chunk_size: tokens per tiled-MLP chunk (0 = off). loss_chunk_size: rows per loss chunk (0 = default).
-        optimizer: adamw | adamw8bit.
+        optimizer: adamw | adamw8bit. finetune_experts: MoE models: LoRA on the fused expert tensors too.
 
     Returns:
         {"total_gib": float, "breakdown": {term: GiB}, "phase": "loss" | "backward"}; the breakdown's terms add
@@ -85,7 +85,7 @@ def estimate_training_memory(model: str, *, seq_len: int, batch_size: int = 1, l
     """
     check_settings(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, attention=attention, optimizer=optimizer,
            mlp_chunk_size=mlp_chunk_size, loss_chunk_size=loss_chunk_size)
-    shape = read_model_shape(str(model), multimodal)
+    shape = read_model_shape(str(model), multimodal, finetune_experts=finetune_experts)
     terms = training_terms(shape, seq_len=seq_len, batch_size=batch_size, load_in_4bit=load_in_4bit, lora_r=lora_r,
                            gradient_checkpointing=gradient_checkpointing, offload_ple=offload_ple,
                            attention=attention, activation_offload=activation_offload,
@@ -190,7 +190,11 @@ def _layer_bytes(lay: LayerShape, h: int, n: int, batch: int, seq: int, lora_r: 
         if attention == "eager":  # scores and probabilities, (B, heads, T, T)
             total += batch * lay.heads * seq * seq * a * 2
     if transient:
-        total += mlp_tokens * 3 * a * inter  # d(product), d(gelu), d(up) at the MLP's backward
+        # The MLP's backward (d(product), d(gelu), d(up)) and the attention's (dO, dQ and the gradient of the
+        # output's contiguous copy, q-sized) come one after the other: the larger sets the peak. Untiled, the MLP's
+        # always wins; tiled at long context the attention's does (E2B 66,560 tokens in chunks of 1,024: 1.5 GiB,
+        # the part of the measured 9.91 GiB the plan had missed, H200 session 4).
+        total += max(mlp_tokens * 3 * a * inter, n * 3 * a * lay.q_dim)
         if recompute_norms:  # RMSNormFunction's fp32 temporaries (x, x̂, g, their product), one row chunk at a time
             total += 4 * 4 * min(n * lay.q_dim, NORM_CHUNK_ELEMENTS)
         if attention == "sdpa" and lay.window is not None and seq > lay.window:
