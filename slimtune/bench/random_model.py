@@ -36,7 +36,7 @@ def _host_table(shape, dtype, device, gen, rows_per_slice: int = 16384) -> torch
 
 def build_random_model(variant: str, *, mode: str = "qlora", multimodal: bool = False,
                        device="cuda", dtype: torch.dtype = torch.bfloat16, offload_ple: bool = True,
-                       seed: int = 0, tiny: bool = False) -> nn.Module:
+                       seed: int = 0, tiny: bool = False, quantize_experts: bool = True) -> nn.Module:
     """A Gemma 4 model of the real geometry with random frozen weights on `device`.
 
     Args:
@@ -44,6 +44,8 @@ def build_random_model(variant: str, *, mode: str = "qlora", multimodal: bool = 
         multimodal: include the vision/audio towers (Gemma4ForConditionalGeneration).
         offload_ple: keep the per-layer-embedding table in pinned host memory.
         tiny: the variant's tiny look-alike instead (CPU tests of this builder).
+        quantize_experts: qlora mode: MoE experts in NF4 (slimtune's own layout); False keeps them 16-bit, as
+            transformers' bitsandbytes loading does (pre-quantized checkpoints other libraries can read).
     """
     import transformers  # noqa: PLC0415
     from accelerate import init_empty_weights  # noqa: PLC0415
@@ -69,7 +71,7 @@ def build_random_model(variant: str, *, mode: str = "qlora", multimodal: bool = 
             text.embed_tokens_per_layer = HostOffloadedEmbedding(weight, scale=float(ple.embed_scale),
                                                                  padding_idx=ple.padding_idx, pin=False)
             continue
-        if name in quantize and is_plain_experts(module):
+        if name in quantize and is_plain_experts(module) and quantize_experts:
             nf4 = NF4Experts.empty_like(module, dtype, device)
             for stack in (nf4.gate_up_proj, nf4.down_proj):
                 for e in range(stack.num_experts):
@@ -77,7 +79,7 @@ def build_random_model(variant: str, *, mode: str = "qlora", multimodal: bool = 
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, nf4)
             continue
-        if name in quantize:
+        if name in quantize and isinstance(module, nn.Linear):
             lin = nn.Linear(module.in_features, module.out_features, bias=False, device=device, dtype=dtype)
             lin.weight.data = _random(lin.weight.shape, dtype, device, gen)
             parent_name, _, child = name.rpartition(".")

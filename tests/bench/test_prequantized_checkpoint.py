@@ -1,0 +1,46 @@
+"""benchmarks/gpu/prequantized_checkpoint.py: one 4-bit checkpoint that slimtune and transformers' bitsandbytes
+loading (what Unsloth uses) both read, with the same NF4 bytes (issue 9's side-by-side 31B/26B runs)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtune.adapt.quantize import dequantize_nf4_weight, is_nf4_linear
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("preq") / "g31b"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu/prequantized_checkpoint.py"), "--geometry",
+                           "31b", "--tiny", "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def _nf4_weights(model):
+    return {n: dequantize_nf4_weight(m) for n, m in model.named_modules() if is_nf4_linear(m)}
+
+
+def test_transformers_and_slimtune_read_the_same_nf4_weights(checkpoint):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import slimtune
+    from slimtune.bench.random_model import build_random_model
+
+    built = _nf4_weights(build_random_model("31b", mode="qlora", device="cpu", tiny=True, offload_ple=False))
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    ours, _ = slimtune.load_model(checkpoint, load_in_4bit=True, device="cpu", dtype="bfloat16")
+    from_hf, from_ours = _nf4_weights(hf), _nf4_weights(ours)
+    assert len(built) > 0 and set(from_hf) == set(built)
+    for name, w in built.items():
+        assert torch.equal(from_hf[name], w), name
+        assert torch.equal(from_ours[name], w), name
+    tok, last = AutoTokenizer.from_pretrained(checkpoint), hf.config.vocab_size - 1
+    assert tok(f"t5 t{last}")["input_ids"][-2:] == [5, last]  # every id of the vocabulary is reachable
+    assert not checkpoint.with_name(checkpoint.name + ".tmp").exists()
