@@ -257,17 +257,7 @@ def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_
     from slimtune.adapt.precision import protect_audio_tower  # noqa: PLC0415
 
     protect_audio_tower(model)  # its -1e9 mask fill must never meet fp16 autocast
-    if attention == "slimtune" or (attention == "auto" and device.type == "cuda"):
-        from slimtune.adapt.attention import enable_slimtune_attention  # noqa: PLC0415
-
-        enable_slimtune_attention(model)
-    elif attention not in ("auto", "sdpa"):
-        raise ConfigError(f"attention={attention!r} is not supported; use 'auto', 'slimtune' or 'sdpa'.")
-    model.eval()
-    model.slimtune_max_seq_length = max_seq_length or limit
-    model.slimtune_source = str(name_or_path)
-    model.slimtune_load_in_4bit = bool(load_in_4bit)
-    model.slimtune_text_only = text_only
+    _finish(model, device, attention, max_seq_length or limit, str(name_or_path), load_in_4bit, text_only)
     # text_only: the plain tokenizer; image/audio rows are refused by the data path (no towers to feed them to).
     tokenizer = load_tokenizer(folder, multimodal=cls.__name__ == family.multimodal_class and not text_only)
     return model, tokenizer
@@ -300,6 +290,13 @@ def load_random_model(spec: str, *, dtype=None, load_in_4bit: bool = False, max_
     limit = model.config.get_text_config().max_position_embeddings
     if max_seq_length is not None and not 0 < max_seq_length <= limit:
         raise ConfigError(f"max_seq_length={max_seq_length} is outside this model's range 1..{limit}.")
+    _finish(model, device, attention, max_seq_length or limit, spec, load_in_4bit, False)
+    return model, build_tokenizer()
+
+
+def _finish(model, device: torch.device, attention: str, max_seq_length: int, source: str, load_in_4bit: bool,
+            text_only: bool) -> None:
+    """The attention choice, eval mode and the attributes training and export read (`slimtune_*`)."""
     if attention == "slimtune" or (attention == "auto" and device.type == "cuda"):
         from slimtune.adapt.attention import enable_slimtune_attention  # noqa: PLC0415
 
@@ -307,8 +304,7 @@ def load_random_model(spec: str, *, dtype=None, load_in_4bit: bool = False, max_
     elif attention not in ("auto", "sdpa"):
         raise ConfigError(f"attention={attention!r} is not supported; use 'auto', 'slimtune' or 'sdpa'.")
     model.eval()
-    model.slimtune_max_seq_length = max_seq_length or limit
-    model.slimtune_source = spec
+    model.slimtune_max_seq_length = max_seq_length
+    model.slimtune_source = source
     model.slimtune_load_in_4bit = bool(load_in_4bit)
-    model.slimtune_text_only = False
-    return model, build_tokenizer()
+    model.slimtune_text_only = text_only
