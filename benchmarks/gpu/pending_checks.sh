@@ -26,6 +26,9 @@ timeout 200 python3 benchmarks/kernels/bench_flash_attention.py --sweep-only --w
   --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1; grep best_per_kernel "$OUT/sweep.log" | cut -c1-600
 timeout 240 python3 benchmarks/gpu/prequantized_checkpoint.py --geometry 31b --out /tmp/g31b --no-tokenizer
 timeout 60 $B --geometry 31b --mode qlora --seq 2048 2>&1 | show
-timeout 400 python3 benchmarks/gpu/unsloth_geometry.py --checkpoint /tmp/g31b --seq 2048 2>&1 | grep '"probe"'
+# Unsloth's Triton cache from session 4's E2B run (carry .anchors): saves compile time for E2B shapes only
+[ -f .anchors/unsloth_cache.tgz ] && tar xzf .anchors/unsloth_cache.tgz -C /
+TRITON_CACHE_DIR=/tmp/ind/triton TORCHINDUCTOR_CACHE_DIR=/tmp/ind \
+  timeout 400 python3 benchmarks/gpu/unsloth_geometry.py --checkpoint /tmp/g31b --seq 2048 2>&1 | grep '"probe"'
 timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_gpu_paths.py > "$OUT/tests_compiled.log" 2>&1
 echo "compiled rc=$?"; tail -3 "$OUT/tests_compiled.log" | cut -c1-300
