@@ -29,6 +29,10 @@ timeout 60 $B --geometry 31b --mode qlora --seq 2048 2>&1 | show
 # Unsloth's Triton cache from session 4's E2B run (carry .anchors): saves compile time for E2B shapes only
 [ -f .anchors/unsloth_cache.tgz ] && tar xzf .anchors/unsloth_cache.tgz -C /
 TRITON_CACHE_DIR=/tmp/ind/triton TORCHINDUCTOR_CACHE_DIR=/tmp/ind \
-  timeout 400 python3 benchmarks/gpu/unsloth_geometry.py --checkpoint /tmp/g31b --seq 2048 2>&1 | grep '"probe"'
+  timeout 400 python3 benchmarks/gpu/anchors_geometry.py --checkpoint /tmp/g31b --probe unsloth --runs qlora:2048 2>&1 \
+  | grep '"probe"'
+# 7. Issue 6's final table: E4B with both anchors in one call (HF needs ~2 min, Unsloth ~6), then ours:
+#    python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe hf --runs qlora:2048,qlora:8192,lora16:2048
+#    python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe unsloth --runs qlora:2048,qlora:8192,lora16:2048
 timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_gpu_paths.py > "$OUT/tests_compiled.log" 2>&1
 echo "compiled rc=$?"; tail -3 "$OUT/tests_compiled.log" | cut -c1-300

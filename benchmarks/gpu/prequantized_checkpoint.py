@@ -10,7 +10,8 @@ The same folder loads in slimtune (`load_model(folder, load_in_4bit=True)`) and 
 (`from_pretrained(folder)`), with identical NF4 bytes. A word-level tokenizer over the whole vocabulary is added
 unless --no-tokenizer (the Unsloth anchor probe writes its own).
 
-Usage (GPU box): python benchmarks/gpu/prequantized_checkpoint.py --geometry 31b --out /tmp/g31b-bnb4
+Usage (GPU box): python benchmarks/gpu/prequantized_checkpoint.py --geometry 31b --out /tmp/g31b --no-tokenizer
+    then: benchmarks/gpu/anchors_geometry.py --checkpoint /tmp/g31b --probe unsloth (the anchor probe's own run)
 CPU smoke run (tests/bench/test_prequantized_checkpoint.py): --geometry 31b --tiny --device cpu --out DIR
 """
 
