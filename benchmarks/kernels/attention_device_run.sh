@@ -19,7 +19,7 @@ else
   true &
 fi
 CP=$!
-timeout 150 python3 -m pytest -q -n 8 -m gpu -p no:cacheprovider tests/kernels/test_flash_attention.py > "$OUT/tests.log" 2>&1
+timeout 150 python3 -m pytest -q -n 8 -m gpu -p no:cacheprovider tests/kernels/test_flash_attention_gpu.py > "$OUT/tests.log" 2>&1
 echo "pytest rc=$?"; tail -25 "$OUT/tests.log"
 wait $CP; echo "compile rc=$?"; grep -i "fail" "$OUT/compile.log" | head
 EXTRA=()
