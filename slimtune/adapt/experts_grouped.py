@@ -84,35 +84,12 @@ def use_grouped(x: torch.Tensor, widths) -> bool:
     return IMPL == "grouped"
 
 
-def dequantize_stack(stack, dtype: torch.dtype) -> torch.Tensor:
-    """The whole (E, out, in) weight of an NF4ExpertStack in `dtype`.
-
-    On CUDA, when neither 64-blocks nor nested 256-blocks straddle two experts (26B-A4B's shapes: 61952 and 30976
-    blocks per expert), the stack's rows are one contiguous bitsandbytes tensor: three kernels for all experts,
-    each expert's own nested offset added per row of absmax. Otherwise, expert by expert into one buffer.
-    """
-    e, out_f, in_f = stack.shape
-    n = out_f * in_f
-    blocks = stack.absmax.shape[1]
-    if stack.packed.is_cuda and n % 64 == 0 and blocks % 256 == 0:
-        absmax = torch.ops.bitsandbytes.dequantize_blockwise(
-            stack.absmax.reshape(-1), stack.nested_absmax.float().reshape(-1), stack.nested_quant_map.float(), 256,
-            torch.float32).view(e, blocks) + stack.nested_offset.float()[:, None]
-        w = torch.ops.bitsandbytes.dequantize_4bit(stack.packed.reshape(-1), absmax.reshape(-1), 64, "nf4",
-                                                   [e * out_f, in_f], stack.weight_dtype)
-        return (w if w.dtype == dtype else w.to(dtype)).view(e, out_f, in_f)
-    w = torch.empty(e, out_f, in_f, dtype=dtype, device=stack.device)
-    for expert in range(e):
-        w[expert].copy_(stack.dequantize(expert, dtype))
-    return w
-
-
 def _weight(base, dtype: torch.dtype) -> torch.Tensor:
     """A base expert weight as (E, out, in) in `dtype`: dequantized for an NF4 stack, cast (no copy if it already
     is `dtype`) for a 16-bit tensor."""
     if isinstance(base, torch.Tensor):
         return base.to(dtype)
-    return dequantize_stack(base, dtype)
+    return base.dequantize_all(dtype)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -158,9 +158,29 @@ class NF4ExpertStack(nn.Module):
         return dequantize_parts(self.parts(expert, dtype), dtype or self.weight_dtype)
 
     def dequantize_all(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The whole (E, out, in) tensor in `dtype`: for export and tests, never for training (it is the 16-bit
-        copy this class exists to avoid)."""
-        return torch.stack([self.dequantize(e, dtype) for e in range(self.num_experts)])
+        """The whole (E, out, in) tensor in `dtype`: for the grouped path (slimtune.adapt.experts_grouped, inside
+        one projection's node), export and tests; never kept across a step (it is the 16-bit copy this class
+        exists to avoid).
+
+        On CUDA, when neither 64-blocks nor nested 256-blocks straddle two experts (26B-A4B's shapes: 61952 and
+        30976 blocks per expert), the rows are one contiguous bitsandbytes tensor: three kernels for all experts,
+        each expert's own nested offset added per row of absmax. Otherwise, expert by expert into one buffer.
+        """
+        dtype = dtype or self.weight_dtype
+        e, out_f, in_f = self.shape
+        blocks = self.absmax.shape[1]
+        if self.packed.is_cuda and (out_f * in_f) % BLOCK == 0 and blocks % NESTED_BLOCK == 0:
+            _bnb_functional()  # registers torch.ops.bitsandbytes
+            absmax = torch.ops.bitsandbytes.dequantize_blockwise(
+                self.absmax.reshape(-1), self.nested_absmax.float().reshape(-1), self.nested_quant_map.float(),
+                NESTED_BLOCK, torch.float32).view(e, blocks) + self.nested_offset.float()[:, None]
+            w = torch.ops.bitsandbytes.dequantize_4bit(self.packed.reshape(-1), absmax.reshape(-1), BLOCK, "nf4",
+                                                       [e * out_f, in_f], self.weight_dtype)
+            return (w if w.dtype == dtype else w.to(dtype)).view(e, out_f, in_f)
+        w = torch.empty(e, out_f, in_f, dtype=dtype, device=self.device)
+        for expert in range(e):
+            w[expert].copy_(self.dequantize(expert, dtype))
+        return w
 
     def linear(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """x (n, in) · W_eᵀ in the compute dtype (autocast's when on, else x's), through `NF4ExpertMatmul`."""

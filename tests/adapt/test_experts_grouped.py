@@ -11,7 +11,7 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts
 import slimtune
 from slimtune.adapt import experts_grouped
 from slimtune.adapt.experts import LoraExperts, experts_modules
-from slimtune.adapt.experts_grouped import dequantize_stack, experts_impl, set_experts_impl, use_grouped
+from slimtune.adapt.experts_grouped import experts_impl, set_experts_impl, use_grouped
 from slimtune.adapt.experts_nf4 import NF4Experts
 
 pytestmark = [pytest.mark.filterwarnings("ignore:returning the tokenizer instead of the processor"),
@@ -167,9 +167,10 @@ def test_bf16_autocast_grouped_is_close_to_loop(calls):
         assert got.dtype == ref.dtype and (got - ref).norm() <= 2e-2 * ref.norm(), name
 
 
-def test_dequantize_stack_is_every_expert():
+def test_dequantize_all_is_every_expert():
     stack = NF4Experts.from_experts(_block(), torch.float32, "cpu").gate_up_proj
-    assert torch.equal(dequantize_stack(stack, torch.float32), stack.dequantize_all(torch.float32))
+    want = torch.stack([stack.dequantize(e, torch.float32) for e in range(stack.num_experts)])
+    assert torch.equal(stack.dequantize_all(torch.float32), want)
 
 
 def test_auto_is_the_loop_on_cpu_and_the_switch_is_checked():

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from slimtune.adapt.experts import LoraExperts
-from slimtune.adapt.experts_grouped import dequantize_stack, experts_impl, use_grouped
+from slimtune.adapt.experts_grouped import experts_impl, use_grouped
 from slimtune.adapt.experts_nf4 import NF4Experts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -97,7 +97,7 @@ def test_auto_picks_grouped_on_cuda_bf16():
 
 def test_whole_stack_dequantization_equals_per_expert(nf4):
     for stack in (nf4.gate_up_proj, nf4.down_proj):
-        whole = dequantize_stack(stack, torch.bfloat16)  # the three-kernel path (26B-A4B's blocks align)
+        whole = stack.dequantize_all(torch.bfloat16)  # the three-kernel path (26B-A4B's blocks align)
         assert whole.shape == stack.shape and whole.dtype == torch.bfloat16
         for e in range(E):
             assert torch.equal(whole[e], stack.dequantize(e)), e
@@ -108,8 +108,8 @@ def test_grouped_equals_loop_with_expert_lora(nf4, base_kind):
     if base_kind == "nf4":
         base = nf4
     else:
-        base = _TensorExperts(dequantize_stack(nf4.gate_up_proj, torch.bfloat16),
-                              dequantize_stack(nf4.down_proj, torch.bfloat16), nf4.act_fn)
+        base = _TensorExperts(nf4.gate_up_proj.dequantize_all(torch.bfloat16),
+                              nf4.down_proj.dequantize_all(torch.bfloat16), nf4.act_fn)
     module = _lora(base)
     index, weights = _routing()
     loop, grouped = _step(module, "loop", index, weights), _step(module, "grouped", index, weights)
