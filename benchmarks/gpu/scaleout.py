@@ -124,10 +124,10 @@ def main() -> None:
     data = work / f"data-{rows}x{words}.jsonl"
     base = None
     for n in counts:
-        result = {"probe": "scaleout", "geometry": a.geometry, "tiny": a.tiny,
-                  "mode": a.mode,
-                  **train(model, data, work / f"run-{a.geometry}-{a.mode}-{n}-{a.distributed}", nproc=n, seq=a.seq, steps=a.steps,
-                          device=a.device, mode=a.mode, distributed=a.distributed, extra=tuple(a.extra.split()))}
+        out = work / f"run-{a.geometry}-{a.mode}-{n}-{a.distributed}"
+        result = {"probe": "scaleout", "geometry": a.geometry, "tiny": a.tiny, "mode": a.mode,
+                  **train(model, data, out, nproc=n, seq=a.seq, steps=a.steps, device=a.device, mode=a.mode,
+                          distributed=a.distributed, extra=tuple(a.extra.split()))}
         if "tok_s" in result:
             base = base or result["tok_s"] / n
             result["speedup_vs_1"] = round(result["tok_s"] / base, 2) if base else None
