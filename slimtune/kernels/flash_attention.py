@@ -206,7 +206,7 @@ def _bwd_dkdv(do, q, k, v, lse, delta, scale, window, dstart, dend, key_valid, c
         for want_dk, out in ((False, outs[1]), (True, outs[0])):
             _kb._attn_bwd_dk_or_dv_kernel[grid](q, k, v, do, out, lse, delta, dstart, dend, kvalid, scr,
                                                *strides, *sizes, WANT_DK=want_dk, **common)
-    else:  # variant 2: the same kernel with the Q/dO row strides as constexprs
+    else:  # the single dK/dV kernel (variant 2: with the Q/dO row strides as constexprs)
         _kb._attn_bwd_dkdv_kernel[grid](q, k, v, do, *outs, lse, delta, dstart, dend, kvalid,
                                         _scratch(c, grid[0] * grid[1] * grid[2], 2, q), *strides, *sizes,
                                         TRANSPOSED=bool(c.transposed), QT_C=q.stride(2) if c.variant == 2 else 0,
