@@ -220,4 +220,25 @@ def enable_slimtune_attention(model: torch.nn.Module) -> torch.nn.Module:
             f"transformers kept attn_implementation={text_config._attn_implementation!r} for the text decoder of "
             f"{type(model).__name__}; slimtune attention could not be enabled"
         )
+    _keep_masks_whole(model)
     return model
+
+
+def _no_kv_shared_slicing(module, args, kwargs):
+    kwargs["logits_to_keep"] = None  # any non-int turns the slicing off; the model's own head still slices
+    return args, kwargs
+
+
+def _keep_masks_whole(model: torch.nn.Module) -> None:
+    """Stop newer transformers (5.2x) from slicing the masks before the KV-shared layers.
+
+    ``Gemma4TextModel._maybe_slice_kv_shared_inputs`` indexes every mask as ``mask[:, :, keep, :]`` whenever
+    ``logits_to_keep`` is an int (0 during training) unless the implementation's name contains "flash". Our mask
+    is flash-attention-2's (batch, kv_len) padding mask, so a padded batch would raise IndexError. Passing
+    ``logits_to_keep=None`` to the text model disables that optimisation (a no-op at 0; at generation it only
+    costs the KV-shared layers' prefill of the prompt positions), through a forward pre-hook, not a patch.
+    """
+    for module in model.modules():
+        if hasattr(module, "_maybe_slice_kv_shared_inputs") and not getattr(module, "_slimtune_whole_masks", False):
+            module.register_forward_pre_hook(_no_kv_shared_slicing, with_kwargs=True)
+            module._slimtune_whole_masks = True
