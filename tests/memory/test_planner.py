@@ -31,7 +31,7 @@ def test_a_generous_budget_changes_nothing_and_a_tight_one_turns_techniques_on_i
 
 
 def test_explicit_settings_are_never_overridden():
-    plan = plan_memory("e2b", 8192, 6 * GIB, load_in_4bit=False, gradient_checkpointing=True)
+    plan = plan_memory("e2b", 8192, 6.5 * GIB, load_in_4bit=False, gradient_checkpointing=True)
     assert plan.settings["load_in_4bit"] is False and "load_in_4bit" not in plan.changes
     assert plan.fits
     with pytest.raises(MemoryBudgetError) as info:

@@ -33,7 +33,8 @@ def _model(tiny_dir, variant, dtype, device):
             if name.endswith("q_norm"):
                 module.weight.mul_(0.1)  # attention logits of order one (see the module docstring)
         for i, layer in enumerate(lora_modules(model).values()):
-            layer.lora_B.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+            w = layer.lora_B.weight  # drawn on the CPU: the same values on every device
+            w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
     return model
 
 
