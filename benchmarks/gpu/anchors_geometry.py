@@ -69,6 +69,10 @@ def main() -> None:
     sys.path.insert(0, str(anchors_folder(a.anchors)))
     if a.probe == "unsloth":
         import unsloth  # noqa: F401,PLC0415 - before transformers, as the Unsloth probe does
+    else:
+        # .gpu-site carries Unsloth's torchao 0.15; peft 0.21 finds it and refuses to build a bf16 LoRA (it wants
+        # >= 0.16: session 5, call 3). The HF+PEFT stack the anchors measured has no torchao: hide it.
+        sys.modules["torchao"] = None
     import probe_hf_baseline as hf  # noqa: PLC0415 - the anchors' modules, unmodified
 
     save = str(Path(a.checkpoint).resolve()) if a.checkpoint else use_geometry(hf, a.geometry)
