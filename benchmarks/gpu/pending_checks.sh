@@ -10,6 +10,8 @@
 #   (session 5's run failed on torchao; anchors_geometry.py now hides it from the HF probe).
 # D (one H200, ~9 min): issue 9's 31B QLoRA beside Unsloth from one pre-quantized checkpoint (~17 GB).
 # E (nvidia-h200-x2, ~9 min): issue 9's scale-out with the per-GPU prediction beside rank 0's measured peak.
+# F (one H200, ~9 min): issue 5's anchor at 8 GiB: Unsloth's E2B QLoRA at 4K/5K/6K (its limit lies between 2K,
+#   7.19 GiB, and 8K, 9.20 GiB; ours: 49,920 tokens in 7.91 GiB).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 ANCHOR_OUT=$OUT
@@ -21,7 +23,7 @@ unsloth_cache() {  # Unsloth's Triton cache from session 4's E2B run: saves comp
   export TRITON_CACHE_DIR=/tmp/ind/triton TORCHINDUCTOR_CACHE_DIR=/tmp/ind
 }
 python3 -c "import torch, transformers, triton, peft; print(torch.__version__, transformers.__version__, triton.__version__, peft.__version__)" | tee "$OUT/env.txt"
-case "${1:?which call: A B C D E}" in
+case "${1:?which call: A B C D E F}" in
 A)
   ts start
   ( unsloth_cache; ANCHOR_RUNS=2 timeout 360 python3 .anchors/probe_unsloth.py 2>&1 \
@@ -56,5 +58,9 @@ E)
   timeout 200 $S --geometry e4b --nproc 1,2 --seq 8192 --steps 8 2>&1 | show
   timeout 200 $S --geometry 31b --nproc 1,2 --seq 8192 --steps 6 2>&1 | show
   timeout 150 $S --geometry 26b-a4b --mode lora16 --distributed fsdp --nproc 2 --seq 2048 --steps 6 2>&1 | show ;;
-*) echo "unknown call $1: A B C D E"; exit 2 ;;
+F)
+  unsloth_cache
+  timeout 540 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe unsloth \
+    --runs qlora:4096,qlora:5120,qlora:6144 2>&1 | show ;;
+*) echo "unknown call $1: A B C D E F"; exit 2 ;;
 esac
