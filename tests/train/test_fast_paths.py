@@ -52,17 +52,16 @@ def _fast_model(tiny_dir, variant, dtype, device):
     return model
 
 
-def _batch(vocab_size):
+def _loss_and_grads(tiny_dir, variant, device, dtype, *, fast=False):
+    """One step's loss and LoRA gradients (fp32, on the CPU) on a padded two-row batch, the same for every run."""
+    model = (_fast_model if fast else _model)(tiny_dir, variant, dtype, device)
     g = torch.Generator().manual_seed(7)
-    rows = [torch.randint(5, vocab_size, (n,), generator=g).tolist() for n in (96, 61)]  # padded: 2D masks
-    return collate([Example(r, r) for r in rows], pad_id=0)
-
-
-def _grads(model, batch, dtype):
+    vocab = model.config.get_text_config().vocab_size
+    rows = [torch.randint(5, vocab, (n,), generator=g).tolist() for n in (96, 61)]  # padded: 2D masks
     model.train()
     model.zero_grad(set_to_none=True)
-    device = next(model.parameters()).device
-    loss, _ = accumulate_gradients(model, [batch], device=device, dtype=getattr(torch, dtype))
+    loss, _ = accumulate_gradients(model, [collate([Example(r, r) for r in rows], pad_id=0)],
+                                   device=torch.device(device), dtype=getattr(torch, dtype))
     return loss, {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -76,9 +75,8 @@ def _distance(a, b):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["e2b", "31b"])
 def test_fast_paths_match_plain_in_fp32(tiny_dir, variant, device):
-    batch = _batch(_model(tiny_dir, variant, "float32", "cpu").config.get_text_config().vocab_size)
-    loss0, g0 = _grads(_model(tiny_dir, variant, "float32", device), batch, "float32")
-    loss1, g1 = _grads(_fast_model(tiny_dir, variant, "float32", device), batch, "float32")
+    loss0, g0 = _loss_and_grads(tiny_dir, variant, device, "float32")
+    loss1, g1 = _loss_and_grads(tiny_dir, variant, device, "float32", fast=True)
     assert g1.keys() == g0.keys() and all(g.abs().sum() > 0 for g in g1.values())  # no LoRA left without gradient
     assert abs(loss1 - loss0) <= 1e-5 * abs(loss0)
     total, worst = _distance(g1, g0)
@@ -88,10 +86,9 @@ def test_fast_paths_match_plain_in_fp32(tiny_dir, variant, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["e2b", "31b"])
 def test_fast_paths_in_bf16_are_as_close_to_fp32_as_plain(tiny_dir, variant, device):
-    batch = _batch(_model(tiny_dir, variant, "float32", "cpu").config.get_text_config().vocab_size)
-    loss32, g32 = _grads(_model(tiny_dir, variant, "float32", device), batch, "float32")
-    loss_plain, g_plain = _grads(_model(tiny_dir, variant, "bfloat16", device), batch, "bfloat16")
-    loss_fast, g_fast = _grads(_fast_model(tiny_dir, variant, "bfloat16", device), batch, "bfloat16")
+    loss32, g32 = _loss_and_grads(tiny_dir, variant, device, "float32")
+    loss_plain, g_plain = _loss_and_grads(tiny_dir, variant, device, "bfloat16")
+    loss_fast, g_fast = _loss_and_grads(tiny_dir, variant, device, "bfloat16", fast=True)
     plain_total, plain_worst = _distance(g_plain, g32)
     fast_total, fast_worst = _distance(g_fast, g32)
     assert plain_total < 0.15, plain_total  # the model is well conditioned enough for the comparison to mean something
