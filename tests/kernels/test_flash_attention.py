@@ -257,6 +257,22 @@ def test_enable_switches_only_the_text_tower_of_multimodal_gemma4():
     assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
+def test_padded_batch_generation_equals_sdpa_on_a_kv_sharing_model(tiny_dir):
+    """transformers 5.2x slices masks as mask[:, :, keep, :] before the KV-shared layers unless the attention is named
+    "flash"; our 2D padding mask raised IndexError there (slimtune.adapt.attention._keep_masks_whole)."""
+    import slimtune
+
+    ids = torch.tensor([[0, 0, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])  # left padding: a 2D mask reaches the layers
+    out = {}
+    for attention in ("sdpa", "slimtune"):
+        model, _ = slimtune.load_model(tiny_dir("e2b", text_only=True), dtype="float32", device="cpu",
+                                       attention=attention)
+        with torch.no_grad():
+            out[attention] = model.eval().generate(input_ids=ids, attention_mask=(ids != 0).long(), max_new_tokens=4,
+                                                   do_sample=False)
+    assert torch.equal(out["slimtune"], out["sdpa"])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Triton kernels under the interpreter (CPU), tiny fp16 shapes.
 
