@@ -38,6 +38,23 @@ def _key_block_ranges(DEND, b, n0, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
+def _key_block_program(HK, BLOCK_N: tl.constexpr):
+    """(batch, KV head, split, first key) of this program: grid (key blocks, batch × KV heads, splits). Key block 0
+    comes first: the earliest keys are seen by the most queries, so they start first."""
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    split = tl.program_id(2)
+    return pid_bk // HK, pid_bk % HK, split, pid_n * BLOCK_N
+
+
+@triton.jit
+def _load_key_rows(PTR, b, hk, n0, stride_b, stride_h, stride_t, offs_n, offs_d, col_ok):
+    """Rows n0 + offs_n of KV head hk of batch row b (zeros past T)."""
+    return tl.load(PTR + b.to(tl.int64) * stride_b + hk.to(tl.int64) * stride_h + n0.to(tl.int64) * stride_t
+                   + offs_n[:, None] * stride_t + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+
+
+@triton.jit
 def _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, dstart_base, k_idx,
                k_valid, slot_p, slot_ds, lo, hi, T, W, qk_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, TRANSPOSED: tl.constexpr,
@@ -124,21 +141,14 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DSTART, DEND, KVALID,
     if QT_C > 0:
         stride_qt = QT_C
         stride_dot = DOT_C
-    pid_n = tl.program_id(0)  # earliest key blocks see the most queries: start them first
-    pid_bk = tl.program_id(1)
-    split = tl.program_id(2)
-    b = pid_bk // HK
-    hk = pid_bk % HK
-    n0 = pid_n * BLOCK_N
+    b, hk, split, n0 = _key_block_program(HK, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_idx = n0 + offs_n
     col_ok = k_idx < T
 
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + n0.to(tl.int64) * stride_kt
-                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + n0.to(tl.int64) * stride_vt
-                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    k = _load_key_rows(K, b, hk, n0, stride_kb, stride_kh, stride_kt, offs_n, offs_d, col_ok)
+    v = _load_key_rows(V, b, hk, n0, stride_vb, stride_vh, stride_vt, offs_n, offs_d, col_ok)
     k_valid = k_idx
     if HAS_KEY_MASK:
         k_valid = tl.load(KVALID + b.to(tl.int64) * T + k_idx, mask=col_ok, other=0)
@@ -256,23 +266,16 @@ def _attn_bwd_dk_or_dv_kernel(Q, K, V, DO, OUT, LSE, DELTA, DSTART, DEND, KVALID
                               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               WANT_DK: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr):
     """dK (WANT_DK) or dV of one key block, accumulated transposed (head dim as rows: every product has ≥ 64 rows)."""
-    pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    split = tl.program_id(2)
-    b = pid_bk // HK
-    hk = pid_bk % HK
-    n0 = pid_n * BLOCK_N
+    b, hk, split, n0 = _key_block_program(HK, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_idx = n0 + offs_n
     col_ok = k_idx < T
 
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + n0.to(tl.int64) * stride_kt
-                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    k = _load_key_rows(K, b, hk, n0, stride_kb, stride_kh, stride_kt, offs_n, offs_d, col_ok)
     v = k  # the dV pass never reads V
     if WANT_DK:
-        v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + n0.to(tl.int64) * stride_vt
-                    + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = _load_key_rows(V, b, hk, n0, stride_vb, stride_vh, stride_vt, offs_n, offs_d, col_ok)
     k_valid = k_idx
     if HAS_KEY_MASK:
         k_valid = tl.load(KVALID + b.to(tl.int64) * T + k_idx, mask=col_ok, other=0)
