@@ -46,8 +46,8 @@ _GRAPH_INPUTS = ("input_ids", "targets", "position_ids")  # position_ids: packed
 _HOST_ONLY = ("attention_mask", "token_mask")  # checked / counted on the host, not read by the graph
 
 
-def graph_step_problems(model: nn.Module, optimizer, *, dtype: torch.dtype, grad_accum: int = 1,
-                        scaler=None, activation_offload: bool = False, distributed: bool = False,
+def graph_step_problems(model: nn.Module, optimizer, *, dtype: torch.dtype, scaler=None,
+                        activation_offload: bool = False, distributed: bool = False,
                         capture: bool = True) -> list[str]:
     """Why this configuration cannot run as a captured CUDA graph (empty list: it can)."""
     problems = []
@@ -69,6 +69,16 @@ def graph_step_problems(model: nn.Module, optimizer, *, dtype: torch.dtype, grad
     if getattr(model.config, "vision_config", None) is not None or getattr(model.config, "audio_config", None):
         problems.append("multimodal models: media inputs change shape per batch (text_only=True / --text-only)")
     return problems
+
+
+def require_graph_step(model: nn.Module, optimizer, *, dtype: torch.dtype, capture: bool = True,
+                       device: torch.device | str | None = None) -> None:
+    """Raise ConfigError listing every `graph_step_problems` (and a non-CUDA `device` when capturing)."""
+    problems = graph_step_problems(model, optimizer, dtype=dtype, capture=capture)
+    if capture and device is not None and torch.device(device).type != "cuda":
+        problems.append(f"CUDA graphs need a CUDA device, got {device}")
+    if problems:
+        raise ConfigError("cuda_graphs cannot be used here:\n  - " + "\n  - ".join(problems))
 
 
 def _checkpoint_without_rng(model: nn.Module) -> None:
@@ -97,11 +107,7 @@ class GraphedTrainStep:
     def __init__(self, model: nn.Module, params: list[nn.Parameter], optimizer, example: dict, *,
                  device: torch.device, dtype: torch.dtype, max_grad_norm: float = 0.0, warmup: int = 2,
                  capture: bool = True) -> None:
-        problems = graph_step_problems(model, optimizer, dtype=dtype, capture=capture)
-        if capture and torch.device(device).type != "cuda":
-            problems.append(f"CUDA graphs need a CUDA device, got {device}")
-        if problems:
-            raise ConfigError("cuda_graphs cannot be used here:\n  - " + "\n  - ".join(problems))
+        require_graph_step(model, optimizer, dtype=dtype, capture=capture, device=device)
         self.model, self.params, self.optimizer = model, params, optimizer
         self.device, self.dtype = torch.device(device), dtype
         self.limit = max_grad_norm if max_grad_norm > 0 else math.inf

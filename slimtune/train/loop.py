@@ -19,7 +19,7 @@ from slimtune.data.tokenize import Example
 from slimtune.errors import ConfigError
 from slimtune.train.checkpoint import ResumePoint, restore_adapter, restore_rng, save_checkpoint
 from slimtune.train.config import TrainConfig
-from slimtune.train.cuda_graph import GraphedTrainStep, graph_step_problems
+from slimtune.train.cuda_graph import GraphedTrainStep, require_graph_step
 from slimtune.train.data_stream import DataStream, collate_share, epoch_order, steps_per_epoch
 from slimtune.train.distributed import (DistInfo, ParallelModel, all_reduce_sum, rank_rng_states,
                                         restore_rank_rng)
@@ -98,10 +98,8 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
         log("cuda_graphs: no CUDA device, so steps run eagerly (same fixed-shape inputs, no capture)")
     optimizer = make_optimizer(params, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                fused=True if capture else None, capturable=capture)
-    if graphs:  # refuse before the first step, not at it
-        problems = graph_step_problems(model, optimizer, dtype=dtype, capture=capture)
-        if problems:
-            raise ConfigError("cuda_graphs cannot be used here:\n  - " + "\n  - ".join(problems))
+    if graphs:  # refuse before the first step, not at it (the step itself is built from the first batch)
+        require_graph_step(model, optimizer, dtype=dtype, capture=capture)
     graphed: GraphedTrainStep | None = None
     padding: list[float] = []  # share of padding in the first 20 graphed steps (one hint after them)
     per_epoch = steps_per_epoch(len(examples), cfg.batch_size, cfg.grad_accum, info.world_size)
