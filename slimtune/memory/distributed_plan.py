@@ -38,9 +38,10 @@ are kept whole under FSDP2 (the cast of a gathered LoRA weight is cached for the
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
-from slimtune.memory.estimate import NF4_BYTES_PER_PARAM, OPTIMIZER_BYTES
+from slimtune.memory.estimate import NF4_BYTES_PER_PARAM, OPTIMIZER_BYTES, assemble_terms
 
 DISTRIBUTED_KINDS = ("auto", "ddp", "fsdp")
 """TrainConfig.distributed's values; auto means ddp (slimtune.train.loop.parallel_kind)."""
@@ -87,7 +88,7 @@ def per_gpu_terms(terms: dict, model: str, *, world_size: int, distributed: str,
         return terms
     if distributed in ("auto", "ddp"):
         static = {**terms["static"], "ddp_grad_buckets": _lora_numel(terms) * LORA_GRAD_BYTES}
-        return _assemble(static, terms["boundary"], terms["loss_phase"], terms["backward_phase"])
+        return assemble_terms(static, terms["boundary"], terms["loss_phase"], terms["backward_phase"])
     fsdp = fsdp_bytes(model, multimodal, text_only, finetune_experts, world_size, load_in_4bit, offload_ple,
                       lora_r, activation_bytes)
     single = terms["static"]
@@ -102,19 +103,12 @@ def per_gpu_terms(terms: dict, model: str, *, world_size: int, distributed: str,
                 "fsdp_layers_gathered": FSDP_GATHERED_LAYERS * fsdp["largest_layer_gathered"],
                 "fsdp_grad_buffers": FSDP_GRAD_BUFFERS * fsdp["largest_unit_lora"] * LORA_GRAD_BYTES,
                 **{k: v for k, v in terms["backward_phase"].items() if k != "lora_grads"}}
-    return _assemble(static, terms["boundary"], terms["loss_phase"], backward)
+    return assemble_terms(static, terms["boundary"], terms["loss_phase"], backward)
 
 
 def _lora_numel(terms: dict) -> float:
     """LoRA parameters of the single-GPU terms (its backward holds their fp32 gradients)."""
     return terms["backward_phase"]["lora_grads"] / LORA_GRAD_BYTES
-
-
-def _assemble(static: dict, boundary: dict, loss_phase: dict, backward_phase: dict) -> dict:
-    phase = "loss" if sum(loss_phase.values()) >= sum(backward_phase.values()) else "backward"
-    breakdown = {**static, **boundary, **(loss_phase if phase == "loss" else backward_phase)}
-    return {"breakdown": breakdown, "phase": phase, "static": static, "boundary": boundary,
-            "loss_phase": loss_phase, "backward_phase": backward_phase}
 
 
 def _rows(dim0: int, world: int) -> int:
@@ -134,7 +128,7 @@ def fsdp_bytes(model: str, multimodal: bool, text_only: bool, finetune_experts: 
     sharded = whole = 0.0
     gathered: dict[int, float] = {}
     for t in inv.tensors:
-        numel = _numel(t.shape)
+        numel = math.prod(t.shape)
         if t.role == "ple" and offload_ple:  # a host tensor, not a parameter: FSDP2 never sees it
             continue
         if load_in_4bit and t.role in ("linear", "expert"):
@@ -161,13 +155,6 @@ def fsdp_bytes(model: str, multimodal: bool, text_only: bool, finetune_experts: 
     return {"weights_sharded": sharded, "weights_whole": whole, "root_gathered": gathered.get(ROOT, 0.0),
             "largest_layer_gathered": max(layers, default=0.0), "lora_shard_numel": lora_shard,
             "largest_unit_lora": max(lora_units.values(), default=0)}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @functools.lru_cache(maxsize=16)

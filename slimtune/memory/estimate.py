@@ -157,6 +157,11 @@ def training_terms(shape: ModelShape, *, seq_len: int, batch_size: int, load_in_
         "layer_working_set": working * LAYER_WORKING_SET_SCALE + n * h * a * 2,  # + gradient flowing between layers
         "nf4_expert_stack": max(lay.moe_stack for lay in layers) * (a + 8 / 64) if load_in_4bit else 0,
     }
+    return assemble_terms(static, boundary, loss_phase, backward_phase)
+
+
+def assemble_terms(static: dict, boundary: dict, loss_phase: dict, backward_phase: dict) -> dict:
+    """training_terms' result from its four groups: the peak is static + boundary + the larger phase."""
     phase = "loss" if sum(loss_phase.values()) >= sum(backward_phase.values()) else "backward"
     breakdown = {**static, **boundary, **(loss_phase if phase == "loss" else backward_phase)}
     return {"breakdown": breakdown, "phase": phase, "static": static, "boundary": boundary, "loss_phase": loss_phase,
