@@ -24,10 +24,8 @@ from slimtune.bench.random_model import build_random_model
 from slimtune.data.multimodal import AUDIO_TYPE_ID, IMAGE_TYPE_ID
 from slimtune.data.tokenize import IGNORE_INDEX
 from slimtune.errors import ConfigError
-from slimtune.memory.activation_offload import enable_activation_offload
-from slimtune.memory.tiled_mlp import tile_decoder_mlps
 from slimtune.train.optimizer import OPTIMIZERS, make_optimizer
-from slimtune.train.run import enable_checkpointing
+from slimtune.train.run import apply_layer_switches
 from slimtune.train.step import accumulate_gradients, clip_and_step
 
 
@@ -113,20 +111,11 @@ def _bench_one(variant: str, mode: str, seq: int, *, steps: int, multimodal: boo
                                                      "up_proj", "down_proj"],
              finetune_vision_layers=options.finetune_vision_layers, finetune_audio_layers=options.finetune_audio_layers,
              finetune_experts=options.finetune_experts)
-    if options.mlp_chunk_size:
-        tile_decoder_mlps(model, options.mlp_chunk_size)
-    if options.recompute_norms:
-        from slimtune.adapt.rms_norm import swap_rms_norms  # noqa: PLC0415
-
-        swap_rms_norms(model)
-    if options.compile_layers:
-        from slimtune.adapt.compile import compile_decoder_layers  # noqa: PLC0415
-
-        compile_decoder_layers(model)
-    if options.gradient_checkpointing:
-        enable_checkpointing(model)
-    offloader = enable_activation_offload(model) if options.activation_offload else None
-    model.slimtune_loss_chunk_size = options.loss_chunk_size or None
+    offloader = apply_layer_switches(model, mlp_chunk_size=options.mlp_chunk_size,
+                                     recompute_norms=options.recompute_norms, compile_layers=options.compile_layers,
+                                     loss_chunk_size=options.loss_chunk_size,
+                                     gradient_checkpointing=options.gradient_checkpointing,
+                                     activation_offload=options.activation_offload)
     model.train()
     params = trainable_parameters(model)
     opt = make_optimizer(params, name=options.optimizer, lr=1e-4, fused=options.fused_adamw,

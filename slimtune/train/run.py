@@ -60,22 +60,36 @@ def prepare_model(cfg: TrainConfig, device: str | None = None):
              finetune_attention_modules=cfg.finetune_attention_modules,
              finetune_mlp_modules=cfg.finetune_mlp_modules, use_rslora=cfg.use_rslora, seed=cfg.seed,
              finetune_experts=cfg.finetune_experts)
-    if cfg.mlp_chunk_size:
-        tile_decoder_mlps(model, cfg.mlp_chunk_size)
-    if cfg.recompute_norms:
+    apply_layer_switches(model, mlp_chunk_size=cfg.mlp_chunk_size, recompute_norms=cfg.recompute_norms,
+                         compile_layers=cfg.compile_layers, loss_chunk_size=cfg.loss_chunk_size,
+                         gradient_checkpointing=cfg.gradient_checkpointing,
+                         activation_offload=cfg.activation_offload)
+    return model, tokenizer
+
+
+def apply_layer_switches(model, *, mlp_chunk_size: int = 0, recompute_norms: bool = False,
+                         compile_layers: bool = False, loss_chunk_size: int = 0, gradient_checkpointing: bool = True,
+                         activation_offload: bool = False):
+    """The memory and speed switches on a LoRA-adapted model, in the one order that works (training and bench).
+
+    Module swaps first (tiled MLP, recomputed norms), then each decoder layer compiled (after every swap, so the
+    compiled code is the swapped one), then checkpointing, then activation offload (it wraps the checkpoint
+    function checkpointing installs). Returns the activation offloader, or None.
+    """
+    if mlp_chunk_size:
+        tile_decoder_mlps(model, mlp_chunk_size)
+    if recompute_norms:
         swap_rms_norms(model)
-    if cfg.compile_layers:  # after every module swap (LoRA, tiled MLP, norms), before checkpointing wraps the layers
+    if compile_layers:
         from slimtune.adapt.compile import compile_decoder_layers  # noqa: PLC0415
 
         compile_decoder_layers(model)
-    model.slimtune_loss_chunk_size = cfg.loss_chunk_size or None  # read by train.loss.loss_sum (None = auto)
-    if cfg.gradient_checkpointing:
+    model.slimtune_loss_chunk_size = loss_chunk_size or None  # read by train.loss.loss_sum (None = auto)
+    if gradient_checkpointing:
         # Non-reentrant: reentrant checkpointing drops the gradients that flow from KV-consumer layers back
         # into the producer layer's k/v projections on E2B/E4B (tests/train/test_kv_sharing.py shows it).
         enable_checkpointing(model)
-    if cfg.activation_offload:  # after checkpointing: it wraps the checkpoint function that installs
-        enable_activation_offload(model)
-    return model, tokenizer
+    return enable_activation_offload(model) if activation_offload else None
 
 
 def enable_checkpointing(model) -> None:

@@ -40,15 +40,15 @@ def _model(tiny_dir, variant, dtype, device):
 
 def _fast_model(tiny_dir, variant, dtype, device):
     from slimtune.adapt.attention import enable_slimtune_attention
-    from slimtune.adapt.compile import compile_decoder_layers
     from slimtune.memory.host_embedding import offload_per_layer_embeddings
-    from slimtune.train.run import enable_checkpointing
+    from slimtune.train.run import apply_layer_switches
 
     model = _model(tiny_dir, variant, dtype, device)
     enable_slimtune_attention(model)
     offload_per_layer_embeddings(model)
-    enable_checkpointing(model)
-    assert compile_decoder_layers(model) == model.config.get_text_config().num_hidden_layers
+    apply_layer_switches(model, compile_layers=True, gradient_checkpointing=True)  # training's order
+    layers = model.get_decoder().layers
+    assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None for layer in layers)
     return model
 
 
