@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# What has not run on a GPU yet (end of session 5), as calls of < 10 minutes each, most important first.
+# What has not run on a GPU yet (end of session 5; A ran in session 6), as calls of < 10 minutes each, most important first.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
 #   config that met both 8K bars in session 5 (graphs + compiled layers + tiled MLP 2048: 4.34 GiB, 15.8K tok/s),
 #   with a 2-step profile of the 2K graphs step (issue 6's post-graph breakdown).
-# B (one H200, ~9 min): issue 6's E4B rows for Unsloth (QLoRA 2K/8K, LoRA 16-bit 2K).
-# C (one H200, ~8 min): issue 6's 32K rows (ours E2B/E4B QLoRA + LoRA 16-bit) and HF+PEFT's E4B LoRA 16-bit 2K
-#   (session 5's run failed on torchao; anchors_geometry.py now hides it from the HF probe).
+# B (one H200, ~9 min): issue 6's E4B rows, Unsloth (QLoRA 2K/8K, LoRA 16-bit 2K) then ours, with a profile of
+#   our 2K graphed step.
+# C (one H200, ~9 min): issue 6's 32K rows (Unsloth E2B QLoRA; ours E2B/E4B QLoRA + LoRA 16-bit), Unsloth's
+#   E2B LoRA 16-bit 2K beside ours, and the post-graph profile of our E2B 2K QLoRA step.
 # D (one H200, ~9 min): issue 9's 31B QLoRA beside Unsloth from one pre-quantized checkpoint (~17 GB).
 # E (nvidia-h200-x2, ~9 min): issue 9's scale-out with the per-GPU prediction beside rank 0's measured peak.
 # F (one H200, ~9 min): issue 5's anchor at 8 GiB: Unsloth's E2B QLoRA at 4K/5K/6K (its limit lies between 2K,
@@ -40,13 +41,30 @@ A)
   timeout 120 $B --geometry e2b --mode qlora --seq 8192 --cuda-graphs --compile --mlp-chunk-size 2048 2>&1 | show
   ts end ;;
 B)
-  unsloth_cache
-  timeout 540 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe unsloth \
-    --runs qlora:2048,qlora:8192,lora16:2048 2>&1 | show ;;
+  ts start
+  ( unsloth_cache; timeout 380 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe unsloth \
+      --runs qlora:2048,qlora:8192,lora16:2048 > "$OUT/unsloth_e4b.log" 2>&1; ts unsloth_end ) &
+  UP=$!
+  timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/bench/test_bench_profile.py \
+    > "$OUT/tests.log" 2>&1; echo "gpu tests rc=$?"; tail -2 "$OUT/tests.log"
+  wait $UP; show < "$OUT/unsloth_e4b.log"
+  ts ours_start
+  timeout 50 $B --geometry e4b --mode qlora --seq 2048 --cuda-graphs --steps-profile 2 2>&1 | tee "$OUT/ours_e4b_2k.log" | show
+  timeout 40 $B --geometry e4b --mode lora16 --seq 2048 --cuda-graphs 2>&1 | show
+  timeout 150 $B --geometry e4b --mode qlora --seq 8192 --cuda-graphs --compile 2>&1 | show
+  ts end ;;
 C)
+  ts start
+  ( unsloth_cache; timeout 330 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b \
+      --probe unsloth --runs qlora:32768,lora16:2048 > "$OUT/unsloth_e2b.log" 2>&1; ts unsloth_end ) &
+  UP=$!
+  wait $UP; show < "$OUT/unsloth_e2b.log"
+  ts ours_start
+  timeout 40 $B --geometry e2b --mode lora16 --seq 2048 --cuda-graphs 2>&1 | show
   timeout 100 $B --geometry e2b --mode qlora,lora16 --seq 32768 2>&1 | show
+  timeout 60 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs --steps-profile 2 2>&1 | tee "$OUT/ours_2k.log" | show
   timeout 120 $B --geometry e4b --mode qlora,lora16 --seq 32768 2>&1 | show
-  timeout 150 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe hf --runs lora16:2048 2>&1 | show ;;
+  ts end ;;
 D)
   timeout 240 python3 benchmarks/gpu/prequantized_checkpoint.py --geometry 31b --out /tmp/g31b --no-tokenizer
   timeout 60 $B --geometry 31b --mode qlora --seq 2048 2>&1 | show

@@ -88,15 +88,19 @@ def bench_batch(model, seq: int, *, multimodal: bool, gen: torch.Generator) -> d
 
 
 def bench_one(variant: str, mode: str, seq: int, *, steps: int = 6, multimodal: bool = False,
-              options: BenchOptions | None = None, device="cuda") -> dict:
-    """Build, adapt and train `steps` steps; returns peak memory and speed figures (one JSON-able dict)."""
+              options: BenchOptions | None = None, device="cuda", profile_steps: int = 0) -> dict:
+    """Build, adapt and train `steps` steps; returns peak memory and speed figures (one JSON-able dict).
+
+    profile_steps > 0 adds that many untimed steps under torch.profiler (result["profile"], slimtune.bench.profile).
+    """
     options = options or BenchOptions()
     with experts_impl(options.experts_impl):  # the switch is process-wide: restored for the next combination
-        return _bench_one(variant, mode, seq, steps=steps, multimodal=multimodal, options=options, device=device)
+        return _bench_one(variant, mode, seq, steps=steps, multimodal=multimodal, options=options, device=device,
+                          profile_steps=profile_steps)
 
 
 def _bench_one(variant: str, mode: str, seq: int, *, steps: int, multimodal: bool, options: BenchOptions,
-               device) -> dict:
+               device, profile_steps: int) -> dict:
     device = torch.device(device)
     torch.cuda.empty_cache()
     t0 = time.perf_counter()
@@ -132,15 +136,19 @@ def _bench_one(variant: str, mode: str, seq: int, *, steps: int, multimodal: boo
     weights_gib = torch.cuda.memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    for _ in range(steps):
-        t = time.perf_counter()
+
+    def one_step() -> float:
         if graphed is not None:
             loss_t, _, _ = graphed(cpu_batch)
             sched.step()
-            loss = float(loss_t)
-        else:
-            loss, _ = accumulate_gradients(model, [cpu_batch], device=device, dtype=torch.bfloat16)
-            clip_and_step(params, opt, sched, max_grad_norm=0.0)
+            return float(loss_t)
+        loss, _ = accumulate_gradients(model, [cpu_batch], device=device, dtype=torch.bfloat16)
+        clip_and_step(params, opt, sched, max_grad_norm=0.0)
+        return loss
+
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = one_step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         losses.append(loss)
@@ -153,6 +161,10 @@ def _bench_one(variant: str, mode: str, seq: int, *, steps: int, multimodal: boo
                   build_s=round(build_s, 1), loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3),
                   lora_params=sum(p.numel() for p in params), options=asdict(options),
                   predicted_gib=predicted_gib(variant, mode, seq, options, multimodal))
+    if profile_steps > 0:  # after the peak and the timing were read: profiling changes neither
+        from slimtune.bench.profile import profile_steps as run_profile  # noqa: PLC0415
+
+        result["profile"] = run_profile(one_step, profile_steps)
     if graphed is not None:
         graphed.close()
         result["step_times_s"] = [round(x, 4) for x in times]
@@ -227,7 +239,7 @@ def environment() -> dict:
 
 def run_bench(variant: str, modes: list[str], seqs: list[int], *, steps: int = 6, multimodal: bool = False,
               options: BenchOptions | None = None, json_path=None, log=print, max_memory: int | None = None,
-              explicit: frozenset = frozenset()) -> list[dict]:
+              explicit: frozenset = frozenset(), profile_steps: int = 0) -> list[dict]:
     """Run every (mode, seq) combination; each result is printed as one JSON line and appended to json_path.
 
     With max_memory (bytes), each combination runs with the options the planner picks for that budget.
@@ -244,7 +256,8 @@ def run_bench(variant: str, modes: list[str], seqs: list[int], *, steps: int = 6
                 if max_memory is not None:
                     opts, summary = planned_options(variant, mode, seq, options, max_memory, explicit, multimodal)
                     log(summary)
-                r = bench_one(variant, mode, seq, steps=steps, multimodal=multimodal, options=opts)
+                r = bench_one(variant, mode, seq, steps=steps, multimodal=multimodal, options=opts,
+                              profile_steps=profile_steps)
             except MemoryBudgetError as exc:
                 r = dict(probe="slimtune", variant=variant, mode=mode, seq=seq, error=f"no plan fits: {exc}"[:400])
             except torch.OutOfMemoryError as exc:
@@ -253,6 +266,10 @@ def run_bench(variant: str, modes: list[str], seqs: list[int], *, steps: int = 6
                 torch.cuda.empty_cache()
             results.append(r)
             log(json.dumps(r))
+            if "profile" in r:
+                from slimtune.bench.profile import format_profile  # noqa: PLC0415
+
+                log(format_profile(r["profile"]))
             if json_path:
                 with open(json_path, "a") as f:
                     f.write(json.dumps(r) + "\n")

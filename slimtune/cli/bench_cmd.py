@@ -29,7 +29,8 @@ def register(sub) -> None:
                         "--finetune-experts run transformers' own implementation")
     p.add_argument("--mlp-chunk-size", type=int, default=0, help="sequence-tiled MLP: tokens per chunk (0 = off)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
-    p.add_argument("--steps-profile", type=int, default=0, help="also profile N steps (torch.profiler table)")
+    p.add_argument("--steps-profile", type=int, default=0,
+                   help="after the timed steps, profile N more (torch.profiler): GPU time per kernel group")
     p.add_argument("--loss-chunk-size", type=int, default=None, help="rows per lm_head + loss chunk (default: auto)")
     p.add_argument("--max-memory", help="GPU memory budget (e.g. 8GiB): options not given are planned to fit it")
     p.add_argument("--json", help="append one JSON line per result to this file")
@@ -45,6 +46,8 @@ def run(args) -> int:
     from slimtune.errors import ConfigError  # noqa: PLC0415
     from slimtune.memory.sizes import parse_memory_size  # noqa: PLC0415
 
+    if args.steps_profile < 0:
+        raise ConfigError(f"--steps-profile must be >= 0 (got {args.steps_profile}).")
     budget = parse_memory_size(args.max_memory) if args.max_memory is not None else None  # bad sizes fail first
     if not torch.cuda.is_available():
         raise ConfigError("slimtune bench measures GPU memory and needs a CUDA GPU; none is visible here.")
@@ -67,5 +70,5 @@ def run(args) -> int:
     for options in impls:  # built and checked above, so a bad name fails before any model is built
         run_bench(args.geometry, args.mode.split(","), [int(s) for s in args.seq.split(",")], steps=args.steps,
                   multimodal=args.multimodal, options=options, json_path=args.json, max_memory=budget,
-                  explicit=explicit)
+                  explicit=explicit, profile_steps=args.steps_profile)
     return 0
