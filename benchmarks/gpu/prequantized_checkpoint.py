@@ -38,9 +38,13 @@ def write_checkpoint(geometry: str, out: Path, *, device: str, tiny: bool = Fals
 
     model = build_random_model(geometry, mode="qlora", device=device, tiny=tiny, seed=seed, offload_ple=False,
                                quantize_experts=False)
+    from slimtune.adapt.quantize import is_nf4_linear
+
+    # Linears slimtune keeps in 16 bits (26B-A4B's router) must be named, or transformers expects 4-bit bytes there.
+    kept = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not is_nf4_linear(m)]
     model.config.quantization_config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,  # what QLoRA linears use
-        bnb_4bit_compute_dtype=torch.bfloat16)
+        bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=kept or None)
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         if tokenizer:

@@ -44,3 +44,19 @@ def test_transformers_and_slimtune_read_the_same_nf4_weights(checkpoint):
     ids = AutoTokenizer.from_pretrained(checkpoint)("The capital of France is Paris.")["input_ids"]
     assert ids and max(ids) < hf.config.vocab_size  # the folder's tokenizer fits the model
     assert not checkpoint.with_name(checkpoint.name + ".tmp").exists()
+
+
+def test_moe_checkpoint_names_its_16_bit_router_so_transformers_loads_and_runs_it(tmp_path):
+    """26B-A4B keeps its router in 16 bits: unnamed, transformers expects 4-bit bytes there and fails in forward."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "g26b"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu/prequantized_checkpoint.py"), "--geometry",
+                           "26b-a4b", "--tiny", "--device", "cpu", "--out", str(out), "--no-tokenizer"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    routers = [m for n, m in hf.named_modules() if n.endswith("router.proj")]
+    assert routers and all(type(m) is torch.nn.Linear for m in routers)
+    ids = torch.randint(3, hf.config.vocab_size, (1, 12))
+    assert torch.isfinite(hf(input_ids=ids, labels=ids).loss)
