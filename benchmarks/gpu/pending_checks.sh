@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What has not run on a GPU yet (end of session 5; A ran in session 6), as calls of < 10 minutes each, most important first.
+# GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6 (BENCHMARKS.md); still to run, most important
+# first: G, D, D2, E, F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -9,6 +10,11 @@
 #   our 2K graphed step.
 # C (one H200, ~8 min): issue 6's 32K rows (Unsloth E2B QLoRA; ours E2B QLoRA + LoRA 16-bit; C2: E4B), Unsloth's
 #   E2B LoRA 16-bit 2K beside ours, and the post-graph profile of our E2B 2K QLoRA step.
+# G (one H200, ~9.5 min): the LoRA 16-bit rows Unsloth never finished in B and C (its bf16 run came last and its
+#   compile outlived the slot): Unsloth E2B LoRA 16-bit 2K/8K alone first, then ours; then issue 10's attention
+#   table with the graphed fwd+bwd time beside the eager one (T <= 32K).
+# D2 (one H200, ~9 min): issue 6's 26B-A4B beside Unsloth: one pre-quantized checkpoint (NF4 attention/MLP; the
+#   3-D experts stay bf16 as transformers loads them, ~48 GB), Unsloth QLoRA 2K on it, ours with expert LoRA.
 # D (one H200, ~9 min): issue 9's 31B QLoRA beside Unsloth from one pre-quantized checkpoint (~17 GB).
 # E (nvidia-h200-x2, ~9 min): issue 9's scale-out with the per-GPU prediction beside rank 0's measured peak.
 # F (one H200, ~9 min): issue 5's anchor at 8 GiB: Unsloth's E2B QLoRA at 4K/5K/6K (its limit lies between 2K,
@@ -24,7 +30,7 @@ unsloth_cache() {  # Unsloth's Triton cache from session 4's E2B run: saves comp
   export TRITON_CACHE_DIR=/tmp/ind/triton TORCHINDUCTOR_CACHE_DIR=/tmp/ind
 }
 python3 -c "import torch, transformers, triton, peft; print(torch.__version__, transformers.__version__, triton.__version__, peft.__version__)" | tee "$OUT/env.txt"
-case "${1:?which call: A B C D E F}" in
+case "${1:?which call: A B C C2 G D D2 E F}" in
 A)
   ts start
   ( unsloth_cache; ANCHOR_RUNS=2 timeout 360 python3 .anchors/probe_unsloth.py 2>&1 \
@@ -72,6 +78,21 @@ D)
   unsloth_cache
   timeout 280 python3 benchmarks/gpu/anchors_geometry.py --checkpoint /tmp/g31b --probe unsloth \
     --runs qlora:2048 2>&1 | show ;;
+G)
+  ts start
+  ( unsloth_cache; timeout 400 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe unsloth \
+      --runs lora16:2048,lora16:8192 > "$OUT/unsloth_lora16.log" 2>&1; ts unsloth_end ) &
+  wait $!; show < "$OUT/unsloth_lora16.log"
+  ts ours_start
+  timeout 70 $B --geometry e2b --mode lora16 --seq 2048,8192 --cuda-graphs 2>&1 | show
+  timeout 110 python3 benchmarks/kernels/bench_flash_attention.py --providers slimtune --max-seq 32768 \
+    --json "$OUT/attention.json" 2>&1 | grep -E "^slimtune|^\|" ;;
+D2)
+  timeout 200 python3 benchmarks/gpu/prequantized_checkpoint.py --geometry 26b-a4b --out /tmp/g26b --no-tokenizer
+  timeout 80 $B --geometry 26b-a4b --mode qlora --seq 2048 --finetune-experts --steps 6 2>&1 | show
+  unsloth_cache
+  timeout 280 python3 benchmarks/gpu/anchors_geometry.py --checkpoint /tmp/g26b --probe unsloth \
+    --runs qlora:2048 2>&1 | show ;;
 E)
   S="python3 benchmarks/gpu/scaleout.py --random-weights --json $OUT/scaleout.jsonl"
   timeout 200 $S --geometry e4b --nproc 1,2 --seq 8192 --steps 8 2>&1 | show
@@ -81,5 +102,5 @@ F)
   unsloth_cache
   timeout 540 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe unsloth \
     --runs qlora:4096,qlora:5120,qlora:6144 2>&1 | show ;;
-*) echo "unknown call $1: A B C D E F"; exit 2 ;;
+*) echo "unknown call $1: A B C C2 G D D2 E F"; exit 2 ;;
 esac
