@@ -11,6 +11,9 @@ Backward (``x̂ = x·rstd``, ``g = dy·w``)::
 
     dx = rstd · (g − x̂ · mean(g·x̂))        dw = Σ_rows dy·x̂   (only if the weight trains; frozen here)
 
+On CUDA (Triton, frozen weight) the module runs `slimtune.kernels.rms_norm` instead: the same function and saved
+tensors in one fused kernel each way, not bit-identical (fp32 sum order) but within fp32 rounding.
+
 `swap_rms_norms(model)` replaces every Gemma4RMSNorm of the text decoder by `RecomputeRMSNorm`, which keeps the
 same ``weight`` Parameter object (state-dict names, adapters and exports are unchanged).
 """
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from slimtune.kernels.rms_norm import fused_rms_norm_available, rms_norm
 
 
 CHUNK_ELEMENTS = 1 << 22
@@ -87,6 +92,9 @@ class RecomputeRMSNorm(nn.Module):
             self.weight = weight  # the original Parameter: names, dtype, device and freezing unchanged
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.with_scale else None
+        if fused_rms_norm_available(hidden_states, weight):  # CUDA: one kernel each way, same saved tensors
+            return rms_norm(hidden_states, weight, self.eps)
         return RMSNormFunction.apply(hidden_states, self.weight if self.with_scale else None, self.eps,
                                      self.chunk_elements)
 

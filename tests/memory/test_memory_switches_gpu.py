@@ -162,9 +162,10 @@ def test_all_switches_and_adamw8bit_train_on_cuda(tiny_dir):
 
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["bf16", "nf4"])
 def test_recomputed_norms_match_and_save_memory_on_cuda(tiny_dir, load_in_4bit):
-    """RecomputeRMSNorm on CUDA: the same loss bits (its forward is the same arithmetic), LoRA gradients as close to
-    an fp32 run as the plain bf16 path's (its backward rounds differently: 2 % apart from the plain path's worst
-    gradient on the H200, both being bf16 noise), and a peak that is never higher with checkpointing."""
+    """RecomputeRMSNorm on CUDA (the fused Triton kernels of slimtune.kernels.rms_norm): loss and LoRA gradients as
+    close to an fp32 run as the plain bf16 path's (the kernels sum in another order, so the bits differ; the torch
+    version of the backward was 2 % apart from the plain path's worst gradient on the H200, both being bf16 noise),
+    and a peak that is never higher with checkpointing."""
     from slimtune.adapt.rms_norm import swap_rms_norms
 
     def grads(dtype, swap):
@@ -176,8 +177,8 @@ def test_recomputed_norms_match_and_save_memory_on_cuda(tiny_dir, load_in_4bit):
 
     loss0, g0, peak0 = grads("bfloat16", False)
     loss1, g1, peak1 = grads("bfloat16", True)
-    _, ref, _ = grads("float32", False)
-    assert loss1 == loss0
+    loss32, ref, _ = grads("float32", False)
+    assert abs(loss1 - loss32) <= 1.5 * abs(loss0 - loss32) + 1e-3 * abs(loss32), (loss1, loss0, loss32)
 
     def worst(g):
         return max(float((g[k] - ref[k]).norm() / (ref[k].norm() + 1e-12)) for k in ref)

@@ -1,0 +1,154 @@
+"""Fused RMSNorm kernels (slimtune.kernels.rms_norm) against an fp64 reference.
+
+CPU: the fallback is transformers' Gemma4RMSNorm bit for bit. Triton interpreter (subprocess, fp32/fp16): forward
+and input gradient of the kernels on odd shapes, strided rows, with and without a weight. CUDA (`-m gpu`): bf16,
+fp16, fp32 on Gemma 4's widths, no farther from fp64 than transformers' own norm, inside torch.compile and a CUDA
+graph.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+
+from slimtune.kernels.rms_norm import fused_rms_norm_available, rms_norm, rms_norm_reference
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _fp64(x, w, eps):
+    xd = x.double()
+    y = xd * (xd.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    return y * w.double() if w is not None else y
+
+
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_cpu_fallback_is_transformers_norm_bit_for_bit(with_scale):
+    torch.manual_seed(0)
+    ref = Gemma4RMSNorm(96, eps=1e-6, with_scale=with_scale).to(torch.bfloat16)
+    if with_scale:
+        with torch.no_grad():
+            ref.weight.copy_(torch.randn(96) * 0.3 + 1)
+        ref.weight.requires_grad_(False)
+    x = (torch.randn(2, 9, 96) * 4).to(torch.bfloat16)
+    assert not fused_rms_norm_available(x, ref.weight if with_scale else None)
+    assert torch.equal(rms_norm(x, ref.weight if with_scale else None, 1e-6), ref(x))
+    assert torch.equal(rms_norm_reference(x, ref.weight if with_scale else None, 1e-6), ref(x))
+
+
+_INTERPRETER_SCRIPT = r"""
+import torch
+from slimtune.kernels.rms_norm import fused_rms_norm_available, rms_norm
+
+def fp64(x, w, eps):
+    xd = x.double()
+    y = xd * (xd.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    return y * w.double() if w is not None else y
+
+def rel(a, b):  # relative, absolute where the reference is ~0 (width 1: the gradient vanishes)
+    return ((a.double() - b).norm() / max(b.norm().item(), 1.0)).item()
+
+torch.manual_seed(0)
+for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+    for shape in ((1, 1), (3, 7, 48), (5, 257), (2, 3, 256), (4, 1536), (1, 5376)):
+        for scaled in (True, False):
+            width = shape[-1]
+            wide = torch.randn(*shape[:-1], width + 5) * 3      # rows with a stride larger than their width
+            x = wide[..., :width].to(dtype).requires_grad_()
+            w = (torch.randn(width) * 0.3 + 1).to(dtype) if scaled else None
+            assert fused_rms_norm_available(x, w)
+            y = rms_norm(x, w, 1e-6)
+            ref = fp64(x.detach(), w, 1e-6)
+            assert y.shape == x.shape and y.dtype == dtype
+            assert rel(y, ref) < tol, (dtype, shape, scaled, rel(y, ref))
+            dy = torch.randn(shape).to(dtype)
+            (gx,) = torch.autograd.grad(y, x, dy)
+            xd = x.detach().double().requires_grad_()
+            (gref,) = torch.autograd.grad(fp64(xd, w, 1e-6), xd, dy.double())
+            assert rel(gx, gref) < 4 * tol, (dtype, shape, scaled, rel(gx, gref))
+            assert torch.isfinite(gx).all()
+print("INTERPRETER_OK")
+"""
+
+
+def test_kernels_under_the_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
+                          check=False, timeout=600)
+    assert proc.returncode == 0 and "INTERPRETER_OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7, 48), (2048, 256), (1000, 8, 512), (4097, 1536), (33, 5376)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("scaled", [True, False], ids=["weight", "no_weight"])
+def test_cuda_kernels_are_as_close_to_fp64_as_transformers_norm(dtype, shape, scaled):
+    gen = torch.Generator().manual_seed(hash((shape, scaled)) % 2**31)
+    x = (torch.randn(shape, generator=gen) * 3).to("cuda", dtype)
+    dy = torch.randn(shape, generator=gen).to("cuda", dtype)
+    w = (torch.randn(shape[-1], generator=gen) * 0.3 + 1).to("cuda", dtype) if scaled else None
+    assert fused_rms_norm_available(x, w)
+    ref = Gemma4RMSNorm(shape[-1], eps=1e-6, with_scale=scaled).to("cuda", dtype)
+    if scaled:
+        with torch.no_grad():
+            ref.weight.copy_(w)
+        ref.weight.requires_grad_(False)
+
+    def run(fn):
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        return y, torch.autograd.grad(y, xi, dy)[0]
+
+    y, gx = run(lambda t: rms_norm(t, w, 1e-6))
+    y_hf, gx_hf = run(ref)
+    xd = x.double().requires_grad_()
+    y64 = _fp64(xd, w, 1e-6)
+    (g64,) = torch.autograd.grad(y64, xd, dy.double())
+
+    def err(a, b):
+        return float((a.double() - b).norm() / b.norm())
+
+    floor = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}[dtype]
+    assert y.dtype == dtype and torch.isfinite(gx).all()
+    assert err(y, y64) <= 1.5 * err(y_hf, y64) + floor, (err(y, y64), err(y_hf, y64))
+    assert err(gx, g64) <= 1.5 * err(gx_hf, g64) + floor, (err(gx, g64), err(gx_hf, g64))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_kernels_inside_torch_compile_and_a_cuda_graph():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 1536, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+    w = (torch.randn(1536, generator=gen) * 0.3 + 1).to("cuda", torch.bfloat16)
+    dy = torch.randn(512, 1536, generator=gen).to("cuda", torch.bfloat16)
+
+    def f(t):
+        return rms_norm(t * 2, w, 1e-6) + 1
+
+    eager = torch.autograd.grad(f(x), x, dy)[0]
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(x), x, dy)[0]
+    assert torch.equal(compiled, eager)  # opaque op: the same kernels, the same bits
+    static = torch.zeros_like(eager)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        static.copy_(torch.autograd.grad(f(x), x, dy)[0])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static.copy_(torch.autograd.grad(f(x), x, dy)[0])
+    static.zero_()
+    graph.replay()
+    assert torch.equal(static, eager)
