@@ -86,12 +86,12 @@ D)
     --runs qlora:2048 2>&1 | show ;;
 G)
   ts start
-  ( unsloth_cache; timeout 400 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe unsloth \
+  ( unsloth_cache; timeout 360 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe unsloth \
       --runs lora16:2048,lora16:8192 > "$OUT/unsloth_lora16.log" 2>&1; ts unsloth_end ) &
   wait $!; show < "$OUT/unsloth_lora16.log"
   ts ours_start
   timeout 70 $B --geometry e2b --mode lora16 --seq 2048,8192 --cuda-graphs 2>&1 | show
-  timeout 110 python3 benchmarks/kernels/bench_flash_attention.py --providers slimtune --max-seq 32768 \
+  timeout 150 python3 benchmarks/kernels/bench_flash_attention.py --providers slimtune --max-seq 32768 \
     --json "$OUT/attention.json" 2>&1 | grep -E "^slimtune|^\|" ;;
 H)
   timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/kernels/test_rms_norm_kernel.py \
