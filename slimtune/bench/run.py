@@ -187,7 +187,7 @@ def _planner_settings(mode: str, options: BenchOptions) -> dict:
                 batch_size=1, grad_accum=1, lora_r=16, optimizer=options.optimizer,
                 activation_offload=options.activation_offload, mlp_chunk_size=options.mlp_chunk_size,
                 cuda_graphs=options.cuda_graphs, finetune_experts=options.finetune_experts,
-                recompute_norms=options.recompute_norms)
+                recompute_norms=options.recompute_norms, compile_layers=options.compile_layers)
 
 
 def predicted_gib(variant: str, mode: str, seq: int, options: BenchOptions, multimodal: bool = False) -> float | None:

@@ -26,7 +26,7 @@ _MLP_CHUNKS = (0, 4096, 2048, 1024, 512)
 _LOSS_CHUNKS = (0, 256, 128, 64)
 _FIXED_DEFAULTS = {"grad_accum": 1, "lora_r": 16, "attention": "slimtune", "multimodal": False,
                    "text_only": False, "finetune_experts": False, "activation_bytes": 2, "cuda_graphs": False,
-                   "recompute_norms": False, "world_size": 1, "distributed": "auto"}
+                   "recompute_norms": False, "compile_layers": False, "world_size": 1, "distributed": "auto"}
 UNMEASURED_MARGIN = 0.85
 """Share of the budget a prediction may use where no H200 measurement backs the estimate yet (runs without
 gradient checkpointing): turning checkpointing off is a speed gain, not worth an out-of-memory on a guess."""
@@ -136,7 +136,7 @@ def _predict(model: str, seq_len: int, s: dict, budget: int | None = None) -> Pl
     shape = read_model_shape(model, s["multimodal"], s["text_only"], s["finetune_experts"])
     args = {k: s[k] for k in ("batch_size", "load_in_4bit", "lora_r", "gradient_checkpointing", "offload_ple",
                               "attention", "activation_offload", "mlp_chunk_size", "loss_chunk_size", "optimizer",
-                              "activation_bytes", "cuda_graphs", "recompute_norms")}
+                              "activation_bytes", "cuda_graphs", "recompute_norms", "compile_layers")}
     check_distributed(s["world_size"], s["distributed"], s["cuda_graphs"])
     terms = training_terms(shape, seq_len=seq_len, **args)
     # under torchrun: one GPU's share (world_size 1 returns the single-GPU terms untouched)

@@ -58,7 +58,7 @@ def _context(cfg, world_size: int | None = None) -> dict:
     cuda = cfg.device == "cuda" or (cfg.device is None and torch.cuda.is_available())
     return {"lora_r": cfg.lora_r, "attention": "slimtune" if cuda else "sdpa", "text_only": bool(cfg.text_only),
             "finetune_experts": bool(cfg.finetune_experts), "cuda_graphs": bool(cfg.cuda_graphs),
-            "recompute_norms": bool(cfg.recompute_norms),
+            "recompute_norms": bool(cfg.recompute_norms), "compile_layers": bool(cfg.compile_layers),
             "activation_bytes": 4 if cfg.dtype in ("float32", "fp32") else 2,
             "world_size": world_size, "distributed": cfg.distributed}
 

@@ -20,7 +20,7 @@ def test_predicted_gib_is_the_estimate_of_the_benchmarked_options():
 def test_max_memory_plans_per_configuration_and_records_what_does_not_fit(monkeypatch, tmp_path):
     ran = []
 
-    def fake_bench_one(variant, mode, seq, *, steps, multimodal, options):
+    def fake_bench_one(variant, mode, seq, *, steps, multimodal, options, profile_steps):
         ran.append((mode, seq, options))
         return {"probe": "slimtune", "mode": mode, "seq": seq}
 

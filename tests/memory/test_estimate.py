@@ -101,3 +101,15 @@ def test_bad_settings_are_refused(bad):
 def test_unknown_model_says_what_it_accepts(tmp_path):
     with pytest.raises(ValueError, match="local model folder"):
         estimate_training_memory(str(tmp_path / "nope"), seq_len=128)
+
+
+
+def test_compiled_layers_shrink_only_the_cuda_graph_pool():
+    from slimtune.memory.estimate import CUDA_GRAPH_FIXED_BYTES
+
+    graphs, compiled = est(cuda_graphs=True), est(cuda_graphs=True, compile_layers=True)
+    copies = graphs["breakdown"]["cuda_graph_pool"] - compiled["breakdown"]["cuda_graph_pool"]
+    assert copies * GIB == pytest.approx(15 * 8192 * H * 2, rel=0.01)
+    assert compiled["breakdown"]["cuda_graph_pool"] * GIB == pytest.approx(CUDA_GRAPH_FIXED_BYTES, rel=0.02)
+    assert graphs["total_gib"] - compiled["total_gib"] == pytest.approx(copies, abs=0.002)
+    assert est(compile_layers=True) == est()  # without graphs compiling changes nothing in the estimate
