@@ -98,8 +98,10 @@ def _run_kernel(kind: str, cfg: KernelConfig, t: int, d: int, window):
     delta = fa._bwd_delta(o, do)
     if kind == "fwd":
         return lambda: fa._forward(q, k, v, 1.0, w, dstart, None, cfg)
-    if kind == "dq":  # variant 1 also (re)computes delta: the time includes the fused delta
-        return lambda: fa._bwd_dq(do, q, k, v, o, lse, delta, 1.0, w, dstart, None, cfg)
+    if kind == "dq":  # every dq time includes δ: variant 1 computes it inside, the others launch _bwd_delta first
+        if cfg.variant & 1:
+            return lambda: fa._bwd_dq(do, q, k, v, o, lse, delta, 1.0, w, dstart, None, cfg)
+        return lambda: fa._bwd_dq(do, q, k, v, o, lse, fa._bwd_delta(o, do), 1.0, w, dstart, None, cfg)
     return lambda: fa._bwd_dkdv(do, q, k, v, lse, delta, 1.0, w, dstart, dend, None, cfg)
 
 
@@ -316,7 +318,7 @@ def bench_row(provider, name, d, window, t, configs):
     ms = _time(step, long)
     with torch.no_grad():
         fwd_ms = _time(lambda: call(q, k, v), long)
-    g_ms = graphed_ms(call, q, k, v, do, long) if provider == "slimtune" else None
+    g_ms = graphed_ms(call, q, k, v, do, long) if provider == "slimtune" and DEVICE == "cuda" else None
     flops = 3.5 * causal_attention_flops(1, 8, t, d, window)
     tf = flops / ms / 1e9
     return {"provider": provider, "shape": name, "seq": t, "head_dim": d, "window": window, "ms": ms, "fwd_ms": fwd_ms,
