@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6 (BENCHMARKS.md); still to run, most important
-# first: H, G, D, D2, E, F.
+# first: I, H, G, D2, D, E, F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -10,6 +10,8 @@
 #   our 2K graphed step.
 # C (one H200, ~8 min): issue 6's 32K rows (Unsloth E2B QLoRA; ours E2B QLoRA + LoRA 16-bit; C2: E4B), Unsloth's
 #   E2B LoRA 16-bit 2K beside ours, and the post-graph profile of our E2B 2K QLoRA step.
+# I (one H200, ~9 min): issue 6's E2B rows with BOTH anchors in one call (session 6 had Unsloth, session 3 HF+PEFT):
+#   Unsloth QLoRA 2K/8K, then HF+PEFT QLoRA 2K/8K and LoRA 16-bit 2K/8K, then ours, each alone on the card.
 # H (one H200, ~7 min): the fused RMSNorm kernels (slimtune/kernels/rms_norm.py, session 6, never run on a GPU):
 #   their GPU tests, the micro-benchmark, and E2B QLoRA steps with and without --recompute-norms (which now runs
 #   them). Predicted (written before any measurement): graphed 2K 158.7 ms -> ~135 ms/step (~15,000 tok/s; the
@@ -36,7 +38,7 @@ unsloth_cache() {  # Unsloth's Triton cache from session 4's E2B run: saves comp
   export TRITON_CACHE_DIR=/tmp/ind/triton TORCHINDUCTOR_CACHE_DIR=/tmp/ind
 }
 python3 -c "import torch, transformers, triton, peft; print(torch.__version__, transformers.__version__, triton.__version__, peft.__version__)" | tee "$OUT/env.txt"
-case "${1:?which call: A B C C2 H G D D2 E F}" in
+case "${1:?which call: A B C C2 I H G D D2 E F}" in
 A)
   ts start
   ( unsloth_cache; ANCHOR_RUNS=2 timeout 360 python3 .anchors/probe_unsloth.py 2>&1 \
@@ -93,6 +95,18 @@ G)
   timeout 70 $B --geometry e2b --mode lora16 --seq 2048,8192 --cuda-graphs 2>&1 | show
   timeout 150 python3 benchmarks/kernels/bench_flash_attention.py --providers slimtune --max-seq 32768 \
     --json "$OUT/attention.json" 2>&1 | grep -E "^slimtune|^\|" ;;
+I)
+  ts start
+  ( unsloth_cache; ANCHOR_RUNS=2 timeout 260 python3 .anchors/probe_unsloth.py > "$OUT/unsloth.log" 2>&1 ) &
+  wait $!; show < "$OUT/unsloth.log"
+  ts hf_start
+  timeout 70 python3 .anchors/probe_hf_baseline.py qlora 2>&1 | show
+  PYTHONPATH=$PWD timeout 60 python3 .anchors/probe_hf_baseline.py lora 2>&1 | show  # no .gpu-site: its torchao 0.15 breaks peft
+  ts ours_start
+  timeout 40 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs 2>&1 | show
+  timeout 40 $B --geometry e2b --mode lora16 --seq 2048,8192 --cuda-graphs 2>&1 | show
+  timeout 130 $B --geometry e2b --mode qlora --seq 8192 --cuda-graphs --compile --mlp-chunk-size 2048 2>&1 | show
+  ts end ;;
 H)
   timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/kernels/test_rms_norm_kernel.py \
     tests/memory/test_memory_switches_gpu.py -k "norm" 2>&1 | tail -4
@@ -119,5 +133,5 @@ F)
   unsloth_cache
   timeout 540 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe unsloth \
     --runs qlora:4096,qlora:5120,qlora:6144 2>&1 | show ;;
-*) echo "unknown call $1: A B C C2 H G D D2 E F"; exit 2 ;;
+*) echo "unknown call $1: A B C C2 I H G D D2 E F"; exit 2 ;;
 esac
