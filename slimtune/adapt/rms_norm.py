@@ -95,8 +95,7 @@ class RecomputeRMSNorm(nn.Module):
         weight = self.weight if self.with_scale else None
         if fused_rms_norm_available(hidden_states, weight):  # CUDA: one kernel each way, same saved tensors
             return rms_norm(hidden_states, weight, self.eps)
-        return RMSNormFunction.apply(hidden_states, self.weight if self.with_scale else None, self.eps,
-                                     self.chunk_elements)
+        return RMSNormFunction.apply(hidden_states, weight, self.eps, self.chunk_elements)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, with_scale={self.with_scale}, saves the 16-bit input"
