@@ -13,12 +13,13 @@ Scope: the weight (if any) is frozen, as in LoRA training: no weight gradient (c
 `slimtune.adapt.rms_norm.RMSNormFunction` when it trains). Rows up to 8,192 values (31B's hidden size is 5,376).
 On CUDA with Triton the kernels run (bf16, fp16, fp32); elsewhere `rms_norm_reference` computes the same function
 with transformers' op order. The kernels are registered torch ops, opaque to torch.compile and capturable in CUDA
-graphs.
+graphs. Each kernel checks its first use against the torch formula (`_checked`).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -63,6 +64,45 @@ def fused_rms_norm_available(x: torch.Tensor, weight: torch.Tensor | None) -> bo
     )
 
 
+_CHECK_ROWS = 64
+_CHECK_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+_checked: dict[tuple, bool] = {}
+"""First use of each kernel per (device, dtype, width, weight dtype): its result on the first rows is compared with
+the torch formula. On a mismatch (a Triton/GPU combination that miscompiles) that combination computes with torch
+from then on, with a warning: a wrong norm would train a broken model without any error. Not during CUDA-graph
+capture (the check synchronises); captured steps follow eager warm-up steps, which ran the check."""
+
+
+def _kernel_ok(kind: str, x: torch.Tensor, weight: torch.Tensor | None, got: torch.Tensor, want) -> bool:
+    key = (kind, x.device, x.dtype, x.shape[1], None if weight is None else weight.dtype)
+    ok = _checked.get(key)
+    if ok is None:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return True
+        rows = min(_CHECK_ROWS, x.shape[0])
+        ref = want(rows).double()
+        err = float((got[:rows].double() - ref).norm() / ref.norm().clamp_min(1e-30))
+        ok = _checked[key] = err <= _CHECK_TOLERANCE[x.dtype]
+        if not ok:
+            warnings.warn(f"slimtune RMSNorm {kind} kernel is {err:.2g} (relative) off the torch formula for "
+                          f"{x.dtype} rows of {x.shape[1]} on {x.device}; computing this norm with torch instead "
+                          "(slower, correct). Please report your GPU and Triton version.", RuntimeWarning,
+                          stacklevel=2)
+    return ok
+
+
+def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.pow(x.float().pow(2).mean(-1) + eps, -0.5)
+
+
+def _dx(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor) -> torch.Tensor:
+    """The backward in torch (fp32), as the kernel computes it: dx = rstd·(g − x̂·mean(g·x̂))."""
+    r = rstd[:, None]
+    xhat = x.float() * r
+    g = dy.float() if weight is None else dy.float() * weight.float()
+    return (r * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+
+
 def _launch_shape(width: int) -> tuple[int, int, int]:
     """(BLOCK_D, rows per program, warps): about 4-8K values per program."""
     block_d = triton.next_power_of_2(width)
@@ -80,6 +120,8 @@ def _fwd_op(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[t
     _k._rms_norm_fwd_kernel[(triton.cdiv(n, rows),)](
         x, weight if weight is not None else x, y, rstd, n, width, x.stride(0), y.stride(0), eps,
         HAS_W=weight is not None, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+    if not _kernel_ok("forward", x, weight, y, lambda k: rms_norm_reference(x[:k], weight, eps)):
+        return rms_norm_reference(x, weight, eps), _rstd(x, eps)
     return y, rstd
 
 
@@ -97,6 +139,8 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd
     _k._rms_norm_bwd_kernel[(triton.cdiv(n, rows),)](
         dy, x, weight if weight is not None else x, rstd, dx, n, width, dy.stride(0), x.stride(0), dx.stride(0),
         HAS_W=weight is not None, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+    if not _kernel_ok("backward", x, weight, dx, lambda k: _dx(dy[:k], x[:k], weight, rstd[:k])):
+        return _dx(dy, x, weight, rstd)
     return dx
 
 

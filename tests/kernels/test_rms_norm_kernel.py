@@ -73,6 +73,30 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
             (gref,) = torch.autograd.grad(fp64(xd, w, 1e-6), xd, dy.double())
             assert rel(gx, gref) < 4 * tol, (dtype, shape, scaled, rel(gx, gref))
             assert torch.isfinite(gx).all()
+
+# A kernel that computes garbage (here: writes nothing) is caught by the first-use check: torch takes over, with a
+# warning, and the results stay right.
+import warnings
+import slimtune.kernels.rms_norm as rn
+
+class Broken:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+assert rn._checked and all(rn._checked.values()), rn._checked  # the kernels above passed their own first-use check
+rn._k._rms_norm_fwd_kernel = rn._k._rms_norm_bwd_kernel = Broken()
+rn._checked.clear()
+x = (torch.randn(9, 96) * 3).requires_grad_()
+w = torch.randn(96) * 0.3 + 1
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y = rms_norm(x, w, 1e-6)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+assert rel(y, fp64(x.detach(), w, 1e-6)) < 1e-5
+xd = x.detach().double().requires_grad_()
+(gref,) = torch.autograd.grad(fp64(xd, w, 1e-6), xd, torch.ones(9, 96, dtype=torch.float64))
+assert rel(gx, gref) < 1e-4
+assert sum("kernel is" in str(c.message) for c in caught) == 2, [str(c.message) for c in caught]
 print("INTERPRETER_OK")
 """
 
@@ -120,6 +144,9 @@ def test_cuda_kernels_are_as_close_to_fp64_as_transformers_norm(dtype, shape, sc
     def err(a, b):
         return float((a.double() - b).norm() / b.norm())
 
+    from slimtune.kernels.rms_norm import _checked
+
+    assert all(_checked.values()), _checked  # the kernels ran: no first-use fallback to torch
     floor = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}[dtype]
     assert y.dtype == dtype and torch.isfinite(gx).all()
     assert err(y, y64) <= 1.5 * err(y_hf, y64) + floor, (err(y, y64), err(y_hf, y64))
