@@ -98,6 +98,9 @@ class TrainSettings(BaseModel):
     cuda_graphs: bool = Field(default=False, description="Capture each step as one CUDA graph: several times "
                                                          "faster on short sequences; batches padded to max_seq_length, "
                                                          "adamw, no activation offload.")
+    compile_layers: bool = Field(default=False, description="torch.compile each decoder layer: faster steps after a "
+                                                            "compile of a minute or two; best with fixed shapes. "
+                                                            "With cuda_graphs it also shrinks the graph's memory.")
     mlp_chunk_size: int | None = Field(default=None, strict=True, description="Tiled MLP: tokens per chunk (0 = off); less "
                                                                  "memory on long sequences, slower.")
     optimizer: str | None = Field(default=None, max_length=32,
@@ -113,8 +116,6 @@ class TrainConfig(TrainSettings):
     max_steps: int | None = Field(default=None, ge=1, le=10_000_000)
     epochs: float | None = Field(default=None, gt=0, le=1000)
     lr: float = Field(default=2e-4, gt=0, le=1)
-    compile_layers: bool = Field(default=False, description="torch.compile each decoder layer: faster steps after a "
-                                                            "compile of a minute or two; best with fixed shapes.")
     lora_alpha: int = Field(default=32, ge=1, le=4096)
     seed: int = Field(default=3407, ge=0, le=2**31 - 1)
     save_steps: int | None = Field(default=None, ge=1, le=10_000_000)

@@ -204,3 +204,12 @@ def test_estimate_for_a_model_it_cannot_read_is_422(client, monkeypatch, tmp_pat
     r = client.post("/api/memory/estimate", json={"model_id": model["id"]})
     assert r.status_code == 422 and r.json()["detail"].startswith(f"No memory estimate for {folder}")
     assert client.post("/api/memory/estimate", json={"model_id": "zzzzzzzzzzzz"}).status_code == 404
+
+
+def test_estimate_counts_compiled_layers_with_cuda_graphs(estimate):
+    """Compiled layers shrink a captured step's graph pool (measured on the H200); the panel must show the memory
+    the run will plan with, so compile_layers is one of the settings it reads."""
+    graphs = estimate(cuda_graphs=True).json()
+    compiled = estimate(cuda_graphs=True, compile_layers=True).json()
+    assert compiled["breakdown"]["cuda_graph_pool"] < graphs["breakdown"]["cuda_graph_pool"]
+    assert compiled["total_gib"] < graphs["total_gib"]
