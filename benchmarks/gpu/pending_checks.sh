@@ -110,7 +110,7 @@ I)
 H)
   timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/kernels/test_rms_norm_kernel.py \
     tests/memory/test_memory_switches_gpu.py -k "norm" 2>&1 | tail -4
-  timeout 100 python3 benchmarks/kernels/bench_rms_norm.py --json "$OUT/rms_norm.json" 2>&1 | grep '^{'
+  timeout 120 python3 benchmarks/kernels/bench_rms_norm.py --json "$OUT/rms_norm.json" 2>&1 | grep '^{'
   timeout 60 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs 2>&1 | show
   timeout 60 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs --recompute-norms --steps-profile 2 2>&1 \
     | tee "$OUT/ours_2k_norms.log" | show
