@@ -68,27 +68,44 @@ _CHECK_ROWS = 64
 _CHECK_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 _checked: dict[tuple, bool] = {}
 """First use of each kernel per (device, dtype, width, weight dtype): its result on the first rows is compared with
-the torch formula. On a mismatch (a Triton/GPU combination that miscompiles) that combination computes with torch
-from then on, with a warning: a wrong norm would train a broken model without any error. Not during CUDA-graph
-capture (the check synchronises); captured steps follow eager warm-up steps, which ran the check."""
+the torch formula. If it fails to compile or launch (a GPU Triton does not support, a broken install) or disagrees
+(a Triton/GPU pair that miscompiles), that combination computes with torch from then on, with a warning: a crash
+would lose the run and a wrong norm would train a broken model without any error. The comparison is skipped
+during CUDA-graph capture (it synchronises); captured steps follow eager warm-up steps, which ran it."""
 
 
-def _kernel_ok(kind: str, x: torch.Tensor, weight: torch.Tensor | None, got: torch.Tensor, want) -> bool:
+def _launch_checked(kind: str, x: torch.Tensor, weight: torch.Tensor | None, launch, got: torch.Tensor,
+                    want) -> bool:
+    """Run ``launch`` (it fills ``got``); False when torch must compute this call instead (see `_checked`)."""
     key = (kind, x.device, x.dtype, x.shape[1], None if weight is None else weight.dtype)
-    ok = _checked.get(key)
-    if ok is None:
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return True
-        rows = min(_CHECK_ROWS, x.shape[0])
-        ref = want(rows).double()
-        err = float((got[:rows].double() - ref).norm() / ref.norm().clamp_min(1e-30))
-        ok = _checked[key] = err <= _CHECK_TOLERANCE[x.dtype]
-        if not ok:
-            warnings.warn(f"slimtune RMSNorm {kind} kernel is {err:.2g} (relative) off the torch formula for "
-                          f"{x.dtype} rows of {x.shape[1]} on {x.device}; computing this norm with torch instead "
-                          "(slower, correct). Please report your GPU and Triton version.", RuntimeWarning,
-                          stacklevel=2)
-    return ok
+    state = _checked.get(key)
+    if state is False:
+        return False
+    if state:
+        launch()
+        return True
+    try:
+        launch()
+    except Exception as exc:  # noqa: BLE001 - the first launch compiles; any failure there means "use torch"
+        return _give_up(key, f"failed to compile or launch ({type(exc).__name__}: {str(exc)[:200]})")
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    rows = min(_CHECK_ROWS, x.shape[0])
+    ref = want(rows).double()
+    err = float((got[:rows].double() - ref).norm() / ref.norm().clamp_min(1e-30))
+    if not err <= _CHECK_TOLERANCE[x.dtype]:
+        return _give_up(key, f"is {err:.2g} (relative) off the torch formula")
+    _checked[key] = True
+    return True
+
+
+def _give_up(key: tuple, why: str) -> bool:
+    kind, device, dtype, width, _ = key
+    _checked[key] = False
+    warnings.warn(f"slimtune RMSNorm {kind} kernel {why} for {dtype} rows of {width} on {device}; computing this "
+                  "norm with torch instead (slower, correct). Please report your GPU and Triton version.",
+                  RuntimeWarning, stacklevel=4)
+    return False
 
 
 def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -117,10 +134,13 @@ def _fwd_op(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[t
     y = torch.empty_like(x)
     rstd = torch.empty(n, dtype=torch.float32, device=x.device)
     block_d, rows, warps = _launch_shape(width)
-    _k._rms_norm_fwd_kernel[(triton.cdiv(n, rows),)](
-        x, weight if weight is not None else x, y, rstd, n, width, x.stride(0), y.stride(0), eps,
-        HAS_W=weight is not None, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
-    if not _kernel_ok("forward", x, weight, y, lambda k: rms_norm_reference(x[:k], weight, eps)):
+
+    def launch():
+        _k._rms_norm_fwd_kernel[(triton.cdiv(n, rows),)](
+            x, weight if weight is not None else x, y, rstd, n, width, x.stride(0), y.stride(0), eps,
+            HAS_W=weight is not None, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+
+    if not _launch_checked("forward", x, weight, launch, y, lambda k: rms_norm_reference(x[:k], weight, eps)):
         return rms_norm_reference(x, weight, eps), _rstd(x, eps)
     return y, rstd
 
@@ -136,10 +156,13 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dx = torch.empty_like(x)
     block_d, rows, warps = _launch_shape(width)
-    _k._rms_norm_bwd_kernel[(triton.cdiv(n, rows),)](
-        dy, x, weight if weight is not None else x, rstd, dx, n, width, dy.stride(0), x.stride(0), dx.stride(0),
-        HAS_W=weight is not None, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
-    if not _kernel_ok("backward", x, weight, dx, lambda k: _dx(dy[:k], x[:k], weight, rstd[:k])):
+
+    def launch():
+        _k._rms_norm_bwd_kernel[(triton.cdiv(n, rows),)](
+            dy, x, weight if weight is not None else x, rstd, dx, n, width, dy.stride(0), x.stride(0),
+            dx.stride(0), HAS_W=weight is not None, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+
+    if not _launch_checked("backward", x, weight, launch, dx, lambda k: _dx(dy[:k], x[:k], weight, rstd[:k])):
         return _dx(dy, x, weight, rstd)
     return dx
 

@@ -97,6 +97,24 @@ xd = x.detach().double().requires_grad_()
 (gref,) = torch.autograd.grad(fp64(xd, w, 1e-6), xd, torch.ones(9, 96, dtype=torch.float64))
 assert rel(gx, gref) < 1e-4
 assert sum("kernel is" in str(c.message) for c in caught) == 2, [str(c.message) for c in caught]
+
+# A kernel that cannot compile (a GPU Triton does not support) does not stop training either.
+class Failing:
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("no kernel image for this GPU")
+        return launch
+
+rn._k._rms_norm_fwd_kernel = rn._k._rms_norm_bwd_kernel = Failing()
+rn._checked.clear()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y = rms_norm(x, w, 1e-6)
+    (gx2,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    rms_norm(x, w, 1e-6)  # known bad now: no second launch, no second warning
+assert rel(y, fp64(x.detach(), w, 1e-6)) < 1e-5 and rel(gx2, gref) < 1e-4
+messages = [str(c.message) for c in caught]
+assert sum("failed to compile or launch (RuntimeError: no kernel image" in m for m in messages) == 2, messages
 print("INTERPRETER_OK")
 """
 
