@@ -37,6 +37,10 @@ try:  # Triton is optional: CPU installs use the reference path.
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     _k = _kb = None
+try:
+    from triton.runtime.errors import OutOfResources as _OutOfResources
+except ImportError:  # pragma: no cover - no Triton (nothing to catch) or a version without it
+    _OutOfResources = ()
 
 __all__ = ["KernelConfig", "causal_attention_flops", "flash_attention",
            "triton_attention_available"]
@@ -91,6 +95,45 @@ _CONFIGS: dict[int, dict[str, KernelConfig]] = {
 # results_gpu17_session5_attention_sweep.jsonl): dK/dV 0.340 → 0.230 ms, forward + backward 1.38 → 0.83 ms.
 _WINDOWED: dict[int, dict[str, KernelConfig]] = {256: {"dkdv": KernelConfig(64, 64, 8, 2, True, 2, 2, 1)}}
 _SMALL = {"fwd": KernelConfig(64, 64, 4, 2), "dq": KernelConfig(64, 64, 4, 2), "dkdv": KernelConfig(64, 64, 4, 2)}
+
+
+# GPUs with less shared memory per block than the H200's 227 KiB (A100 163, RTX 30xx/40xx/L4 99): when a kernel
+# does not fit (Triton raises OutOfResources before launching), the next of these smaller launch shapes is tried,
+# and the one that fits is remembered per device. Shared memory at head_dim 512 (Triton 3.6, offline compile for
+# sm89 in KiB; sm90 is the tuned default): forward 132 (default) / 100 / 98 / 66 / 32.5; dQ 192 / 128 / 96 / 64;
+# dK/dV 136 / 104 / 80. So a 99 KiB card runs forward (32,32,4,2), dQ (32,16,4,1), dK/dV (16,16,4,1).
+_SMALLER: dict[str, tuple[KernelConfig, ...]] = {
+    "fwd": (KernelConfig(64, 32, 8, 1, False, 2), KernelConfig(32, 32, 4, 2), KernelConfig(32, 32, 4, 1),
+            KernelConfig(16, 16, 4, 1)),
+    "dq": (KernelConfig(64, 32, 8, 1, False, 2), KernelConfig(32, 32, 4, 1), KernelConfig(32, 16, 4, 1),
+           KernelConfig(16, 16, 4, 1)),
+    "dkdv": (KernelConfig(32, 32, 4, 1, True), KernelConfig(16, 32, 4, 1, True), KernelConfig(16, 16, 4, 1)),
+}
+_fitted: dict[tuple, KernelConfig] = {}
+
+
+def _fitting(kind: str, cfg: KernelConfig, q: torch.Tensor, run):
+    """``run(config)`` with ``cfg`` or, where it needs more shared memory than this GPU has, the first of
+    `_SMALLER` that fits (remembered per device, head_dim, dtype and requested config)."""
+    key = (q.device, q.dtype, q.shape[-1], kind, cfg)
+    fitted = _fitted.get(key)
+    if fitted is not None:
+        return run(fitted)
+    # dQ's fused-delta bit must survive: _backward decided from it whether δ is computed before the dQ kernel
+    smaller = [c._replace(variant=cfg.variant & 1, max_split=cfg.max_split) if kind == "dq" else
+               c._replace(max_split=cfg.max_split) for c in _SMALLER[kind]]
+    problems = []
+    for candidate in (cfg, *smaller):
+        try:
+            out = run(candidate)
+        except _OutOfResources as exc:
+            problems.append(f"{tuple(candidate)[:4]}: {exc}")
+            continue
+        _fitted[key] = candidate
+        return out
+    raise KernelUnavailableError(
+        f"slimtune attention: no {kind} kernel for head_dim {q.shape[-1]} fits this GPU's shared memory "
+        f"({'; '.join(problems)[:600]}). Load the model with attention='sdpa' instead.")
 
 
 def _config(head_dim: int, kind: str, override: dict[str, KernelConfig] | None, windowed: bool = False) -> KernelConfig:
@@ -230,8 +273,10 @@ def _backward(do, q, k, v, o, lse, scale, window, dstart, dend, key_valid, cfgs)
         delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     else:
         delta = _bwd_delta(o, do)
-    dq = _bwd_dq(do, q, k, v, o, lse, delta, scale, window, dstart, key_valid, cfgs["dq"])
-    dk, dv = _bwd_dkdv(do, q, k, v, lse, delta, scale, window, dstart, dend, key_valid, cfgs["dkdv"])
+    dq = _fitting("dq", cfgs["dq"], q, lambda c: _bwd_dq(do, q, k, v, o, lse, delta, scale, window, dstart,
+                                                          key_valid, c))
+    dk, dv = _fitting("dkdv", cfgs["dkdv"], q, lambda c: _bwd_dkdv(do, q, k, v, lse, delta, scale, window, dstart,
+                                                                  dend, key_valid, c))
     return dq, dk, dv
 
 
@@ -259,8 +304,8 @@ def _decode_configs(flat: list[int]) -> dict[str, KernelConfig]:
 @torch.library.custom_op("slimtune::flash_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int, dstart: torch.Tensor,
             dend: torch.Tensor, key_valid: torch.Tensor | None, configs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    o, lse = _forward(q, k, v, scale, window, dstart, key_valid, _decode_configs(configs)["fwd"])
-    return o, lse
+    return _fitting("fwd", _decode_configs(configs)["fwd"], q,
+                    lambda c: _forward(q, k, v, scale, window, dstart, key_valid, c))
 
 
 @_fwd_op.register_fake
