@@ -14,7 +14,7 @@
 #   Unsloth QLoRA 2K/8K, then HF+PEFT QLoRA 2K/8K and LoRA 16-bit 2K/8K, then ours, each alone on the card.
 # H (one H200, ~7 min): the fused RMSNorm kernels (slimtune/kernels/rms_norm.py, session 6, never run on a GPU):
 #   their GPU tests, the micro-benchmark, and E2B QLoRA steps with and without --recompute-norms (which now runs
-#   them). Predicted (written before any measurement): graphed 2K 158.7 ms -> ~135 ms/step (~15,000 tok/s; the
+#   them), and the attention's fallback to smaller launch shapes on a real OutOfResources. Predicted (written before any measurement): graphed 2K 158.7 ms -> ~135 ms/step (~15,000 tok/s; the
 #   norms' unfused passes are ~25 ms of the 152 ms GPU time); eager 2K (CPU-bound) 25-35 % faster (42 % fewer
 #   launching ops); 8K graphs+compile+MLP 2048: 13,958 tok/s with the torch norm -> about the 15.8K of no
 #   recompute, at session 5's 4.18 GiB.
@@ -109,7 +109,8 @@ I)
   ts end ;;
 H)
   timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/kernels/test_rms_norm_kernel.py \
-    tests/memory/test_memory_switches_gpu.py -k "norm" 2>&1 | tail -4
+    tests/kernels/test_flash_attention_fit.py tests/memory/test_memory_switches_gpu.py -k "norm or real_gpu" \
+    2>&1 | tail -4
   timeout 120 python3 benchmarks/kernels/bench_rms_norm.py --json "$OUT/rms_norm.json" 2>&1 | grep '^{'
   timeout 60 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs 2>&1 | show
   timeout 60 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs --recompute-norms --steps-profile 2 2>&1 \

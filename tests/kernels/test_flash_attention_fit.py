@@ -76,3 +76,30 @@ def test_kernels_fall_back_to_launch_shapes_that_fit(limit):
                           timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert ("NOTHING_FITS" in proc.stdout) == (limit < 16), proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_real_gpu_a_shape_over_its_shared_memory_falls_back_and_stays_exact():
+    """Launch shapes too big for any GPU (head_dim 512, 128-row tiles: well over 227 KiB) make Triton raise the real
+    OutOfResources; the launchers must land on a shape that fits and give the reference's results."""
+    import torch
+
+    import slimtune.kernels.flash_attention as fa
+    from slimtune.kernels.attention_reference import attention_reference
+
+    gen = torch.Generator().manual_seed(5)
+    t, d = 300, 512
+    q, k, v = (torch.randn(1, h, t, d, generator=gen).to("cuda", torch.bfloat16).requires_grad_() for h in (8, 1, 1))
+    huge = fa.KernelConfig(128, 128, 8, 2)
+    out = fa.flash_attention(q, k, v, scale=1.0, _configs={"fwd": huge, "dq": huge, "dkdv": huge._replace(
+        transposed=True)})
+    do = torch.randn(out.shape, generator=gen).to("cuda", torch.bfloat16)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = attention_reference(*ref_in, scale=1.0)
+    for got, want in zip((out, *grads), (ref, *torch.autograd.grad(ref, ref_in, do.double()))):
+        assert ((got.double() - want).norm() / want.norm()).item() < 2e-2
+    chosen = {key[3]: c for key, c in fa._fitted.items() if key[2] == d and key[4] in (huge, huge._replace(
+        transposed=True))}
+    assert set(chosen) == {"fwd", "dq", "dkdv"} and all(c != huge for c in chosen.values()), chosen
