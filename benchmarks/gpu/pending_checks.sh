@@ -28,15 +28,7 @@
 # F (one H200, ~9 min): issue 5's anchor at 8 GiB: Unsloth's E2B QLoRA at 4K/5K/6K (its limit lies between 2K,
 #   7.19 GiB, and 8K, 9.20 GiB; ours: 49,920 tokens in 7.91 GiB).
 set -uo pipefail
-OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 ANCHOR_OUT=$OUT
-B="python3 -m slimtune bench --attention slimtune --json $OUT/ours.jsonl"
-show() { grep -E '"probe": "(slimtune|scaleout|unsloth|hf_[a-z0-9_]*)"|^memory|rror' | cut -c1-460; }
-ts() { echo "$1 $(date +%s.%N)" | tee -a "$OUT/times.txt"; }
-unsloth_cache() {  # Unsloth's Triton cache from session 4's E2B run: saves compile time for E2B shapes only
-  [ -f .anchors/unsloth_cache.tgz ] && tar xzf .anchors/unsloth_cache.tgz -C /
-  export TRITON_CACHE_DIR=/tmp/ind/triton TORCHINDUCTOR_CACHE_DIR=/tmp/ind
-}
+source "$(dirname "$0")/device_env.sh"
 python3 -c "import torch, transformers, triton, peft; print(torch.__version__, transformers.__version__, triton.__version__, peft.__version__)" | tee "$OUT/env.txt"
 case "${1:?which call: A B C C2 I H G D D2 E F}" in
 A)

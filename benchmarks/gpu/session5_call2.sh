@@ -4,11 +4,7 @@
 # plan (which measured 8.31 GiB), then the rewritten fast-path GPU tests (fp32 tight; bf16 vs an fp32 reference).
 #   OUT=/some/dir bash benchmarks/gpu/session5_call2.sh      (carry .gpu-site)
 set -uo pipefail
-OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-B="python3 -m slimtune bench --attention slimtune --json $OUT/ours.jsonl"
-show() { grep -E '"probe": "slimtune"|^memory|rror' | cut -c1-400; }
-stamp() { echo "[$(date +%T)] $*"; }
+source "$(dirname "$0")/device_env.sh"
 for chunk in 4096 2048; do
   stamp "8K graphs+compile mlp $chunk"
   timeout 150 $B --geometry e2b --mode qlora --seq 8192 --cuda-graphs --compile --mlp-chunk-size $chunk 2>&1 | show

@@ -4,11 +4,7 @@
 # rewritten fast-path GPU tests (fp32 tight; bf16 no farther from fp32 than plain bf16).
 #   OUT=/some/dir bash benchmarks/gpu/session5_call3.sh      (carry .gpu-site)
 set -uo pipefail
-OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 ANCHOR_OUT=$OUT
-B="python3 -m slimtune bench --attention slimtune --json $OUT/ours.jsonl"
-show() { grep -E '"probe": "(slimtune|hf_[a-z0-9_]*)"|^memory|rror' | cut -c1-400; }
-stamp() { echo "[$(date +%T)] $*"; }
+source "$(dirname "$0")/device_env.sh"
 stamp "longest in 8 GiB"
 timeout 90 $B --geometry e2b --mode qlora --seq 49920 --steps 3 --max-memory 8GiB --recompute-norms 2>&1 | show
 stamp "E4B ours"

@@ -3,9 +3,7 @@
 # its ~18 s steps (call 3's 90 s slot ended after the plan), then issue 10's attention-backward sweep.
 #   OUT=/some/dir bash benchmarks/gpu/session5_call4.sh      (carry .gpu-site)
 set -uo pipefail
-OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-stamp() { echo "[$(date +%T)] $*"; }
+source "$(dirname "$0")/device_env.sh"
 stamp "longest in 8 GiB"
 timeout 170 python3 -m slimtune bench --attention slimtune --json "$OUT/ours.jsonl" --geometry e2b --mode qlora \
   --seq 49920 --steps 3 --max-memory 8GiB --recompute-norms 2>&1 | grep -E '"probe"|^memory|rror' | cut -c1-400
