@@ -43,8 +43,8 @@ CHECK_T = 777  # sequence length of each candidate's correctness check (odd: par
 PEAK_TFLOPS = 790.0  # measured bf16 matmul rate of the H200 (shared/reference/gpu-facts.md)
 
 C = KernelConfig
-# Candidates per head_dim and kernel; the first of each list is the current default for the swept shape (_CONFIGS,
-# or _WINDOWED for head_dim 256, which is swept with a window). KernelConfig fields:
+# Candidates per head_dim and kernel; the first of each list is the current default for the swept shape (_CONFIGS in
+# flash_attention_configs.py, or _WINDOWED for head_dim 256, which is swept with a window). KernelConfig fields:
 # (block_m, block_n, warps, stages, transposed, scratch, variant, max_split). dq variant 1 = delta fused into dQ,
 # 3 = that + V loaded before K (BLOCK_N 64 fits at hd512); dkdv variant 1 = separate dV and dK kernels (transposed
 # accumulators), 2 = the single kernel with constexpr row strides; max_split 1 = no head split (no fp32 partials, no
