@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimtune.kernels.rms_norm import fused_rms_norm_available, rms_norm
+from slimtune.kernels.rms_norm import fused_rms_norm, fused_rms_norm_available, rms_norm_backward_reference
 
 
 CHUNK_ELEMENTS = 1 << 22
@@ -68,15 +68,12 @@ class RMSNormFunction(torch.autograd.Function):
         width = x.shape[-1]
         x2, dy2 = x.reshape(-1, width), dy.reshape(-1, width)
         dx = torch.empty_like(x2)
-        wf = None if weight is None else weight.float()
         want_dw = weight is not None and ctx.needs_input_grad[1]
         dw = torch.zeros(width, dtype=torch.float32, device=x.device) if want_dw else None
         for a, b in _row_chunks(x2.shape[0], width, ctx.chunk_elements):
-            xhat = x2[a:b].float() * rstd[a:b]
-            g = dy2[a:b].float() if wf is None else dy2[a:b].float() * wf
-            dx[a:b] = rstd[a:b] * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+            dx[a:b] = rms_norm_backward_reference(dy2[a:b], x2[a:b], weight, rstd[a:b, 0])
             if want_dw:
-                dw += (dy2[a:b].float() * xhat).sum(0)
+                dw += (dy2[a:b].float() * (x2[a:b].float() * rstd[a:b])).sum(0)
         return dx.view(x.shape), None if dw is None else dw.to(weight.dtype), None, None
 
 
@@ -94,7 +91,7 @@ class RecomputeRMSNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = self.weight if self.with_scale else None
         if fused_rms_norm_available(hidden_states, weight):  # CUDA: one kernel each way, same saved tensors
-            return rms_norm(hidden_states, weight, self.eps)
+            return fused_rms_norm(hidden_states, weight, self.eps)
         return RMSNormFunction.apply(hidden_states, weight, self.eps, self.chunk_elements)
 
     def extra_repr(self) -> str:

@@ -31,7 +31,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     _k = None
 
-__all__ = ["MAX_WIDTH", "fused_rms_norm_available", "rms_norm", "rms_norm_reference"]
+__all__ = ["MAX_WIDTH", "fused_rms_norm", "fused_rms_norm_available", "rms_norm", "rms_norm_backward_reference",
+           "rms_norm_reference"]
 
 MAX_WIDTH = 8192
 """Longest row the kernels hold whole in registers: 8 warps × 32 threads × 32 fp32 values (sm90 compile with Triton
@@ -112,8 +113,10 @@ def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.pow(x.float().pow(2).mean(-1) + eps, -0.5)
 
 
-def _dx(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor) -> torch.Tensor:
-    """The backward in torch (fp32), as the kernel computes it: dx = rstd·(g − x̂·mean(g·x̂))."""
+def rms_norm_backward_reference(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                                rstd: torch.Tensor) -> torch.Tensor:
+    """dx of the norm in torch (fp32, rounded to x's dtype), for rows (n, width) and their saved ``rstd`` (n,):
+    ``x̂ = x·rstd``, ``g = dy·w``, ``dx = rstd·(g − x̂·mean(g·x̂))``. The kernel computes the same."""
     r = rstd[:, None]
     xhat = x.float() * r
     g = dy.float() if weight is None else dy.float() * weight.float()
@@ -162,8 +165,9 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd
             dy, x, weight if weight is not None else x, rstd, dx, n, width, dy.stride(0), x.stride(0),
             dx.stride(0), HAS_W=weight is not None, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
 
-    if not _launch_checked("backward", x, weight, launch, dx, lambda k: _dx(dy[:k], x[:k], weight, rstd[:k])):
-        return _dx(dy, x, weight, rstd)
+    if not _launch_checked("backward", x, weight, launch, dx,
+                           lambda k: rms_norm_backward_reference(dy[:k], x[:k], weight, rstd[:k])):
+        return rms_norm_backward_reference(dy, x, weight, rstd)
     return dx
 
 
@@ -198,6 +202,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     """
     if not fused_rms_norm_available(x, weight):
         return rms_norm_reference(x, weight, eps)
+    return fused_rms_norm(x, weight, eps)
+
+
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`rms_norm` through the kernels, for callers that checked `fused_rms_norm_available` themselves."""
     width = x.shape[-1]
     x2 = x.reshape(-1, width)
     if x2.stride(-1) != 1:
