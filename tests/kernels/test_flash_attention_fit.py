@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,12 +80,10 @@ def test_kernels_fall_back_to_launch_shapes_that_fit(limit):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_real_gpu_a_shape_over_its_shared_memory_falls_back_and_stays_exact():
     """Launch shapes too big for any GPU (head_dim 512, 128-row tiles: well over 227 KiB) make Triton raise the real
     OutOfResources; the launchers must land on a shape that fits and give the reference's results."""
-    import torch
-
     import slimtune.kernels.flash_attention as fa
     from slimtune.kernels.attention_reference import attention_reference
 
