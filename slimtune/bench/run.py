@@ -47,8 +47,8 @@ class BenchOptions:
     loss_chunk_size: int = 0
     finetune_vision_layers: bool = False
     finetune_audio_layers: bool = False
-    recompute_norms: bool = False
-    """RMSNorms save their 16-bit input (slimtune.adapt.rms_norm)."""
+    recompute_norms: bool = True
+    """RMSNorms save their 16-bit input (slimtune.adapt.rms_norm); the training default too."""
     finetune_experts: bool = False
     """MoE geometries (26b-a4b): LoRA on the fused expert tensors too."""
     cuda_graphs: bool = False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmark training memory and speed on a real Gemma 4 geometry (GPU)")
@@ -19,7 +21,8 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--activation-offload", action="store_true",
                    help="keep checkpointed decoder-layer inputs in pinned host memory")
-    p.add_argument("--recompute-norms", action="store_true", help="RMSNorms save their 16-bit input, not fp32")
+    p.add_argument("--recompute-norms", action=argparse.BooleanOptionalAction, default=True,
+                   help="RMSNorms save their 16-bit input, not fp32, through the fused kernels on CUDA (default: on)")
     p.add_argument("--finetune-experts", action="store_true", help="26b-a4b: LoRA on the fused expert tensors too")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture each training step as one CUDA graph after 2 warm-up steps")

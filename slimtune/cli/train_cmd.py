@@ -56,7 +56,7 @@ _BOOLS = [
     ("--packing", "packing", "pack several samples per sequence (no cross-sample attention or loss)"),
     ("--activation-offload", "activation_offload", "keep checkpointed layer inputs in pinned host memory"),
     ("--compile", "compile_layers", "torch.compile each decoder layer (faster steps after compiling; fixed shapes)"),
-    ("--recompute-norms", "recompute_norms", "RMSNorms keep their 16-bit input, not an fp32 copy (less memory)"),
+    ("--recompute-norms", "recompute_norms", "(default) RMSNorms keep their 16-bit input, not an fp32 copy"),
     ("--cuda-graphs", "cuda_graphs", "capture each step as one CUDA graph (much faster short sequences; see docs)"),
     ("--resume", "resume", "continue exactly from the newest complete checkpoint in the run folder"),
 ]
@@ -75,6 +75,8 @@ def register(sub) -> None:
                    help="train with N processes (GPUs): re-runs this command under torchrun")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                    default=argparse.SUPPRESS, help="keep all activations (faster, more memory)")
+    p.add_argument("--no-recompute-norms", dest="recompute_norms", action="store_false", default=argparse.SUPPRESS,
+                   help="transformers' own RMSNorms (fp32 copy saved for backward; slower, more memory)")
     p.set_defaults(func=run)
 
 

@@ -73,7 +73,7 @@ def estimate_training_memory(model: str, *, seq_len: int, batch_size: int = 1, l
                              attention: str = "slimtune", activation_offload: bool = False, mlp_chunk_size: int = 0,
                              loss_chunk_size: int = 0, optimizer: str = "adamw", multimodal: bool = False,
                              activation_bytes: int = 2, cuda_graphs: bool = False,
-                             recompute_norms: bool = False, finetune_experts: bool = False,
+                             recompute_norms: bool = True, finetune_experts: bool = False,
                              compile_layers: bool = False) -> dict:
     """Estimated peak GPU memory of LoRA/QLoRA training.
 
@@ -120,7 +120,7 @@ def check_settings(*, seq_len, batch_size, lora_r, attention, optimizer, mlp_chu
 def training_terms(shape: ModelShape, *, seq_len: int, batch_size: int, load_in_4bit: bool, lora_r: int,
                    gradient_checkpointing: bool, offload_ple: bool, attention: str, activation_offload: bool,
                    mlp_chunk_size: int, loss_chunk_size: int, optimizer: str, activation_bytes: int = 2,
-                   cuda_graphs: bool = False, recompute_norms: bool = False, compile_layers: bool = False) -> dict:
+                   cuda_graphs: bool = False, recompute_norms: bool = True, compile_layers: bool = False) -> dict:
     """The estimate's terms in bytes: {"breakdown": {term: bytes}, "phase": which phase is the peak}, and the four
     groups the breakdown is made of (static, boundary, loss_phase, backward_phase: slimtune.memory.distributed_plan
     re-splits them per GPU)."""

@@ -26,7 +26,7 @@ _MLP_CHUNKS = (0, 4096, 2048, 1024, 512)
 _LOSS_CHUNKS = (0, 256, 128, 64)
 _FIXED_DEFAULTS = {"grad_accum": 1, "lora_r": 16, "attention": "slimtune", "multimodal": False,
                    "text_only": False, "finetune_experts": False, "activation_bytes": 2, "cuda_graphs": False,
-                   "recompute_norms": False, "compile_layers": False, "world_size": 1, "distributed": "auto"}
+                   "recompute_norms": True, "compile_layers": False, "world_size": 1, "distributed": "auto"}
 UNMEASURED_MARGIN = 0.85
 """Share of the budget a prediction may use where no H200 measurement backs the estimate yet (runs without
 gradient checkpointing): turning checkpointing off is a speed gain, not worth an out-of-memory on a guess."""

@@ -76,9 +76,10 @@ class TrainConfig:
     compile_layers: bool = False
     """torch.compile each text decoder layer (fuses the elementwise work between matmuls; the first steps compile).
     Best with fixed shapes (cuda_graphs or packing): every new sequence length may compile again."""
-    recompute_norms: bool = False
+    recompute_norms: bool = True
     """RMSNorms save their 16-bit input instead of an fp32 copy and recompute the normalisation in backward
-    (slimtune.adapt.rms_norm): same outputs and gradients, about a quarter less memory per checkpointed layer."""
+    (slimtune.adapt.rms_norm): same outputs and gradients, about a quarter less memory per checkpointed layer. On by
+    default since the fused CUDA kernels made it faster too (H200, E2B QLoRA 2K graphed: 12,676 -> 17,562 tok/s)."""
     cuda_graphs: bool = False
     """Capture each optimizer step as one CUDA graph after two eager warm-up steps (slimtune.train.cuda_graph):
     several times faster on short sequences, whose steps are bound by host-side launches. Every batch is padded

@@ -50,6 +50,19 @@ def test_every_setting_is_a_cli_flag_with_the_same_value(tmp_path):
     assert "distributed" not in TrainConfig.model_fields  # torchrun-only: the Studio starts one process per run
 
 
+def test_a_switch_that_is_on_by_default_is_passed_only_when_turned_off(tmp_path):
+    # recompute_norms is on in the trainer (and ticked in the Studio form): unticking it must reach the worker.
+    def parsed(**kw):
+        argv = build_train_argv(["slimtune", "train"], full_config(**kw), model_ref="M",
+                                data_path=tmp_path / "d.jsonl", run_dir=tmp_path / "r", resume=False)
+        return argv, cli_values(argv[1:])
+
+    argv, values = parsed(recompute_norms=False)
+    assert "--no-recompute-norms" in argv and values["recompute_norms"] is False
+    argv, values = parsed(recompute_norms=True)
+    assert "recompute-norms" not in " ".join(argv) and "recompute_norms" not in values  # the trainer's default
+
+
 def test_unset_settings_are_left_to_the_trainer(tmp_path):
     cfg = TrainConfig(model_id="embeddedtiny", dataset_id="abcdef123456", max_steps=5)
     argv = build_train_argv(["t"], cfg, model_ref="M", data_path=tmp_path / "d", run_dir=tmp_path / "r",

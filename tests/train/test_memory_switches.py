@@ -73,7 +73,8 @@ def test_bench_options_validate():
 
 def test_prepare_model_applies_the_switches(tiny_dir, tmp_path):
     cfg = TrainConfig(model=str(tiny_dir("e2b", text_only=True)), data=str(BUNDLED), output=str(tmp_path),
-                      device="cpu", activation_offload=True, mlp_chunk_size=32)
+                      device="cpu", activation_offload=True, mlp_chunk_size=32, recompute_norms=False)
+    assert TrainConfig(model="m", data="d", output="o").recompute_norms  # on unless turned off
     model, _ = prepare_model(cfg)
     layers = model.get_decoder().layers
     assert all(isinstance(layer.mlp, SequenceTiledMLP) and layer.mlp.chunk_size == 32 for layer in layers)

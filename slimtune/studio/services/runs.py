@@ -29,13 +29,23 @@ TRAIN_FIELDS = ("max_steps", "epochs", "lr", "lora_r", "lora_alpha", "batch_size
 RESUMABLE = ("stopped", "failed", "interrupted")
 
 
+def _trainer_default(name: str) -> Any:
+    from slimtune.train.config import TrainConfig as TrainerConfig  # noqa: PLC0415
+
+    return TrainerConfig.__dataclass_fields__[name].default
+
+
 def train_values(settings: TrainSettings) -> dict[str, Any]:
-    """The settings given, as TrainConfig keyword arguments. None, and a switch left off, are not given: like a
-    flag left off the command line, the trainer's default applies or, with max_memory, the planner chooses."""
+    """The settings given, as TrainConfig keyword arguments. None, and a switch at the trainer's default, are not
+    given: like a flag left off the command line, the trainer's default applies or, with max_memory, the planner
+    chooses. A switch the trainer turns on by default (recompute_norms) is given only when turned off."""
     values = {}
     for name in TRAIN_FIELDS:
         value = getattr(settings, name, None)
-        if value is not None and value is not False:  # `is`: 0 (e.g. mlp_chunk_size=0, "off") is a given value
+        if isinstance(value, bool):
+            if value != _trainer_default(name):
+                values[name] = value
+        elif value is not None:  # `is`: 0 (e.g. mlp_chunk_size=0, "off") is a given value
             values[name] = value
     return values
 
@@ -46,13 +56,15 @@ def _flag(name: str) -> str:
 
 def build_train_argv(command: list[str], cfg: TrainConfig, *, model_ref: str, data_path: Path,
                      run_dir: Path, resume: bool) -> list[str]:
-    """The worker's command line: ``<command> --model M --data FILE --output RUN_DIR [--flag value...] [switches]``."""
+    """The worker's command line: ``<command> --model M --data FILE --output RUN_DIR [--flag value...] [switches]``
+    where a switch is ``--name`` (on) or ``--no-name`` (off, where the trainer's default is on)."""
     argv = [*command, "--model", model_ref, "--data", str(data_path), "--output", str(run_dir)]
     values = train_values(cfg)
     for name, value in values.items():
-        if value is not True:
+        if not isinstance(value, bool):
             argv += [_flag(name), str(value)]
-    argv += [_flag(name) for name, value in values.items() if value is True]  # store_true switches
+    argv += [_flag(name) if value else "--no-" + _flag(name)[2:] for name, value in values.items()
+             if isinstance(value, bool)]
     if resume:
         argv.append("--resume")
     return argv
