@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6 (BENCHMARKS.md); still to run, most important
-# first: I, H, G, D2, D, E, F.
+# GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6, H, I and G in session 7 (BENCHMARKS.md); still to
+# run, most important first: J, D2, D, E, F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -21,6 +21,11 @@
 # G (one H200, ~9.5 min): the LoRA 16-bit rows Unsloth never finished in B and C (its bf16 run came last and its
 #   compile outlived the slot): Unsloth E2B LoRA 16-bit 2K/8K alone first, then ours; then issue 10's attention
 #   table with the graphed fwd+bwd time beside the eager one (T <= 32K).
+# J (one H200, ~5 min): session 7's eager entry points (autograd.Functions instead of the custom ops' dispatch): all
+#   attention and RMSNorm GPU tests (the session-7 run of them was cut by its time limit), then the A/B of the two
+#   entry points alternating in one process (benchmarks/gpu/eager_host_profile.py), then the eager and graphed 2K
+#   bench rows, and the RMSNorm micro-benchmark with its new graphed (device-time) column. Predicted before measuring: eager fwd+bwd host time −150 to −250 ms of ~600–780 (the custom ops'
+#   dispatch measured 153 ms in backend_impl plus ~100 ms in their autograd nodes), graphed step unchanged.
 # D2 (one H200, ~9 min): issue 6's 26B-A4B beside Unsloth: one pre-quantized checkpoint (NF4 attention/MLP; the
 #   3-D experts stay bf16 as transformers loads them, ~48 GB), Unsloth QLoRA 2K on it, ours with expert LoRA.
 # D (one H200, ~9 min): issue 9's 31B QLoRA beside Unsloth from one pre-quantized checkpoint (~17 GB).
@@ -30,7 +35,14 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 python3 -c "import torch, transformers, triton, peft; print(torch.__version__, transformers.__version__, triton.__version__, peft.__version__)" | tee "$OUT/env.txt"
-case "${1:?which call: A B C C2 I H G D D2 E F}" in
+case "${1:?which call: A B C C2 I H G J D D2 E F}" in
+J)
+  timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/kernels/test_flash_attention_gpu.py \
+    tests/kernels/test_rms_norm_kernel.py tests/kernels/test_flash_attention_fit.py 2>&1 | tail -3
+  timeout 120 python3 benchmarks/gpu/eager_host_profile.py --rounds 4 2>&1 | grep -E "host|rror"
+  timeout 40 $B --geometry e2b --mode qlora --seq 2048 2>&1 | show
+  timeout 40 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs 2>&1 | show
+  timeout 120 python3 benchmarks/kernels/bench_rms_norm.py --json "$OUT/rms_norm.json" 2>&1 | grep -E '^[{#]' ;;
 A)
   ts start
   ( unsloth_cache; ANCHOR_RUNS=2 timeout 360 python3 .anchors/probe_unsloth.py 2>&1 \
@@ -138,5 +150,5 @@ F)
   unsloth_cache
   timeout 540 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe unsloth \
     --runs qlora:4096,qlora:5120,qlora:6144 2>&1 | show ;;
-*) echo "unknown call $1: A B C C2 I H G D D2 E F"; exit 2 ;;
+*) echo "unknown call $1: A B C C2 I H G J D D2 E F"; exit 2 ;;
 esac

@@ -2,8 +2,10 @@
 
 GPU mode (default): forward + backward of one norm on Gemma 4's shapes (E2B hidden 1,536 and E4B 2,560 rows; the
 per-head q_norm at head_dim 256 and 512) for 2K and 8K tokens: transformers eager, transformers under
-torch.compile, and ours. Reports ms, effective GB/s (the bytes a fused norm must move: x and y forward, dy, x and
-dx backward, in the activation dtype) and its share of the H200's measured ~4.3 TB/s.
+torch.compile, and ours. Reports ms eager and inside one CUDA graph (``graphed_ms``: the device time, as training
+with --cuda-graphs sees it; eager timings of one norm are host-bound at these sizes: session 7 measured 0.3-0.9 ms
+for every shape), effective GB/s from the graphed time (the bytes a fused norm must move: x and y forward, dy, x
+and dx backward, in the activation dtype) and its share of the H200's measured ~4.3 TB/s.
 
 ``--host-ops`` (CPU, no GPU needed): the launch-count proxy behind the eager-step claim. It builds E2B's real layer
 structure (35 layers, KV sharing, per-layer inputs) with tiny widths, runs one LoRA forward+backward with
@@ -36,7 +38,7 @@ NOT_LAUNCHES = {"aten.view", "aten.detach", "aten.t", "aten.as_strided", "aten.r
 
 
 def gpu_table(seqs=(2048, 8192)) -> list[dict]:
-    from triton.testing import do_bench
+    from triton.testing import do_bench, do_bench_cudagraph
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
     from slimtune.kernels.rms_norm import rms_norm
@@ -52,11 +54,19 @@ def gpu_table(seqs=(2048, 8192)) -> list[dict]:
                          "slimtune": lambda v, w=norm.weight: rms_norm(v, w, 1e-6)}
             moved = 5 * x.numel() * x.element_size()
             for provider, fn in providers.items():
-                ms = do_bench(lambda fn=fn: torch.autograd.grad(fn(x), x, dy), warmup=25, rep=100,
-                              return_mode="median")
-                gbs = moved / ms / 1e6
+                def step(fn=fn):
+                    return torch.autograd.grad(fn(x), x, dy)
+
+                ms = do_bench(step, warmup=25, rep=100, return_mode="median")
+                try:
+                    graphed = do_bench_cudagraph(step, rep=100, return_mode="median")
+                except Exception as exc:  # noqa: BLE001 - a provider that cannot be captured keeps its eager row
+                    print(f"# {provider} {name} {t}: not capturable ({type(exc).__name__}: {exc})"[:300], flush=True)
+                    graphed = None
+                gbs = moved / (graphed or ms) / 1e6
                 rows.append({"shape": name, "tokens": t, "width": width, "heads": heads, "provider": provider,
-                             "ms": round(ms, 4), "GBps": round(gbs, 1), "pct_hbm": round(100 * gbs / 1e3 / HBM_TBPS, 1)})
+                             "ms": round(ms, 4), "graphed_ms": None if graphed is None else round(graphed, 4),
+                             "GBps": round(gbs, 1), "pct_hbm": round(100 * gbs / 1e3 / HBM_TBPS, 1)})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
