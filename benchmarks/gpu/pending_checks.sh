@@ -26,6 +26,9 @@
 #   entry points alternating in one process (benchmarks/gpu/eager_host_profile.py), then the eager and graphed 2K
 #   bench rows, and the RMSNorm micro-benchmark with its new graphed (device-time) column. Predicted before measuring: eager fwd+bwd host time −150 to −250 ms of ~600–780 (the custom ops'
 #   dispatch measured 153 ms in backend_impl plus ~100 ms in their autograd nodes), graphed step unchanged.
+#   Last, --checkpoint-layers 17 and 0 (session 7; predicted from the graphed 2K profile, whose forward recompute
+#   is ~1/3 of the matmul, attention-forward, elementwise and dequantize time: ~33 ms of 116): k=17 ~100 ms/step
+#   (~20,500 tok/s) at the estimate's 8.1 GiB; k=0 ~83 ms (~24,700 tok/s) at 11.4 GiB.
 # D2 (one H200, ~9 min): issue 6's 26B-A4B beside Unsloth: one pre-quantized checkpoint (NF4 attention/MLP; the
 #   3-D experts stay bf16 as transformers loads them, ~48 GB), Unsloth QLoRA 2K on it, ours with expert LoRA.
 # D (one H200, ~9 min): issue 9's 31B QLoRA beside Unsloth from one pre-quantized checkpoint (~17 GB).
@@ -42,7 +45,8 @@ J)
   timeout 120 python3 benchmarks/gpu/eager_host_profile.py --rounds 4 2>&1 | grep -E "host|rror"
   timeout 40 $B --geometry e2b --mode qlora --seq 2048 2>&1 | show
   timeout 40 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs 2>&1 | show
-  timeout 120 python3 benchmarks/kernels/bench_rms_norm.py --json "$OUT/rms_norm.json" 2>&1 | grep -E '^[{#]' ;;
+  timeout 120 python3 benchmarks/kernels/bench_rms_norm.py --json "$OUT/rms_norm.json" 2>&1 | grep -E '^[{#]'
+  for k in 17 0; do timeout 40 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs --checkpoint-layers $k 2>&1 | show; done ;;
 A)
   ts start
   ( unsloth_cache; ANCHOR_RUNS=2 timeout 360 python3 .anchors/probe_unsloth.py 2>&1 \

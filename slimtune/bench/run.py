@@ -35,6 +35,8 @@ class BenchOptions:
 
     offload_ple: bool = True
     gradient_checkpointing: bool = True
+    checkpoint_layers: int | None = None
+    """With gradient_checkpointing: the first N decoder layers recompute (None = all)."""
     attention: str = "sdpa"
     fused_adamw: bool = True
     compile_layers: bool = False
@@ -119,7 +121,8 @@ def _bench_one(variant: str, mode: str, seq: int, *, steps: int, multimodal: boo
                                      recompute_norms=options.recompute_norms, compile_layers=options.compile_layers,
                                      loss_chunk_size=options.loss_chunk_size,
                                      gradient_checkpointing=options.gradient_checkpointing,
-                                     activation_offload=options.activation_offload)
+                                     activation_offload=options.activation_offload,
+                                     checkpoint_layers=options.checkpoint_layers)
     model.train()
     params = trainable_parameters(model)
     opt = make_optimizer(params, name=options.optimizer, lr=1e-4, fused=options.fused_adamw,
@@ -187,7 +190,8 @@ def _planner_settings(mode: str, options: BenchOptions) -> dict:
                 batch_size=1, grad_accum=1, lora_r=16, optimizer=options.optimizer,
                 activation_offload=options.activation_offload, mlp_chunk_size=options.mlp_chunk_size,
                 cuda_graphs=options.cuda_graphs, finetune_experts=options.finetune_experts,
-                recompute_norms=options.recompute_norms, compile_layers=options.compile_layers)
+                recompute_norms=options.recompute_norms, compile_layers=options.compile_layers,
+                checkpoint_layers=options.checkpoint_layers)
 
 
 def predicted_gib(variant: str, mode: str, seq: int, options: BenchOptions, multimodal: bool = False) -> float | None:

@@ -30,6 +30,8 @@ def register(sub) -> None:
                    help="26b-a4b NF4 experts / expert LoRA: auto | loop | grouped, or a comma list run one after the "
                         "other in this process (auto: grouped on CUDA bf16). 16-bit experts without "
                         "--finetune-experts run transformers' own implementation")
+    p.add_argument("--checkpoint-layers", type=int, default=None,
+                   help="recompute only the first N decoder layers in backward (default: all)")
     p.add_argument("--mlp-chunk-size", type=int, default=0, help="sequence-tiled MLP: tokens per chunk (0 = off)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--steps-profile", type=int, default=0,
@@ -61,7 +63,8 @@ def run(args) -> int:
                         loss_chunk_size=args.loss_chunk_size or 0,
                         finetune_vision_layers=args.finetune_vision_layers,
                         finetune_audio_layers=args.finetune_audio_layers, cuda_graphs=args.cuda_graphs,
-                        finetune_experts=args.finetune_experts, recompute_norms=args.recompute_norms)
+                        finetune_experts=args.finetune_experts, recompute_norms=args.recompute_norms,
+                        checkpoint_layers=args.checkpoint_layers)
     impls = [replace(opts, experts_impl=i) for i in args.experts_impl.split(",")]  # each one validated
     explicit = frozenset(name for name, given in (("gradient_checkpointing", args.no_gradient_checkpointing),
                                                   ("loss_chunk_size", args.loss_chunk_size is not None),

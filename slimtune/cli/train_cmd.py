@@ -37,6 +37,8 @@ _FLAGS = [
     ("--eval-data", "eval_data", str, "held-out dataset file for evaluation"),
     ("--eval-fraction", "eval_fraction", float, "fraction of the training samples held out for evaluation"),
     ("--eval-steps", "eval_steps", int, "evaluate every N steps (0 = only at the end)"),
+    ("--checkpoint-layers", "checkpoint_layers", int,
+     "recompute only the first N decoder layers in backward (faster, more memory; default: all)"),
     ("--mlp-chunk-size", "mlp_chunk_size", int, "run each decoder MLP over chunks of N tokens (0 = off)"),
     ("--optimizer", "optimizer", str, "adamw (default) | adamw8bit"),
     ("--early-stopping-patience", "early_stopping_patience", int,

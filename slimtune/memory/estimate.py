@@ -74,7 +74,7 @@ def estimate_training_memory(model: str, *, seq_len: int, batch_size: int = 1, l
                              loss_chunk_size: int = 0, optimizer: str = "adamw", multimodal: bool = False,
                              activation_bytes: int = 2, cuda_graphs: bool = False,
                              recompute_norms: bool = True, finetune_experts: bool = False,
-                             compile_layers: bool = False) -> dict:
+                             compile_layers: bool = False, checkpoint_layers: int | None = None) -> dict:
     """Estimated peak GPU memory of LoRA/QLoRA training.
 
     Args:
@@ -85,6 +85,8 @@ def estimate_training_memory(model: str, *, seq_len: int, batch_size: int = 1, l
         optimizer: adamw | adamw8bit. finetune_experts: MoE models: LoRA on the fused expert tensors too.
         compile_layers: decoder layers under torch.compile (with cuda_graphs: a smaller graph pool, see
             CUDA_GRAPH_HIDDEN_COPIES).
+        checkpoint_layers: with gradient_checkpointing, how many decoder layers recompute (the first N; None = all);
+            the others keep their saved activations.
 
     Returns:
         {"total_gib": float, "breakdown": {term: GiB}, "phase": "loss" | "backward"}; the breakdown's terms add
@@ -98,7 +100,8 @@ def estimate_training_memory(model: str, *, seq_len: int, batch_size: int = 1, l
                            attention=attention, activation_offload=activation_offload,
                            mlp_chunk_size=mlp_chunk_size, loss_chunk_size=loss_chunk_size, optimizer=optimizer,
                            activation_bytes=activation_bytes, cuda_graphs=cuda_graphs,
-                           recompute_norms=recompute_norms, compile_layers=compile_layers)
+                           recompute_norms=recompute_norms, compile_layers=compile_layers,
+                           checkpoint_layers=checkpoint_layers)
     return {"total_gib": round(sum(terms["breakdown"].values()) / GIB, 3),
             "breakdown": {k: round(v / GIB, 3) for k, v in terms["breakdown"].items()}, "phase": terms["phase"]}
 
@@ -120,7 +123,8 @@ def check_settings(*, seq_len, batch_size, lora_r, attention, optimizer, mlp_chu
 def training_terms(shape: ModelShape, *, seq_len: int, batch_size: int, load_in_4bit: bool, lora_r: int,
                    gradient_checkpointing: bool, offload_ple: bool, attention: str, activation_offload: bool,
                    mlp_chunk_size: int, loss_chunk_size: int, optimizer: str, activation_bytes: int = 2,
-                   cuda_graphs: bool = False, recompute_norms: bool = True, compile_layers: bool = False) -> dict:
+                   cuda_graphs: bool = False, recompute_norms: bool = True, compile_layers: bool = False,
+                   checkpoint_layers: int | None = None) -> dict:
     """The estimate's terms in bytes: {"breakdown": {term: bytes}, "phase": which phase is the peak}, and the four
     groups the breakdown is made of (static, boundary, loss_phase, backward_phase: slimtune.memory.distributed_plan
     re-splits them per GPU)."""
@@ -143,11 +147,21 @@ def training_terms(shape: ModelShape, *, seq_len: int, batch_size: int, load_in_
     dense_mask = batch_size * seq_len * seq_len if attention == "sdpa" and _window_cuts(layers, seq_len) else 0
     ple_inputs = n * sum(lay.ple_dim for lay in layers) * a
     if gradient_checkpointing:
-        kept_layers = min(len(layers), IN_FLIGHT_LAYERS) if activation_offload else len(layers)
+        # the first checkpoint_layers recompute (keep only their input); the rest save everything, as without
+        # checkpointing, and add only their transients in backward
+        k = len(layers) if checkpoint_layers is None else min(checkpoint_layers, len(layers))
+        ckpt, plain = layers[:k], layers[k:]
+        kept_layers = min(len(ckpt), IN_FLIGHT_LAYERS) if activation_offload else len(ckpt)
         boundary = {"checkpointed_activations": n * h * a * kept_layers, "per_layer_inputs": ple_inputs,
                     "attention_mask": dense_mask}
-        working = max(_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention, mlp_chunk_size,
-                                   recompute_norms, saved=True, transient=True) for lay in layers)
+        if plain:
+            boundary["saved_activations"] = sum(_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention,
+                                                             mlp_chunk_size, recompute_norms, saved=True,
+                                                             transient=False) for lay in plain)
+        working = max([_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention, mlp_chunk_size,
+                                    recompute_norms, saved=True, transient=True) for lay in ckpt]
+                      + [_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention, mlp_chunk_size,
+                                      recompute_norms, saved=False, transient=True) for lay in plain])
     else:  # every layer's saved activations stay from the forward; the backward adds only its transients
         saved_all = sum(_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention, mlp_chunk_size,
                                    recompute_norms, saved=True, transient=False) for lay in layers)

@@ -26,7 +26,8 @@ _MLP_CHUNKS = (0, 4096, 2048, 1024, 512)
 _LOSS_CHUNKS = (0, 256, 128, 64)
 _FIXED_DEFAULTS = {"grad_accum": 1, "lora_r": 16, "attention": "slimtune", "multimodal": False,
                    "text_only": False, "finetune_experts": False, "activation_bytes": 2, "cuda_graphs": False,
-                   "recompute_norms": True, "compile_layers": False, "world_size": 1, "distributed": "auto"}
+                   "recompute_norms": True, "compile_layers": False, "world_size": 1, "distributed": "auto",
+                   "checkpoint_layers": None}
 UNMEASURED_MARGIN = 0.85
 """Share of the budget a prediction may use where no H200 measurement backs the estimate yet (runs without
 gradient checkpointing): turning checkpointing off is a speed gain, not worth an out-of-memory on a guess."""
@@ -136,7 +137,8 @@ def _predict(model: str, seq_len: int, s: dict, budget: int | None = None) -> Pl
     shape = read_model_shape(model, s["multimodal"], s["text_only"], s["finetune_experts"])
     args = {k: s[k] for k in ("batch_size", "load_in_4bit", "lora_r", "gradient_checkpointing", "offload_ple",
                               "attention", "activation_offload", "mlp_chunk_size", "loss_chunk_size", "optimizer",
-                              "activation_bytes", "cuda_graphs", "recompute_norms", "compile_layers")}
+                              "activation_bytes", "cuda_graphs", "recompute_norms", "compile_layers",
+                              "checkpoint_layers")}
     check_distributed(s["world_size"], s["distributed"], s["cuda_graphs"])
     terms = training_terms(shape, seq_len=seq_len, **args)
     # under torchrun: one GPU's share (world_size 1 returns the single-GPU terms untouched)
@@ -152,7 +154,7 @@ def _predict(model: str, seq_len: int, s: dict, budget: int | None = None) -> Pl
 
 
 def _margin(s: dict) -> float:
-    if not s["gradient_checkpointing"]:
+    if not s["gradient_checkpointing"] or s.get("checkpoint_layers") is not None:  # some layers not checkpointed
         return UNMEASURED_MARGIN
     return OFFLOAD_MARGIN if s["activation_offload"] else 1.0
 
@@ -238,10 +240,34 @@ def _plan(model: str, seq_len: int, budget: int, user: dict) -> Plan:
                     if trial.fits:
                         plan, s = trial, trial.settings
                         break
+    if plan.fits and used and used[-1] == "gradient_checkpointing" and "checkpoint_layers" not in user \
+            and s["gradient_checkpointing"] and not s["activation_offload"]:
+        plan, s = _fewest_checkpointed_layers(model, seq_len, budget, plan)
     plan.changes = {k: (start_value, s[k]) for k, start_value in
                     {**start, "grad_accum": effective // start["batch_size"]}.items() if s[k] != start_value}
+    if s["checkpoint_layers"] is not None and "checkpoint_layers" not in user:
+        plan.changes["checkpoint_layers"] = (None, s["checkpoint_layers"])
     plan.notes = _notes(plan, fixed)
     return plan
+
+
+def _fewest_checkpointed_layers(model: str, seq_len: int, budget: int, plan: Plan) -> tuple[Plan, dict]:
+    """Checkpointing was the last setting the budget needed: recompute only as many decoder layers as it needs
+    (the first k; the rest keep their activations), the smallest k whose prediction fits. Memory falls as k
+    grows, so a bisection finds it; k = all layers is the plan given."""
+    s = plan.settings
+    total = len(read_model_shape(model, s["multimodal"], s["text_only"], s["finetune_experts"]).layers)
+    best, low, high = plan, 0, total  # the answer lies in [low, high]; k = total is known to fit
+    while low < high:
+        k = (low + high) // 2
+        trial = _predict(model, seq_len, {**s, "checkpoint_layers": k}, budget)
+        if trial.fits:
+            best, high = trial, k
+        else:
+            low = k + 1
+    if best.settings["checkpoint_layers"] == total:  # all of them: say so the usual way
+        return plan, s
+    return best, best.settings
 
 
 def _notes(plan: Plan, fixed: set) -> list[str]:
@@ -252,6 +278,10 @@ def _notes(plan: Plan, fixed: set) -> list[str]:
                      "and the same gradients, in more, smaller passes")
     if not s["gradient_checkpointing"] and plan.budget_bytes is not None:
         notes.append(f"without gradient checkpointing (not yet measured on a GPU) the plan keeps "
+                     f"{1 - UNMEASURED_MARGIN:.0%} of the budget free")
+    elif s.get("checkpoint_layers") is not None and plan.budget_bytes is not None:
+        notes.append(f"only the first {s['checkpoint_layers']} decoder layers recompute (the rest keep their "
+                     f"activations: faster); this mix is not yet measured on a GPU, so the plan keeps "
                      f"{1 - UNMEASURED_MARGIN:.0%} of the budget free")
     if s["activation_offload"] and not s["gradient_checkpointing"]:
         notes.append("activation_offload only acts on checkpointed layer inputs; it has no effect without "

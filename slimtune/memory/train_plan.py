@@ -16,7 +16,7 @@ from slimtune.memory.sizes import format_gib, parse_memory_size
 
 # TrainConfig field -> planner setting of the same name
 _PLANNED_FIELDS = ("load_in_4bit", "gradient_checkpointing", "activation_offload", "mlp_chunk_size",
-                   "loss_chunk_size", "batch_size", "optimizer")
+                   "loss_chunk_size", "batch_size", "optimizer", "checkpoint_layers")
 
 
 def explicit_fields(cfg) -> set[str]:

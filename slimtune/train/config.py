@@ -70,6 +70,9 @@ class TrainConfig:
     """cuda | cpu | None (auto)."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant: correct with Gemma 4's KV sharing)."""
+    checkpoint_layers: int | None = None
+    """With gradient_checkpointing: how many decoder layers recompute (the first N; None = all). The rest keep
+    their activations from the forward: less recompute per step, more memory (the estimate counts both)."""
     activation_offload: bool = False
     """Keep the inputs checkpointing saves per decoder layer in pinned host memory (async copies, prefetched
     for backward). Needs gradient_checkpointing."""
@@ -177,6 +180,8 @@ class TrainConfig:
             ("mlp_chunk_size", _non_negative_int(self.mlp_chunk_size), "an integer >= 0 (0 = off)"),
             ("loss_chunk_size", _non_negative_int(self.loss_chunk_size), "an integer >= 0 (0 = automatic)"),
             ("optimizer", self.optimizer in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
+            ("checkpoint_layers", self.checkpoint_layers is None or _non_negative_int(self.checkpoint_layers),
+             "an integer >= 0 or null (all layers)"),
             ("activation_offload", isinstance(self.activation_offload, bool), "true or false"),
             ("cuda_graphs", isinstance(self.cuda_graphs, bool), "true or false"),
             ("recompute_norms", isinstance(self.recompute_norms, bool), "true or false"),
@@ -192,6 +197,9 @@ class TrainConfig:
         if self.activation_offload is True and self.gradient_checkpointing is False:
             p.append("activation_offload needs gradient_checkpointing (it offloads the inputs checkpointing keeps "
                      "per decoder layer): turn gradient_checkpointing on or activation_offload off")
+        if self.checkpoint_layers is not None and self.gradient_checkpointing is False:
+            p.append("checkpoint_layers needs gradient_checkpointing (it says how many layers recompute): turn "
+                     "gradient_checkpointing on or leave checkpoint_layers unset")
         p += self._cuda_graph_problems()
         if self.finetune_experts is True and self.lora_dropout:
             p.append(f"finetune_experts=true needs lora_dropout=0 (got {self.lora_dropout!r}): PEFT's LoRA on expert "

@@ -12,7 +12,7 @@ import yaml
 from slimtune.adapt.inject import add_lora
 from slimtune.data import load_records
 from slimtune.data.tokenize import tokenize_rows, text_tokenizer
-from slimtune.errors import DataError, TrainingOutOfMemoryError
+from slimtune.errors import ConfigError, DataError, TrainingOutOfMemoryError
 from slimtune.memory.activation_offload import enable_activation_offload
 from slimtune.memory.tiled_mlp import tile_decoder_mlps
 from slimtune.adapt.rms_norm import swap_rms_norms
@@ -63,13 +63,13 @@ def prepare_model(cfg: TrainConfig, device: str | None = None):
     apply_layer_switches(model, mlp_chunk_size=cfg.mlp_chunk_size, recompute_norms=cfg.recompute_norms,
                          compile_layers=cfg.compile_layers, loss_chunk_size=cfg.loss_chunk_size,
                          gradient_checkpointing=cfg.gradient_checkpointing,
-                         activation_offload=cfg.activation_offload)
+                         activation_offload=cfg.activation_offload, checkpoint_layers=cfg.checkpoint_layers)
     return model, tokenizer
 
 
 def apply_layer_switches(model, *, mlp_chunk_size: int = 0, recompute_norms: bool = False,
                          compile_layers: bool = False, loss_chunk_size: int = 0, gradient_checkpointing: bool = True,
-                         activation_offload: bool = False):
+                         activation_offload: bool = False, checkpoint_layers: int | None = None):
     """The memory and speed switches on a LoRA-adapted model, in the one order that works (training and bench).
 
     Module swaps first (tiled MLP, recomputed norms), then each decoder layer compiled (after every swap, so the
@@ -88,17 +88,30 @@ def apply_layer_switches(model, *, mlp_chunk_size: int = 0, recompute_norms: boo
     if gradient_checkpointing:
         # Non-reentrant: reentrant checkpointing drops the gradients that flow from KV-consumer layers back
         # into the producer layer's k/v projections on E2B/E4B (tests/train/test_kv_sharing.py shows it).
-        enable_checkpointing(model)
+        enable_checkpointing(model, checkpoint_layers)
     return enable_activation_offload(model) if activation_offload else None
 
 
-def enable_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing through transformers' public switch (renamed in 5.24)."""
+def enable_checkpointing(model, layers: int | None = None) -> None:
+    """Non-reentrant activation checkpointing through transformers' public switch (renamed in 5.24).
+
+    ``layers``: how many decoder layers recompute (the first ``layers``; None = all). The others keep their
+    activations from the forward: less recompute, more memory. Each layer reads its own ``gradient_checkpointing``
+    flag (transformers' GradientCheckpointingLayer), so the mix needs no other change; non-reentrant checkpointing
+    keeps the KV-sharing gradients either way (tests/train/test_kv_sharing.py).
+    """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if layers is not None:
+        decoder_layers = list(model.get_decoder().layers)
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= len(decoder_layers):
+            raise ConfigError(f"checkpoint_layers must be an integer from 0 to the model's {len(decoder_layers)} "
+                              f"decoder layers, or unset for all of them (got {layers!r})")
+        for i, layer in enumerate(decoder_layers):
+            layer.gradient_checkpointing = i < layers
 
 
 def media_root(data: str) -> Path:

@@ -118,3 +118,55 @@ def test_recompute_norms_halves_the_norm_terms_and_lengthens_the_context():
     budget = 8 * 2**30
     assert longest_context("e2b", budget, load_in_4bit=True, recompute_norms=True, multiple_of=1024) > \
         longest_context("e2b", budget, load_in_4bit=True, recompute_norms=False, multiple_of=1024)
+
+
+def test_checkpoint_layers_spans_checkpointing_all_layers_to_none():
+    """checkpoint_layers=k: k layers keep only their input, the others everything; k = all is the default plan,
+    k = 0 saves what no checkpointing saves, and each layer not recomputed adds memory."""
+    from slimtune.memory.planner import UNMEASURED_MARGIN, predict
+
+    layers = 35  # E2B's decoder
+    every = predict("e2b", 8192, load_in_4bit=True)
+    assert predict("e2b", 8192, load_in_4bit=True, checkpoint_layers=layers).predicted_bytes == every.predicted_bytes
+    peaks = [predict("e2b", 8192, load_in_4bit=True, checkpoint_layers=k).predicted_bytes
+             for k in (layers, 30, 17, 0)]
+    assert peaks == sorted(peaks) and len(set(peaks)) == 4
+    none = predict("e2b", 8192, load_in_4bit=True, checkpoint_layers=0)
+    off = predict("e2b", 8192, load_in_4bit=True, gradient_checkpointing=False)
+    assert none.breakdown["saved_activations"] == off.breakdown["saved_activations"]
+    assert none.breakdown["checkpointed_activations"] == 0
+    assert every.margin == 1.0 and none.margin == UNMEASURED_MARGIN  # the mix is not calibrated on a GPU yet
+
+
+def test_planner_recomputes_only_as_many_layers_as_the_budget_needs():
+    from slimtune.memory.planner import UNMEASURED_MARGIN, plan_memory, predict
+
+    every = predict("e2b", 4096, load_in_4bit=True).predicted_bytes
+    none = predict("e2b", 4096, load_in_4bit=True, gradient_checkpointing=False).predicted_bytes
+    budget = int((every + (none - every) / 2) / UNMEASURED_MARGIN)  # room for about half the layers' activations
+    plan = plan_memory("e2b", 4096, budget, load_in_4bit=True)
+    k = plan.settings["checkpoint_layers"]
+    assert plan.fits and plan.settings["gradient_checkpointing"] and 0 < k < 35, plan.summary()
+    assert plan.changes["checkpoint_layers"] == (None, k) and "first %d decoder layers" % k in plan.summary()
+    fewer = predict("e2b", 4096, load_in_4bit=True, checkpoint_layers=k - 1)
+    assert fewer.predicted_bytes > budget * UNMEASURED_MARGIN  # k is the fewest that fits
+    # a budget the all-layers plan only just fits keeps every layer checkpointed; a fixed value is kept
+    assert plan_memory("e2b", 4096, int(every) + 1, load_in_4bit=True).settings["checkpoint_layers"] is None
+    fixed = plan_memory("e2b", 4096, budget, load_in_4bit=True, checkpoint_layers=30)
+    assert fixed.settings["checkpoint_layers"] == 30 and "checkpoint_layers" not in fixed.changes
+
+
+def test_train_config_gets_the_planned_checkpoint_layers():
+    from slimtune.memory.planner import UNMEASURED_MARGIN, predict
+    from slimtune.memory.train_plan import apply_memory_plan
+    from slimtune.train.config import TrainConfig
+
+    every = predict("e2b", 4096, load_in_4bit=True).predicted_bytes
+    none = predict("e2b", 4096, load_in_4bit=True, gradient_checkpointing=False).predicted_bytes
+    budget_mib = int((every + (none - every) / 2) / UNMEASURED_MARGIN / 2**20)
+    cfg = TrainConfig(model="e2b", data="d", output="o", load_in_4bit=True, max_seq_length=4096,
+                      max_memory=f"{budget_mib}MiB", device="cuda")
+    lines = []
+    planned = apply_memory_plan(cfg, log=lines.append, world_size=1)
+    assert planned.gradient_checkpointing and 0 < planned.checkpoint_layers < 35, lines
+    assert any(f"checkpoint_layers={planned.checkpoint_layers} (was None)" in line for line in lines), lines

@@ -93,3 +93,31 @@ def test_reentrant_checkpointing_drops_producer_gradients(tiny_dir):
     diffs = [float((reent[n] - g).norm() / g.norm()) for n, g in plain.items()
              if any(f"layers.{i}.self_attn.k_proj" in n for i in producers) and g.norm() > 0]
     assert diffs and max(diffs) > 1e-3, diffs
+
+
+@pytest.mark.parametrize("split", ["producers-only", "first-layer-only"])
+def test_partial_checkpointing_keeps_every_gradient(tiny_dir, split):
+    """checkpoint_layers=k: the first k layers recompute, the rest keep their activations. The mix must give the
+    plain path's gradients (KV producers checkpointed, their consumers not, and the reverse), and really recompute
+    only those k layers."""
+    from slimtune.train.run import enable_checkpointing
+
+    model = _model(tiny_dir)
+    batch = _batch(model)
+    plain = _grads(model, batch, None)
+    cfg = model.config
+    k = cfg.num_hidden_layers - cfg.num_kv_shared_layers if split == "producers-only" else 1
+    enable_checkpointing(model, k)
+    layers = list(model.get_decoder().layers)
+    calls = [0] * len(layers)  # self_attn runs once per layer forward, again when a checkpointed layer recomputes
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(layers)]
+    model.train()
+    model.zero_grad(set_to_none=True)
+    accumulate_gradients(model, [batch], device=torch.device("cpu"), dtype=torch.float32)
+    for h in hooks:
+        h.remove()
+    assert calls == [2 if i < k else 1 for i in range(len(layers))], calls
+    for name, g in plain.items():
+        p = dict(model.named_parameters())[name]
+        assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-7), name

@@ -41,6 +41,10 @@ def test_validation_names_each_bad_switch():
         _cfg(mlp_chunk_size=True)
     cfg = _cfg(activation_offload=True, mlp_chunk_size=1024, optimizer="adamw8bit")
     assert cfg.to_dict()["mlp_chunk_size"] == 1024
+    with pytest.raises(ConfigError, match="checkpoint_layers must be an integer >= 0 or null"):
+        _cfg(checkpoint_layers=-2)
+    with pytest.raises(ConfigError, match="checkpoint_layers needs gradient_checkpointing"):
+        _cfg(checkpoint_layers=4, gradient_checkpointing=False)
 
 
 def test_yaml_and_cli_flags(tmp_path):
@@ -59,6 +63,8 @@ def test_yaml_and_cli_flags(tmp_path):
     args = parser.parse_args(["train", "--activation-offload", "--mlp-chunk-size", "256", "--optimizer", "adamw8bit"])
     assert (args.activation_offload, args.mlp_chunk_size, args.optimizer) == (True, 256, "adamw8bit")
     assert not hasattr(parser.parse_args(["train"]), "mlp_chunk_size")  # unset flags leave the file's values
+    assert parser.parse_args(["train", "--checkpoint-layers", "20"]).checkpoint_layers == 20
+    assert parser.parse_args(["bench", "--checkpoint-layers", "20"]).checkpoint_layers == 20
     args = parser.parse_args(["bench", "--activation-offload", "--mlp-chunk-size", "4096", "--optimizer", "adamw8bit"])
     assert (args.activation_offload, args.mlp_chunk_size, args.optimizer) == (True, 4096, "adamw8bit")
 
@@ -84,6 +90,10 @@ def test_prepare_model_applies_the_switches(tiny_dir, tmp_path):
     assert not any(type(m).__name__ == "Gemma4RMSNorm" for m in lean.get_decoder().modules())
     assert all(layer._compiled_call_impl is not None for layer in lean.get_decoder().layers)  # compiled lazily
     assert all(layer._compiled_call_impl is None for layer in layers)
+    some, _ = prepare_model(TrainConfig(**{**cfg.to_dict(), "activation_offload": False, "checkpoint_layers": 2}))
+    assert [layer.gradient_checkpointing for layer in some.get_decoder().layers][:3] == [True, True, False]
+    with pytest.raises(ConfigError, match="checkpoint_layers must be an integer from 0 to the model's"):
+        prepare_model(TrainConfig(**{**cfg.to_dict(), "checkpoint_layers": 10_000}))
     plain, _ = prepare_model(TrainConfig(**{**cfg.to_dict(), "activation_offload": False, "mlp_chunk_size": 0}))
     assert activation_offloader(plain) is None
     assert not any(isinstance(m, SequenceTiledMLP) for m in plain.modules())
