@@ -194,14 +194,19 @@ def _backward(do, q, k, v, o, lse, scale, window, dstart, dend, key_valid, cfgs)
     return dq, dk, dv
 
 
-# The kernels as registered torch ops (the only autograd path): torch.compile treats them as opaque calls, so a
-# compiled decoder layer stays one graph (no break around attention) and inductor never re-compiles our Triton
-# source (its pipeline rejects the head_dim-512 layout trick: H200 run, 2026-11-28).
+def _forward_fitted(q, k, v, scale, window, dstart, key_valid, configs):
+    """(o, lse) with the forward launch shape the encoded ``configs`` name, or the first smaller one that fits."""
+    return _fitting("fwd", _decode_configs(configs)["fwd"], q,
+                    lambda c: _forward(q, k, v, scale, window, dstart, key_valid, c))
+
+
+# The kernels as registered torch ops, torch.compile's path: it treats them as opaque calls, so a compiled decoder
+# layer stays one graph (no break around attention) and inductor never re-compiles our Triton source (its pipeline
+# rejects the head_dim-512 layout trick: H200 run, 2026-11-28). Eager calls use `_FlashAttention` below.
 @torch.library.custom_op("slimtune::flash_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int, dstart: torch.Tensor,
             dend: torch.Tensor, key_valid: torch.Tensor | None, configs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fitting("fwd", _decode_configs(configs)["fwd"], q,
-                    lambda c: _forward(q, k, v, scale, window, dstart, key_valid, c))
+    return _forward_fitted(q, k, v, scale, window, dstart, key_valid, configs)
 
 
 @_fwd_op.register_fake
@@ -245,8 +250,7 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, window, dstart, dend, key_valid, configs):
-        o, lse = _fitting("fwd", _decode_configs(configs)["fwd"], q,
-                          lambda c: _forward(q, k, v, scale, window, dstart, key_valid, c))
+        o, lse = _forward_fitted(q, k, v, scale, window, dstart, key_valid, configs)
         ctx.save_for_backward(q, k, v, o, lse, dstart, dend, key_valid)
         ctx.scale, ctx.window, ctx.configs = scale, window, configs
         return o

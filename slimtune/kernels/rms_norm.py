@@ -12,8 +12,9 @@ forward is one kernel (reads x, writes y and one fp32 ``rstd`` per row) and the 
 Scope: the weight (if any) is frozen, as in LoRA training: no weight gradient (callers fall back to
 `slimtune.adapt.rms_norm.RMSNormFunction` when it trains). Rows up to 8,192 values (31B's hidden size is 5,376).
 On CUDA with Triton the kernels run (bf16, fp16, fp32); elsewhere `rms_norm_reference` computes the same function
-with transformers' op order. The kernels are registered torch ops, opaque to torch.compile and capturable in CUDA
-graphs. Each kernel checks its first use against the torch formula (`_checked`).
+with transformers' op order. Under torch.compile the kernels are registered torch ops (opaque to it); eager calls
+reach the same launchers through an autograd.Function (see `_FusedRMSNorm`). Both are capturable in CUDA graphs.
+Each kernel checks its first use against the torch formula (`_checked`).
 """
 
 from __future__ import annotations
@@ -124,14 +125,13 @@ def rms_norm_backward_reference(dy: torch.Tensor, x: torch.Tensor, weight: torch
     ``x̂ = x·rstd``, ``g = dy·w``, ``dx = rstd·(g − x̂·mean(g·x̂))``. The kernel computes the same."""
     r = rstd[:, None]
     xhat = x.float() * r
-    g = dy.float() if weight is None else dy.float() * weight.float()
+    g = _weighted(dy, weight)
     return (r * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
 
 
-def _scaled_grad(dy: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor) -> torch.Tensor:
-    """rstd·dy·w in fp32: the size of the two terms the backward subtracts."""
-    g = dy.float() if weight is None else dy.float() * weight.float()
-    return g * rstd[:, None]
+def _weighted(dy: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """g = dy·w in fp32 (dy alone without a weight)."""
+    return dy.float() if weight is None else dy.float() * weight.float()
 
 
 def _launch_shape(width: int) -> tuple[int, int, int]:
@@ -175,7 +175,7 @@ def _backward_dx(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
     # the check measures the error against the size of rstd·g, not of dx.
     if not _launch_checked("backward", x, weight, launch, dx,
                            lambda k: rms_norm_backward_reference(dy[:k], x[:k], weight, rstd[:k]),
-                           lambda k: _scaled_grad(dy[:k], weight, rstd[:k]).norm()):
+                           lambda k: (_weighted(dy[:k], weight) * rstd[:k, None]).norm()):
         return rms_norm_backward_reference(dy, x, weight, rstd)
     return dx
 

@@ -146,28 +146,24 @@ def training_terms(shape: ModelShape, *, seq_len: int, batch_size: int, load_in_
     # checkpoint input; only built when the window actually cuts the sequence.
     dense_mask = batch_size * seq_len * seq_len if attention == "sdpa" and _window_cuts(layers, seq_len) else 0
     ple_inputs = n * sum(lay.ple_dim for lay in layers) * a
+    # Checkpointed layers (the first k; all by default, none without checkpointing) keep only their input and
+    # rebuild the rest in their backward; the others save everything from the forward and add only transients.
+    k = 0 if not gradient_checkpointing else len(layers) if checkpoint_layers is None else min(checkpoint_layers,
+                                                                                                len(layers))
+    ckpt, plain = layers[:k], layers[k:]
+
+    def layer_bytes(lay, saved: bool, transient: bool) -> float:
+        return _layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention, mlp_chunk_size, recompute_norms,
+                            saved=saved, transient=transient)
+
+    boundary = {}
     if gradient_checkpointing:
-        # the first checkpoint_layers recompute (keep only their input); the rest save everything, as without
-        # checkpointing, and add only their transients in backward
-        k = len(layers) if checkpoint_layers is None else min(checkpoint_layers, len(layers))
-        ckpt, plain = layers[:k], layers[k:]
         kept_layers = min(len(ckpt), IN_FLIGHT_LAYERS) if activation_offload else len(ckpt)
-        boundary = {"checkpointed_activations": n * h * a * kept_layers, "per_layer_inputs": ple_inputs,
-                    "attention_mask": dense_mask}
-        if plain:
-            boundary["saved_activations"] = sum(_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention,
-                                                             mlp_chunk_size, recompute_norms, saved=True,
-                                                             transient=False) for lay in plain)
-        working = max([_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention, mlp_chunk_size,
-                                    recompute_norms, saved=True, transient=True) for lay in ckpt]
-                      + [_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention, mlp_chunk_size,
-                                      recompute_norms, saved=False, transient=True) for lay in plain])
-    else:  # every layer's saved activations stay from the forward; the backward adds only its transients
-        saved_all = sum(_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention, mlp_chunk_size,
-                                   recompute_norms, saved=True, transient=False) for lay in layers)
-        boundary = {"saved_activations": saved_all, "per_layer_inputs": ple_inputs, "attention_mask": dense_mask}
-        working = max(_layer_bytes(lay, h, n, batch_size, seq_len, lora_r, a, attention, mlp_chunk_size,
-                                   recompute_norms, saved=False, transient=True) for lay in layers)
+        boundary["checkpointed_activations"] = n * h * a * kept_layers
+    if plain:
+        boundary["saved_activations"] = sum(layer_bytes(lay, True, False) for lay in plain)
+    boundary.update(per_layer_inputs=ple_inputs, attention_mask=dense_mask)
+    working = max([layer_bytes(lay, True, True) for lay in ckpt] + [layer_bytes(lay, False, True) for lay in plain])
     chunk = min(loss_chunk_size or default_loss_chunk(shape.vocab), n)
     loss_phase = {
         "loss_chunk": chunk * shape.vocab * (4 + a),  # fp32 logits + 16-bit dz, reused by every chunk

@@ -154,7 +154,7 @@ def _predict(model: str, seq_len: int, s: dict, budget: int | None = None) -> Pl
 
 
 def _margin(s: dict) -> float:
-    if not s["gradient_checkpointing"] or s.get("checkpoint_layers") is not None:  # some layers not checkpointed
+    if not s["gradient_checkpointing"] or s["checkpoint_layers"] is not None:  # some layers not checkpointed
         return UNMEASURED_MARGIN
     return OFFLOAD_MARGIN if s["activation_offload"] else 1.0
 
@@ -265,9 +265,7 @@ def _fewest_checkpointed_layers(model: str, seq_len: int, budget: int, plan: Pla
             best, high = trial, k
         else:
             low = k + 1
-    if best.settings["checkpoint_layers"] == total:  # all of them: say so the usual way
-        return plan, s
-    return best, best.settings
+    return best, best.settings  # best stays `plan` (checkpoint_layers None: all) when no smaller k fits
 
 
 def _notes(plan: Plan, fixed: set) -> list[str]:
@@ -279,7 +277,7 @@ def _notes(plan: Plan, fixed: set) -> list[str]:
     if not s["gradient_checkpointing"] and plan.budget_bytes is not None:
         notes.append(f"without gradient checkpointing (not yet measured on a GPU) the plan keeps "
                      f"{1 - UNMEASURED_MARGIN:.0%} of the budget free")
-    elif s.get("checkpoint_layers") is not None and plan.budget_bytes is not None:
+    elif s["checkpoint_layers"] is not None and plan.budget_bytes is not None:
         notes.append(f"only the first {s['checkpoint_layers']} decoder layers recompute (the rest keep their "
                      f"activations: faster); this mix is not yet measured on a GPU, so the plan keeps "
                      f"{1 - UNMEASURED_MARGIN:.0%} of the budget free")
