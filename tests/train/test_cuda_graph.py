@@ -110,6 +110,22 @@ def test_static_step_equals_standard_step_on_cpu(tiny_dir, one_thread):
     assert not ours.slimtune_static_loss and step.tables[0]._static_rows is None
 
 
+def test_graph_step_keeps_partial_checkpointing(tiny_dir, one_thread):
+    """The graph step re-enables checkpointing without RNG saving; checkpoint_layers=k must survive that (it once
+    reset every layer to recompute, so a partial setting silently cost the full recompute)."""
+    dev, dtype = torch.device("cpu"), torch.float32
+    model = _model(tiny_dir, dev, dtype)
+    enable_checkpointing(model, 1)
+    layers = list(model.get_decoder().layers)
+    calls = [0] * len(layers)  # self_attn runs once per forward, again when its layer recomputes in backward
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(layers)]
+    _run_graphed(model, _batches(model, 1), dev, dtype, capture=False, fused=False)
+    for h in hooks:
+        h.remove()
+    assert calls == [2] + [1] * (len(layers) - 1), calls
+
+
 def test_gradient_accumulation_window_equals_the_standard_step_on_cpu(tiny_dir, one_thread):
     """A window of micro-batches (micro-batch body k times, then the update body): the standard step's losses and
     weights, with the loss normalised over the whole window's targets."""
