@@ -38,7 +38,7 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 python3 -c "import torch, transformers, triton, peft; print(torch.__version__, transformers.__version__, triton.__version__, peft.__version__)" | tee "$OUT/env.txt"
-case "${1:?which call: A B C C2 I H G J D D2 E F}" in
+case "${1:?which call: A B C C2 I H G J K D D2 E F}" in
 J)
   timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/kernels/test_flash_attention_gpu.py \
     tests/kernels/test_rms_norm_kernel.py tests/kernels/test_flash_attention_fit.py 2>&1 | tail -3
@@ -47,6 +47,10 @@ J)
   timeout 40 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs 2>&1 | show
   timeout 120 python3 benchmarks/kernels/bench_rms_norm.py --json "$OUT/rms_norm.json" 2>&1 | grep -E '^[{#]'
   for k in 17 0; do timeout 40 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs --checkpoint-layers $k 2>&1 | show; done ;;
+K)  # after J: --checkpoint-layers with graphs (J found graphs reset it to all layers), and J's eager A/B again
+  timeout 120 python3 benchmarks/gpu/eager_host_profile.py --rounds 8 2>&1 | grep -E "host|rror"
+  for k in 17 8 0; do timeout 45 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs --checkpoint-layers $k 2>&1 | show; done
+  python3 -c "import json,sys; [print(r['options']['checkpoint_layers'], r['peak_gib'], r.get('predicted_gib'), r['tok_s']) for r in map(json.loads, open(sys.argv[1]))]" "$OUT/ours.jsonl" ;;
 A)
   ts start
   ( unsloth_cache; ANCHOR_RUNS=2 timeout 360 python3 .anchors/probe_unsloth.py 2>&1 \
