@@ -57,10 +57,18 @@ def _context(cfg, world_size: int | None = None) -> dict:
         world_size = launched_world_size()
     cuda = cfg.device == "cuda" or (cfg.device is None and torch.cuda.is_available())
     return {"lora_r": cfg.lora_r, "attention": "slimtune" if cuda else "sdpa", "text_only": bool(cfg.text_only),
-            "finetune_experts": bool(cfg.finetune_experts), "cuda_graphs": bool(cfg.cuda_graphs),
+            "finetune_experts": bool(cfg.finetune_experts), "cuda_graphs": _graphs_likely(cfg, cuda, world_size),
             "recompute_norms": bool(cfg.recompute_norms), "compile_layers": bool(cfg.compile_layers),
             "activation_bytes": 4 if cfg.dtype in ("float32", "fp32") else 2,
             "world_size": world_size, "distributed": cfg.distributed}
+
+
+def _graphs_likely(cfg, cuda: bool, world_size: int) -> bool:
+    """Whether the run will capture CUDA graphs, for the prediction: forced on, or "auto" with what auto needs
+    first (slimtune.train.auto_graphs). Counting a graph that auto then leaves off over-predicts by its pool."""
+    if cfg.cuda_graphs == "auto":
+        return cuda and world_size == 1 and bool(cfg.packing)
+    return cfg.cuda_graphs is True
 
 
 def plan_for_config(cfg, world_size: int | None = None) -> Plan:
@@ -79,7 +87,7 @@ def plan_for_config(cfg, world_size: int | None = None) -> Plan:
     user = {k: getattr(cfg, k) for k in _PLANNED_FIELDS if k in explicit}
     if "grad_accum" in explicit:
         user["grad_accum"] = cfg.grad_accum
-    if cfg.cuda_graphs:  # a captured step can neither offload activations nor use 8-bit AdamW
+    if cfg.cuda_graphs is True:  # a captured step can neither offload activations nor use 8-bit AdamW
         user.update(activation_offload=False, optimizer="adamw")
     return plan_memory(ref, cfg.max_seq_length, parse_memory_size(cfg.max_memory), **user,
                        **_context(cfg, world_size))

@@ -83,11 +83,12 @@ class TrainConfig:
     """RMSNorms save their 16-bit input instead of an fp32 copy and recompute the normalisation in backward
     (slimtune.adapt.rms_norm): same outputs and gradients, about a quarter less memory per checkpointed layer. On by
     default since the fused CUDA kernels made it faster too (H200, E2B QLoRA 2K graphed: 12,676 -> 17,562 tok/s)."""
-    cuda_graphs: bool = False
+    cuda_graphs: bool | str = "auto"
     """Capture each optimizer step as one CUDA graph after two eager warm-up steps (slimtune.train.cuda_graph):
     several times faster on short sequences, whose steps are bound by host-side launches. Every batch is padded
     to max_seq_length. Needs CUDA, bf16, optimizer adamw, lora_dropout 0, no activation_offload, one process,
-    text batches."""
+    text batches. "auto": on when all that holds, packing is on and the predicted peak leaves a quarter of the
+    GPU free (slimtune.train.auto_graphs; the run log says which and why); true forces it, false never."""
     mlp_chunk_size: int = 0
     """Run each decoder MLP over chunks of this many tokens, recomputing them in backward (0 = off)."""
     optimizer: str = "adamw"
@@ -183,7 +184,7 @@ class TrainConfig:
             ("checkpoint_layers", self.checkpoint_layers is None or _non_negative_int(self.checkpoint_layers),
              "an integer >= 0 or null (all layers)"),
             ("activation_offload", isinstance(self.activation_offload, bool), "true or false"),
-            ("cuda_graphs", isinstance(self.cuda_graphs, bool), "true or false"),
+            ("cuda_graphs", isinstance(self.cuda_graphs, bool) or self.cuda_graphs == "auto", "true, false or auto"),
             ("recompute_norms", isinstance(self.recompute_norms, bool), "true or false"),
             ("compile_layers", isinstance(self.compile_layers, bool), "true or false"),
             ("distributed", self.distributed in ("auto", "ddp", "fsdp"), "auto, ddp or fsdp"),

@@ -17,6 +17,7 @@ from slimtune.adapt.adapter_io import save_adapter
 from slimtune.data.collate import count_real_tokens, pad_batch_to
 from slimtune.data.tokenize import Example
 from slimtune.errors import ConfigError
+from slimtune.train import auto_graphs
 from slimtune.train.checkpoint import ResumePoint, restore_adapter, restore_rng, save_checkpoint
 from slimtune.train.config import TrainConfig
 from slimtune.train.cuda_graph import GraphedTrainStep, require_graph_step
@@ -89,7 +90,12 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
                           "on some ranks and not others (each sees only its gradient shards). Use dtype "
                           "bfloat16, or distributed: ddp.")
     params = parallel.parameters()
-    graphs = bool(cfg.cuda_graphs)
+    graphs = cfg.cuda_graphs is True
+    if cfg.cuda_graphs == "auto":
+        graphs, why = auto_graphs.decide(cfg, model, dtype=dtype, device=device,
+                                         single_process=parallel.kind == "single")
+        if device.type == "cuda":
+            log(f"cuda_graphs auto: {'on' if graphs else 'off'} ({why})")
     if graphs and parallel.kind != "single":
         raise ConfigError("cuda_graphs=true runs in one process (gradient reduction is not captured yet): "
                           "train without torchrun/--nproc, or turn cuda_graphs off.")

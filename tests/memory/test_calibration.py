@@ -23,7 +23,8 @@ def measured_records() -> list[dict]:
             if not line.strip():
                 continue
             rec = json.loads(line)
-            if rec.get("probe") == "slimtune" and "peak_gib" in rec and "options" in rec:
+            # "invalid": a run whose settings did not take effect (the record says which and where it was redone)
+            if rec.get("probe") == "slimtune" and "peak_gib" in rec and "options" in rec and "invalid" not in rec:
                 out.append({**rec, "source": f"{path.name}:{n}"})
     return out
 
@@ -41,7 +42,7 @@ def predict(rec: dict) -> float:
         optimizer=opts.get("optimizer", "adamw"), multimodal=rec.get("multimodal", False),
         cuda_graphs=opts.get("cuda_graphs", False), recompute_norms=opts.get("recompute_norms", False),
         finetune_experts=opts.get("finetune_experts", False),
-        compile_layers=opts.get("compile_layers", False))["total_gib"]
+        compile_layers=opts.get("compile_layers", False), checkpoint_layers=opts.get("checkpoint_layers"))["total_gib"]
 
 
 # Measured configurations the estimate is known to miss by more than the tolerance, with what was seen. They stay

@@ -57,7 +57,7 @@ def _flag(name: str) -> str:
 def build_train_argv(command: list[str], cfg: TrainConfig, *, model_ref: str, data_path: Path,
                      run_dir: Path, resume: bool) -> list[str]:
     """The worker's command line: ``<command> --model M --data FILE --output RUN_DIR [--flag value...] [switches]``
-    where a switch is ``--name`` (on) or ``--no-name`` (off, where the trainer's default is on)."""
+    where a switch is ``--name`` (on) or ``--no-name`` (off, where the trainer's default is on or auto)."""
     argv = [*command, "--model", model_ref, "--data", str(data_path), "--output", str(run_dir)]
     values = train_values(cfg)
     for name, value in values.items():

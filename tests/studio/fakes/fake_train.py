@@ -32,6 +32,7 @@ p.add_argument("--mlp-chunk-size", type=int)
 p.add_argument("--loss-chunk-size", type=int)
 p.add_argument("--optimizer", choices=["adamw", "adamw8bit"])
 p.add_argument("--activation-offload", action="store_true")
+p.add_argument("--no-cuda-graphs", action="store_true")  # Studio's unticked box: the trainer's default is auto
 p.add_argument("--text-only", action="store_true")
 p.add_argument("--finetune-multimodal-embedders", action="store_true")
 p.add_argument("--resume", action="store_true")

@@ -1,0 +1,84 @@
+"""``cuda_graphs: auto`` (the default): capture each step as a CUDA graph whenever that is safe and pays.
+
+Why a default: eager steps launch ~20K kernels from Python, so at short sequences the GPU waits on the host (an
+H200 ran E2B QLoRA at 2K tokens 3.5-5x faster captured; BENCHMARKS.md). A user who never reads about the switch
+should still get the fast path when nothing speaks against it.
+
+When auto turns graphs on — all of these, else it stays eager and says why:
+
+* a CUDA device and one process (gradient reduction is not captured);
+* ``packing`` on: graphs need every batch the same shape, and without packing each batch would be padded to
+  max_seq_length — a short-sample dataset would then spend most of each step on padding;
+* what the captured step cannot do is off: optimizer adamw (8-bit AdamW is not capturable), lora_dropout 0,
+  activation_offload off, bf16 (fp16's loss scaler syncs with the host), a text-only dense model (MoE routing and
+  media inputs read sizes on the host);
+* memory headroom: the planner's peak with graphs is at most ``HEADROOM`` of the card. A graph keeps its own
+  memory pool for the whole run, which the allocator cannot hand back under pressure, so a run near the card's
+  limit stays eager rather than risk running out of memory at capture.
+
+``cuda_graphs: true`` forces graphs (and refuses a setting that clashes); ``false`` never captures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from slimtune.train.config import TrainConfig
+from slimtune.train.cuda_graph import graph_step_problems
+
+HEADROOM = 0.75
+"""Auto captures only when the predicted peak is at most this share of the GPU's memory."""
+
+
+def config_blockers(cfg: TrainConfig, *, cuda: bool, single_process: bool) -> list[str]:
+    """Reasons in the settings alone (no model needed) why auto stays eager; empty when none."""
+    reasons = []
+    if not cuda:
+        reasons.append("no CUDA device")
+    if not single_process:
+        reasons.append("several processes (gradient reduction is not captured)")
+    if not cfg.packing:
+        reasons.append("packing is off, so each batch would be padded to max_seq_length (--packing fixes the shape)")
+    if cfg.optimizer != "adamw":
+        reasons.append(f"optimizer {cfg.optimizer} (a captured step needs adamw)")
+    if cfg.lora_dropout:
+        reasons.append("lora_dropout > 0 (recomputation would draw new dropout masks)")
+    if cfg.activation_offload is True:
+        reasons.append("activation_offload is on")
+    if cfg.dtype in ("float16", "fp16", "float32", "fp32"):
+        reasons.append(f"dtype {cfg.dtype} (a captured step needs bfloat16)")
+    return reasons
+
+
+def predicted_peak_gib(cfg: TrainConfig) -> float | None:
+    """The planner's per-GPU peak for cfg with graphs on (None when the model's config cannot be read)."""
+    from slimtune.memory.train_plan import plan_for_config  # noqa: PLC0415
+
+    try:
+        return plan_for_config(dataclasses.replace(cfg, cuda_graphs=True, max_memory=None), world_size=1).predicted_gib
+    except (ValueError, OSError):
+        return None
+
+
+def decide(cfg: TrainConfig, model: nn.Module, *, dtype: torch.dtype, device: torch.device,
+           single_process: bool, peak_gib=predicted_peak_gib) -> tuple[bool, str]:
+    """(capture?, why) for ``cuda_graphs: auto``. `peak_gib(cfg)` is the planner's prediction (a parameter so
+    tests can give one); the card's size comes from `device`."""
+    reasons = config_blockers(cfg, cuda=device.type == "cuda", single_process=single_process)
+    if not reasons:
+        reasons = graph_step_problems(model, None, dtype=dtype, capture=False)
+        if dtype != torch.bfloat16 and not reasons:
+            reasons = [f"the model runs in {dtype} (a captured step needs bfloat16)"]
+    if reasons:
+        return False, "; ".join(reasons)
+    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    peak = peak_gib(cfg)
+    if peak is None:
+        return False, "no memory prediction for this model, so no headroom check"
+    if peak > HEADROOM * total_gib:
+        return False, (f"predicted peak {peak:.1f} GiB is over {HEADROOM:.0%} of the GPU's {total_gib:.1f} GiB "
+                       "(a graph's memory pool cannot be handed back; --cuda-graphs forces it)")
+    return True, f"packed fixed-shape batches, predicted peak {peak:.1f} of {total_gib:.1f} GiB"

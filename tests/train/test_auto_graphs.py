@@ -1,0 +1,131 @@
+"""cuda_graphs: auto (slimtune.train.auto_graphs): graphs only where a captured step is safe and has headroom, and
+the trainer follows the decision. The GPU itself is faked (a CUDA device object and its size); the decision logic
+and the loop's wiring are what is tested."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import slimtune
+from slimtune.errors import ConfigError
+from slimtune.train import auto_graphs, loop
+from slimtune.train.config import TrainConfig
+
+CUDA = torch.device("cuda")
+GIB = 2**30
+
+
+def _cfg(tmp_path, **kw):
+    return TrainConfig(**{"model": "m", "data": "d", "output": str(tmp_path), "packing": True, **kw})
+
+
+@pytest.fixture
+def card_of(monkeypatch):
+    """card_of(gib): pretend the CUDA device has `gib` GiB."""
+    def set_size(gib: float):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d: SimpleNamespace(total_memory=gib * GIB))
+    return set_size
+
+
+@pytest.fixture(scope="module")
+def text_model(tiny_dir):
+    model, _ = slimtune.load_model(tiny_dir("e2b", text_only=True), dtype=torch.float32, device="cpu")
+    slimtune.add_lora(model, r=2, alpha=4)
+    return model
+
+
+def test_default_is_auto_and_the_values_are_checked(tmp_path):
+    assert TrainConfig.__dataclass_fields__["cuda_graphs"].default == "auto"
+    with pytest.raises(ConfigError, match="cuda_graphs must be true, false or auto"):
+        _cfg(tmp_path, cuda_graphs="yes")
+
+
+@pytest.mark.parametrize("setting, reason", [
+    ({"packing": False}, "packing is off"),
+    ({"optimizer": "adamw8bit"}, "optimizer adamw8bit"),
+    ({"lora_dropout": 0.05}, "lora_dropout"),
+    ({"activation_offload": True}, "activation_offload"),
+    ({"dtype": "float16"}, "dtype float16"),
+])
+def test_each_blocking_setting_is_named(tmp_path, setting, reason):
+    assert auto_graphs.config_blockers(_cfg(tmp_path), cuda=True, single_process=True) == []
+    blockers = auto_graphs.config_blockers(_cfg(tmp_path, **setting), cuda=True, single_process=True)
+    assert len(blockers) == 1 and reason in blockers[0]
+
+
+def test_no_gpu_or_several_processes_stay_eager(tmp_path):
+    assert "no CUDA device" in auto_graphs.config_blockers(_cfg(tmp_path), cuda=False, single_process=True)[0]
+    assert "processes" in auto_graphs.config_blockers(_cfg(tmp_path), cuda=True, single_process=False)[0]
+
+
+def test_headroom_decides_on_a_fitting_model(tmp_path, text_model, card_of):
+    card_of(8)
+    cfg = _cfg(tmp_path)
+    on, why = auto_graphs.decide(cfg, text_model, dtype=torch.bfloat16, device=CUDA, single_process=True,
+                                 peak_gib=lambda _c: 5.9)
+    assert on and "5.9 of 8.0 GiB" in why
+    off, why = auto_graphs.decide(cfg, text_model, dtype=torch.bfloat16, device=CUDA, single_process=True,
+                                  peak_gib=lambda _c: 6.1)  # over 75 % of 8 GiB: a graph pool could not shrink
+    assert not off and "6.1 GiB is over 75%" in why
+    unknown, why = auto_graphs.decide(cfg, text_model, dtype=torch.bfloat16, device=CUDA, single_process=True,
+                                      peak_gib=lambda _c: None)
+    assert not unknown and "no memory prediction" in why
+
+
+def test_models_a_graph_cannot_capture_stay_eager(tmp_path, tiny_dir, text_model, card_of):
+    card_of(80)
+    cfg = _cfg(tmp_path)
+    roomy = dict(device=CUDA, single_process=True, peak_gib=lambda _c: 1.0)
+    off, why = auto_graphs.decide(cfg, text_model, dtype=torch.float32, **roomy)
+    assert not off and "bfloat16" in why
+    moe, _ = slimtune.load_model(tiny_dir("26b-a4b", text_only=True), dtype=torch.float32, device="cpu")
+    off, why = auto_graphs.decide(cfg, moe, dtype=torch.bfloat16, **roomy)
+    assert not off and "MoE" in why
+    media, _ = slimtune.load_model(tiny_dir("e2b"), dtype=torch.float32, device="cpu")
+    off, why = auto_graphs.decide(cfg, media, dtype=torch.bfloat16, **roomy)
+    assert not off and "multimodal" in why
+
+
+def test_the_planner_predicts_with_graphs_for_auto(tiny_dir, tmp_path):
+    model = str(tiny_dir("e2b", text_only=True))
+    peak = auto_graphs.predicted_peak_gib(_cfg(tmp_path, model=model, max_seq_length=256))
+    from slimtune.memory.train_plan import plan_for_config
+
+    eager = plan_for_config(_cfg(tmp_path, model=model, max_seq_length=256, cuda_graphs=False), world_size=1)
+    assert peak is not None and peak > eager.predicted_gib  # the graph's pool is counted
+    assert auto_graphs.predicted_peak_gib(_cfg(tmp_path, model=str(tmp_path / "missing"))) is None
+
+
+@pytest.mark.parametrize("decision", [True, False])
+def test_the_trainer_follows_the_decision(tiny_dir, tmp_path, monkeypatch, one_thread, decision):
+    built = []
+
+    class Counting(loop.GraphedTrainStep):
+        def __init__(self, *a, **kw):
+            built.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(loop, "GraphedTrainStep", Counting)
+    monkeypatch.setattr(auto_graphs, "decide", lambda *_a, **_kw: (decision, "test"))
+    from slimtune.train.run import train
+
+    data = Path(slimtune.__file__).parent / "data" / "default_data.jsonl"
+    train(TrainConfig(model=str(tiny_dir("e2b", text_only=True)), data=str(data), output=str(tmp_path / "r"),
+                      max_steps=2, batch_size=2, max_seq_length=96, lora_r=4, device="cpu", packing=True),
+          log=lambda *_: None)
+    assert bool(built) is decision
+
+
+@pytest.mark.parametrize("flags, want", [([], "auto"), (["--cuda-graphs"], True), (["--no-cuda-graphs"], False)])
+def test_flags_and_yaml_set_the_three_values(tmp_path, flags, want):
+    from slimtune.cli.main import build_parser
+    from slimtune.train.config_io import resolve_config
+
+    args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", str(tmp_path), *flags])
+    assert getattr(args, "cuda_graphs", "auto") == want  # unset flags leave the dataclass default
+    (tmp_path / "run.yaml").write_text(f"model: m\ndata: d\noutput: {tmp_path}\ncuda_graphs: {str(want).lower()}\n")
+    assert resolve_config(tmp_path / "run.yaml").cuda_graphs == want
