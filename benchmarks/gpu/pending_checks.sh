@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6, H, I and G in session 7 (BENCHMARKS.md); still to
-# run, most important first: J, D2, D, E, F.
+# run, most important first (session 8 ran J, K, D2 and D): L, U26, E, F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -38,7 +38,7 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 python3 -c "import torch, transformers, triton, peft; print(torch.__version__, transformers.__version__, triton.__version__, peft.__version__)" | tee "$OUT/env.txt"
-case "${1:?which call: A B C C2 I H G J K D D2 E F}" in
+case "${1:?which call: A B C C2 I H G J K L U26 D D2 E F}" in
 J)
   timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/kernels/test_flash_attention_gpu.py \
     tests/kernels/test_rms_norm_kernel.py tests/kernels/test_flash_attention_fit.py 2>&1 | tail -3
@@ -51,6 +51,18 @@ K)  # after J: --checkpoint-layers with graphs (J found graphs reset it to all l
   timeout 120 python3 benchmarks/gpu/eager_host_profile.py --rounds 8 2>&1 | grep -E "host|rror"
   for k in 17 8 0; do timeout 45 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs --checkpoint-layers $k 2>&1 | show; done
   python3 -c "import json,sys; [print(r['options']['checkpoint_layers'], r['peak_gib'], r.get('predicted_gib'), r['tok_s']) for r in map(json.loads, open(sys.argv[1]))]" "$OUT/ours.jsonl" ;;
+L)  # session 8's open GPU checks: cuda_graphs auto end to end, and why activation offload costs 0.55 s/step on 31B
+  timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_auto_graphs.py \
+    tests/train/test_cuda_graph.py 2>&1 | tail -2
+  timeout 90 $B --geometry 31b --mode qlora --seq 2048 --activation-offload --steps-profile 2 2>&1 \
+    | tee "$OUT/ours_31b_offload.log" | show
+  timeout 60 $B --geometry 31b --mode qlora --seq 2048 --optimizer adamw8bit 2>&1 | show
+  timeout 60 $B --geometry 31b --mode qlora --seq 2048 --cuda-graphs --checkpoint-layers 30 2>&1 | show ;;
+U26)  # Unsloth alone on the 26B-A4B checkpoint (D2's Unsloth run did not finish in 280 s)
+  timeout 150 python3 benchmarks/gpu/prequantized_checkpoint.py --geometry 26b-a4b --out /tmp/g26b --no-tokenizer
+  unsloth_cache
+  timeout 420 python3 benchmarks/gpu/anchors_geometry.py --checkpoint /tmp/g26b --probe unsloth \
+    --runs qlora:2048 > "$OUT/u26.log" 2>&1; echo "rc=$?"; show < "$OUT/u26.log"; tail -3 "$OUT/u26.log" | cut -c1-300 ;;
 A)
   ts start
   ( unsloth_cache; ANCHOR_RUNS=2 timeout 360 python3 .anchors/probe_unsloth.py 2>&1 \
