@@ -95,9 +95,12 @@ class TrainSettings(BaseModel):
                                                                 "memory: less GPU memory, a small speed cost.")
     recompute_norms: bool = Field(default=True, description="RMSNorms keep their 16-bit input instead of an fp32 "
                                                             "copy: less memory per layer, same results, faster.")
-    cuda_graphs: bool = Field(default=False, description="Capture each step as one CUDA graph: several times "
-                                                         "faster on short sequences; batches padded to max_seq_length, "
-                                                         "adamw, no activation offload.")
+    cuda_graphs: bool | None = Field(default=None, description="Capture each step as one CUDA graph: several "
+                                     "times faster on short sequences; batches padded to max_seq_length, adamw, no "
+                                     "activation offload. None = auto: on with packing when the run allows it and "
+                                     "the predicted peak leaves a quarter of the GPU free.")
+    packing: bool = Field(default=False, description="Pack several samples into each max_seq_length row (no "
+                                                     "attention or loss across samples): no padding, fixed shapes.")
     compile_layers: bool = Field(default=False, description="torch.compile each decoder layer: faster steps after a "
                                                             "compile of a minute or two; best with fixed shapes. "
                                                             "With cuda_graphs it also shrinks the graph's memory.")

@@ -44,8 +44,7 @@ def test_build_train_argv_maps_every_setting(tmp_path):
     flags = dict(zip(argv[8::2], argv[9::2]))
     assert flags["--max-steps"] == "5" and flags["--lr"] == "0.001" and flags["--lora-r"] == "8"
     assert flags["--grad-accum"] == "3" and flags["--save-steps"] == "2"
-    # the unticked CUDA-graphs box is an explicit off: the trainer's default is auto
-    assert "--epochs" not in argv and argv[-3:] == ["--load-in-4bit", "--no-cuda-graphs", "--resume"]
+    assert "--epochs" not in argv and argv[-2:] == ["--load-in-4bit", "--resume"]
 
 
 def test_run_completes_with_metrics_logs_and_adapter(client):

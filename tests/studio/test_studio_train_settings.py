@@ -63,6 +63,18 @@ def test_a_switch_that_is_on_by_default_is_passed_only_when_turned_off(tmp_path)
     assert "recompute-norms" not in " ".join(argv) and "recompute_norms" not in values  # the trainer's default
 
 
+@pytest.mark.parametrize("graphs, flag", [(None, None), (True, "--cuda-graphs"), (False, "--no-cuda-graphs")])
+def test_cuda_graphs_auto_on_off_and_packing_reach_the_trainer(tmp_path, graphs, flag):
+    # The form's select: auto (None) is left to the trainer, whose default is auto; on and off are passed.
+    cfg = full_config(cuda_graphs=graphs, packing=True, activation_offload=False, optimizer="adamw")
+    argv = build_train_argv(["slimtune", "train"], cfg, model_ref="M", data_path=tmp_path / "d.jsonl",
+                            run_dir=tmp_path / "r", resume=False)
+    values = cli_values(argv[1:])
+    assert values["packing"] is True
+    assert values.get("cuda_graphs", "auto") == ("auto" if graphs is None else graphs)
+    assert [a for a in argv if "cuda-graphs" in a] == ([flag] if flag else [])
+
+
 def test_unset_settings_are_left_to_the_trainer(tmp_path):
     cfg = TrainConfig(model_id="embeddedtiny", dataset_id="abcdef123456", max_steps=5)
     argv = build_train_argv(["t"], cfg, model_ref="M", data_path=tmp_path / "d", run_dir=tmp_path / "r",

@@ -24,8 +24,8 @@ from slimtune.studio.services.tails import last_metric
 # max_seq_length). The names are TrainConfig's fields: check_train_config validates the same values the worker gets.
 TRAIN_FIELDS = ("max_steps", "epochs", "lr", "lora_r", "lora_alpha", "batch_size", "grad_accum", "max_seq_length",
                 "seed", "save_steps", "max_memory", "mlp_chunk_size", "loss_chunk_size", "optimizer",
-                "load_in_4bit", "activation_offload", "recompute_norms", "cuda_graphs", "compile_layers", "text_only",
-                "finetune_multimodal_embedders")
+                "load_in_4bit", "activation_offload", "recompute_norms", "cuda_graphs", "compile_layers", "packing",
+                "text_only", "finetune_multimodal_embedders")
 RESUMABLE = ("stopped", "failed", "interrupted")
 
 

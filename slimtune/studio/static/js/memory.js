@@ -6,7 +6,7 @@ import { PALETTE } from "./charts.js";
 
 // The form fields the estimate reads: the settings that decide GPU memory (the same names as the run's).
 const MEMORY_KEYS = ["model_id", "max_seq_length", "batch_size", "grad_accum", "lora_r", "load_in_4bit",
-  "max_memory", "activation_offload", "recompute_norms", "cuda_graphs", "compile_layers", "mlp_chunk_size", "loss_chunk_size", "optimizer"];
+  "max_memory", "activation_offload", "recompute_norms", "cuda_graphs", "compile_layers", "packing", "mlp_chunk_size", "loss_chunk_size", "optimizer"];
 
 /** GiB for real models, MiB for small ones (the tiny model needs a few dozen MiB). */
 export function fmtGiB(gib) {

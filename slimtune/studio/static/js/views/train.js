@@ -29,7 +29,7 @@ const SWITCHES = [
   ["activation_offload", "Offload activations to CPU RAM", "Less GPU memory for a small speed cost."],
   ["recompute_norms", "Lean RMSNorms", "Norms keep their 16-bit input instead of an fp32 copy: less memory per layer, same results, faster on GPUs (fused kernels).", true],
   ["compile_layers", "Compile decoder layers", "torch.compile each layer: faster steps after a compile of a minute or two (best with CUDA graphs or packing)."],
-  ["cuda_graphs", "CUDA graphs (fast short sequences)", "Replays each step as one captured graph: several times faster at 2K tokens. Pads batches to the max length; needs adamw and no activation offload."],
+  ["packing", "Pack samples into full rows", "Several samples per max-length row, with no attention or loss across them: no padding, and fixed shapes (CUDA graphs on auto use them)."],
   ["text_only", "Text only (multimodal checkpoint)", "Loads only the language model; the vision/audio towers are never read."],
   ["finetune_multimodal_embedders", "LoRA on the multimodal embedders", "Also adapts the projections from the vision/audio towers into the text model (needs the towers: not with text only)."],
 ];
@@ -57,6 +57,9 @@ export async function render(root) {
   const budget = h("input", { type: "text", id: "f-max_memory", placeholder: "e.g. 8GiB", maxlength: "32" });
   const optimizer = h("select", { id: "f-optimizer" }, h("option", { value: "" }, "auto"),
     h("option", { value: "adamw" }, "adamw"), h("option", { value: "adamw8bit" }, "adamw8bit"));
+  // CUDA graphs: auto (not given: the trainer decides, and logs why), on, or off
+  const graphs = h("select", { id: "f-cuda_graphs" }, h("option", { value: "" }, "auto"),
+    h("option", { value: "true" }, "on"), h("option", { value: "false" }, "off"));
   const memory = memoryPanel();
   const submit = h("button", { class: "primary", type: "submit", id: "start-run" }, "Start training");
   const formError = h("div", { class: "alert hidden" });
@@ -81,6 +84,7 @@ export async function render(root) {
     for (const [k] of SWITCHES) cfg[k] = switches[k].checked;
     cfg.max_memory = budget.value.trim() || null;
     cfg.optimizer = optimizer.value || null;
+    cfg.cuda_graphs = graphs.value === "" ? null : graphs.value === "true";
     return cfg;
   }
 
@@ -102,7 +106,9 @@ export async function render(root) {
         field("Optimizer", optimizer, "adamw8bit: optimizer state in a quarter of the memory. Auto = adamw, or 8-bit if a budget needs it."),
         MEMORY_NUMBERS.map(([k, label, hint]) => field(label, inputs[k], hint))),
       switchField("activation_offload"), switchField("recompute_norms"),
-      switchField("cuda_graphs"), switchField("compile_layers")),
+      switchField("compile_layers"), switchField("packing"),
+      h("div", { class: "form-grid", style: "margin-top:10px" },
+        field("CUDA graphs", graphs, "Replays each step as one captured graph: several times faster at 2K tokens. Auto = on with packing when the run allows it (adamw, no offload, text, one GPU) and fits with a quarter of the GPU to spare; on pads batches to the max length."))),
     h("details", { class: "params", id: "multimodal", style: "margin-top:10px" }, h("summary", {}, "Multimodal"),
       switchField("text_only"), switchField("finetune_multimodal_embedders")),
     h("div", { class: "row", style: "margin-top:18px" }, submit, formError));
