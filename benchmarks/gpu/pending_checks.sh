@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6, H, I and G in session 7 (BENCHMARKS.md); still to
-# run, most important first (session 8 ran J, K, D2 and D): L, U26, E, F.
+# run, most important first (session 8 ran J, K, D2 and D): L, U26, M, N, E, F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -38,7 +38,7 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 python3 -c "import torch, transformers, triton, peft; print(torch.__version__, transformers.__version__, triton.__version__, peft.__version__)" | tee "$OUT/env.txt"
-case "${1:?which call: A B C C2 I H G J K L U26 D D2 E F}" in
+case "${1:?which call: A B C C2 I H G J K L U26 M N D D2 E F}" in
 J)
   timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/kernels/test_flash_attention_gpu.py \
     tests/kernels/test_rms_norm_kernel.py tests/kernels/test_flash_attention_fit.py 2>&1 | tail -3
@@ -63,6 +63,21 @@ U26)  # Unsloth alone on the 26B-A4B checkpoint (D2's Unsloth run did not finish
   unsloth_cache
   timeout 420 python3 benchmarks/gpu/anchors_geometry.py --checkpoint /tmp/g26b --probe unsloth \
     --runs qlora:2048 > "$OUT/u26.log" 2>&1; echo "rc=$?"; show < "$OUT/u26.log"; tail -3 "$OUT/u26.log" | cut -c1-300 ;;
+M)  # issue 6's E4B rows with both anchors in one call (QLoRA 2K/8K; HF+PEFT lora16 2K), ours after them
+  ts start
+  ( unsloth_cache; timeout 300 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe unsloth \
+      --runs qlora:2048,qlora:8192 > "$OUT/unsloth_e4b.log" 2>&1; ts unsloth_end ) &
+  UP=$!; wait $UP; show < "$OUT/unsloth_e4b.log"
+  timeout 90 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe hf --runs qlora:2048 2>&1 | show
+  PYTHONPATH=$PWD timeout 60 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe hf \
+    --runs lora16:2048 2>&1 | show  # no .gpu-site: its torchao 0.15 breaks peft
+  ts ours_start
+  timeout 50 $B --geometry e4b --mode qlora,lora16 --seq 2048 --cuda-graphs 2>&1 | show
+  timeout 150 $B --geometry e4b --mode qlora --seq 8192 --cuda-graphs --compile 2>&1 | show ;;
+N)  # Unsloth's E4B LoRA 16-bit alone (its bf16 run never finished after other runs), then ours
+  ( unsloth_cache; timeout 420 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe unsloth \
+      --runs lora16:2048 > "$OUT/unsloth_e4b_lora16.log" 2>&1 ) ; show < "$OUT/unsloth_e4b_lora16.log"
+  timeout 50 $B --geometry e4b --mode lora16 --seq 2048 --cuda-graphs 2>&1 | show ;;
 A)
   ts start
   ( unsloth_cache; ANCHOR_RUNS=2 timeout 360 python3 .anchors/probe_unsloth.py 2>&1 \
