@@ -29,8 +29,11 @@ _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # Settings that may change between an interrupted run and its resume: they decide where and how often things are
 # written, never the numbers the run computes. Everything else must match the checkpoint.
 # max_memory only chooses other settings, and those are compared themselves; `distributed` is safe too: ddp and
-# fsdp compute the same gradients and checkpoints hold full tensors.
-RESUME_SAFE_KEYS = frozenset({"output", "resume", "log_every", "save_steps", "max_memory", "distributed"})
+# fsdp compute the same gradients and checkpoints hold full tensors. `cuda_graphs` too: the captured step computes
+# the eager step's losses and updates (tests/train/test_cuda_graph.py), torch moves AdamW's step counters between
+# the capturable and plain layouts on load, and "auto" may decide differently on another card.
+RESUME_SAFE_KEYS = frozenset({"output", "resume", "log_every", "save_steps", "max_memory", "distributed",
+                              "cuda_graphs"})
 
 
 @dataclass

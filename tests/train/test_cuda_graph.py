@@ -319,3 +319,10 @@ def test_cuda_graph_run_resumes_exactly(tiny_dir, tmp_path, one_thread):
     resumed = train(TrainConfig(output=str(tmp_path / "resumed"), resume=True, **base), log=lambda *_: None)
     assert [r["step"] for r in resumed.history] == [3, 4]
     assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in full.history[2:]], rel=1e-6)
+    # the same checkpoint resumed eagerly (cuda_graphs may differ on resume: same math; "auto" may decide
+    # otherwise on another card)
+    (tmp_path / "eager").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoints", tmp_path / "eager" / "checkpoints")
+    eager = train(TrainConfig(output=str(tmp_path / "eager"), resume=True, **{**base, "cuda_graphs": False}),
+                  log=lambda *_: None)
+    assert [r["loss"] for r in eager.history] == pytest.approx([r["loss"] for r in full.history[2:]], rel=1e-5)
