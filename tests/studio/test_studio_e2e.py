@@ -108,7 +108,11 @@ def test_train_watch_chat_download_export(browser, tmp_path):
 
         # Train: the quick preset, a few steps; the memory estimate shows for these settings.
         page.click("a[data-tab=train]")
+        # the 2K presets pack samples (the fixed shapes CUDA graphs on auto need); the tiny quick one does not
+        page.select_option("#preset", "qlora2k")
+        assert page.is_checked("#f-packing") and page.input_value("#f-cuda_graphs") == ""
         page.select_option("#preset", "quick")
+        assert not page.is_checked("#f-packing")
         page.fill("#f-name", "e2e-tiny")
         page.fill("#f-max_steps", "4")
         page.fill("#f-batch_size", "4")

@@ -5,11 +5,12 @@ import { memoryPanel } from "../memory.js";
 
 export const PRESETS = {
   quick: { label: "Quick test (tiny model)", model_id: "embeddedtiny", max_steps: 30, epochs: null, lr: 3e-3, lora_r: 16, lora_alpha: 32,
-    batch_size: 8, grad_accum: 1, max_seq_length: 256, load_in_4bit: false },
+    batch_size: 8, grad_accum: 1, max_seq_length: 256, load_in_4bit: false, packing: false },
+  // the 2K presets pack samples: no padding, and fixed shapes, which let CUDA graphs (auto) capture the steps
   qlora2k: { label: "QLoRA 2K", max_steps: null, epochs: 1, lr: 2e-4, lora_r: 16, lora_alpha: 16,
-    batch_size: 1, grad_accum: 8, max_seq_length: 2048, load_in_4bit: true },
+    batch_size: 1, grad_accum: 8, max_seq_length: 2048, load_in_4bit: true, packing: true },
   lora16: { label: "LoRA 16-bit", max_steps: null, epochs: 1, lr: 2e-4, lora_r: 16, lora_alpha: 16,
-    batch_size: 2, grad_accum: 4, max_seq_length: 2048, load_in_4bit: false },
+    batch_size: 2, grad_accum: 4, max_seq_length: 2048, load_in_4bit: false, packing: true },
 };
 const NUMBERS = [
   ["max_steps", "Max steps", "empty = use epochs", 1], ["epochs", "Epochs", "used when max steps is empty", 0.1],
@@ -69,6 +70,7 @@ export async function render(root) {
       if (k === "label") continue;
       if (k === "model_id") { if ([...modelSel.options].some((o) => o.value === v)) modelSel.value = v; continue; }
       if (k === "load_in_4bit") { fourbit.checked = v; continue; }
+      if (switches[k]) { switches[k].checked = Boolean(v); continue; }
       if (inputs[k]) inputs[k].value = v ?? "";
     }
   }
