@@ -271,8 +271,13 @@ class GraphedTrainStep:
             return fn()
         if name not in self.graphs:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.graph_outputs[name] = fn()
+            try:
+                with torch.cuda.graph(graph):
+                    self.graph_outputs[name] = fn()
+            except RuntimeError as exc:  # an op this GPU/driver/torch cannot capture: say how to train anyway
+                raise RuntimeError(f"capturing the training step as a CUDA graph failed ({exc}). Train with "
+                                   "--no-cuda-graphs (cuda_graphs: false): the eager step computes the same run. "
+                                   "cuda_graphs is on by default (auto) for packed runs.") from exc
             self.graphs[name] = graph
         self.graphs[name].replay()
         return self.graph_outputs[name]

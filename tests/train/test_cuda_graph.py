@@ -126,6 +126,25 @@ def test_graph_step_keeps_partial_checkpointing(tiny_dir, one_thread):
     assert calls == [2] + [1] * (len(layers) - 1), calls
 
 
+def test_a_failed_capture_says_how_to_train_anyway(tiny_dir, one_thread, monkeypatch):
+    dev = torch.device("cpu")
+    model = _model(tiny_dir, dev, torch.float32)
+    step = GraphedTrainStep(model, trainable_parameters(model), _sgd(trainable_parameters(model)),
+                            _batches(model, 1)[0], device=dev, dtype=torch.float32, capture=False)
+
+    class Refusing:
+        def __init__(self, *_a, **_kw): ...
+        def __enter__(self): raise RuntimeError("operation not permitted when stream is capturing")
+        def __exit__(self, *_a): return False
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", Refusing)
+    with pytest.raises(RuntimeError, match="--no-cuda-graphs") as err:
+        step._run("step", lambda: None, eager=False)
+    assert "not permitted" in str(err.value) and not step.graphs
+    step.close()
+
+
 def test_gradient_accumulation_window_equals_the_standard_step_on_cpu(tiny_dir, one_thread):
     """A window of micro-batches (micro-batch body k times, then the update body): the standard step's losses and
     weights, with the loss normalised over the whole window's targets."""
