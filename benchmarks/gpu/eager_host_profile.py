@@ -1,12 +1,11 @@
-"""Where an eager training step's host time goes, and the custom-op dispatch A/B (GPU box).
+"""Where an eager training step's host time goes (GPU box).
 
-    python benchmarks/gpu/eager_host_profile.py [--seq 2048] [--profile]
+    python benchmarks/gpu/eager_host_profile.py [--seq 2048] [--rounds 4] [--profile]
 
-Builds E2B QLoRA on random weights (as `slimtune bench`), then times eager forward+backward steps alternating
-between the kernels' two entry points: the plain autograd.Functions eager mode uses, and the registered custom ops
-(`torch.compile`'s entry, forced here by routing the Functions through the ops). Both launch the same kernels, so the
-difference is host dispatch only; alternating in one process removes the machine-to-machine variance (~30 % between
-the H200 boxes lent). ``--profile`` adds cProfile (by own time) and torch.profiler (CPU self time) tables.
+Builds E2B QLoRA on random weights (as `slimtune bench`), then times eager forward+backward steps: host time (until
+the last launch returns) and wall time (until the GPU is done), medians of ``--rounds``. ``--profile`` adds cProfile
+(by own time) and torch.profiler (CPU self time) tables. (Sessions 7-8 also used it for an A/B of two kernel entry
+points, BENCHMARKS.md "Session 8"; that finding removed the second entry point.)
 """
 
 from __future__ import annotations
@@ -19,24 +18,12 @@ import time
 
 import torch
 
-import slimtune.kernels.flash_attention as fa
-import slimtune.kernels.rms_norm as rn
 from slimtune.adapt.attention import enable_slimtune_attention
 from slimtune.adapt.inject import add_lora
 from slimtune.bench.random_model import build_random_model
 from slimtune.bench.run import bench_batch
 from slimtune.train.run import apply_layer_switches
 from slimtune.train.step import accumulate_gradients
-
-FUNCTIONS = (rn._FusedRMSNorm.apply, fa._FlashAttention.apply)
-
-
-def use_custom_ops(on: bool) -> None:
-    if on:
-        rn._FusedRMSNorm.apply = staticmethod(lambda x, w, eps: rn._fwd_op(x, w, eps)[0])
-        fa._FlashAttention.apply = staticmethod(lambda *args: fa._fwd_op(*args)[0])
-    else:
-        rn._FusedRMSNorm.apply, fa._FlashAttention.apply = (staticmethod(f) for f in FUNCTIONS)
 
 
 def main() -> None:
@@ -62,19 +49,11 @@ def main() -> None:
         torch.cuda.synchronize()
         return t1 - t0, time.perf_counter() - t0
 
-    times = {"functions": [], "custom_ops": []}
-    for name in times:  # warm-up both paths (first-use checks, Triton compiles)
-        use_custom_ops(name == "custom_ops")
-        step(), step()
-    for _ in range(a.rounds):
-        for name in times:
-            use_custom_ops(name == "custom_ops")
-            times[name].append(step())
-    for name, t in times.items():
-        host, wall = statistics.median(x[0] for x in t), statistics.median(x[1] for x in t)
-        print(f"{name:11s} host {1e3 * host:7.1f} ms  wall {1e3 * wall:7.1f} ms  ({a.seq / wall:,.0f} tok/s fwd+bwd)")
+    step(), step()  # warm-up: first-use checks, Triton compiles
+    times = [step() for _ in range(a.rounds)]
+    host, wall = statistics.median(x[0] for x in times), statistics.median(x[1] for x in times)
+    print(f"host {1e3 * host:7.1f} ms  wall {1e3 * wall:7.1f} ms  ({a.seq / wall:,.0f} tok/s fwd+bwd)")
     if a.profile:
-        use_custom_ops(False)
         prof = cProfile.Profile()
         prof.enable()
         step()

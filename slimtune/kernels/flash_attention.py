@@ -194,19 +194,15 @@ def _backward(do, q, k, v, o, lse, scale, window, dstart, dend, key_valid, cfgs)
     return dq, dk, dv
 
 
-def _forward_fitted(q, k, v, scale, window, dstart, key_valid, configs):
-    """(o, lse) with the forward launch shape the encoded ``configs`` name, or the first smaller one that fits."""
-    return _fitting("fwd", _decode_configs(configs)["fwd"], q,
-                    lambda c: _forward(q, k, v, scale, window, dstart, key_valid, c))
-
-
-# The kernels as registered torch ops, torch.compile's path: it treats them as opaque calls, so a compiled decoder
-# layer stays one graph (no break around attention) and inductor never re-compiles our Triton source (its pipeline
-# rejects the head_dim-512 layout trick: H200 run, 2026-11-28). Eager calls use `_FlashAttention` below.
+# The kernels as registered torch ops (the only autograd path): torch.compile treats them as opaque calls, so a
+# compiled decoder layer stays one graph (no break around attention) and inductor never re-compiles our Triton
+# source (its pipeline rejects the head_dim-512 layout trick: H200 run, 2026-11-28).
 @torch.library.custom_op("slimtune::flash_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int, dstart: torch.Tensor,
             dend: torch.Tensor, key_valid: torch.Tensor | None, configs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_fitted(q, k, v, scale, window, dstart, key_valid, configs)
+    # the launch shape the encoded configs name, or the first smaller one this GPU's shared memory holds
+    return _fitting("fwd", _decode_configs(configs)["fwd"], q,
+                    lambda c: _forward(q, k, v, scale, window, dstart, key_valid, c))
 
 
 @_fwd_op.register_fake
@@ -241,26 +237,6 @@ def _fwd_op_backward(ctx, do, _dlse):
 
 
 _fwd_op.register_autograd(_fwd_op_backward, setup_context=_fwd_op_setup)
-
-
-class _FlashAttention(torch.autograd.Function):
-    """The eager entry point to the same launchers as the registered ops: a custom op's Python dispatch costs ~0.2 ms
-    of host time per call (H200, torch 2.11), and an eager training step is bound by its host time. torch.compile
-    still gets the registered ops (`flash_attention` picks by `torch.compiler.is_compiling`); the bits are equal."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, window, dstart, dend, key_valid, configs):
-        o, lse = _forward_fitted(q, k, v, scale, window, dstart, key_valid, configs)
-        ctx.save_for_backward(q, k, v, o, lse, dstart, dend, key_valid)
-        ctx.scale, ctx.window, ctx.configs = scale, window, configs
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, dstart, dend, key_valid = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, ctx.window, dstart, dend, key_valid,
-                               _decode_configs(ctx.configs))
-        return dq, dk, dv, None, None, None, None, None, None
 
 
 def flash_attention(
@@ -333,9 +309,7 @@ def flash_attention(
     kernel_window = window if window is not None else t + 1  # W > T: every causal key is inside the window
     # _configs: explicit launch shapes (kernel tuning, tests); a window shorter than the sequence has its own
     configs = _encode_configs(q.shape[-1], _configs, windowed=window is not None and window < t)
-    if torch.compiler.is_compiling():
-        return _fwd_op(q, k, v, float(scale), kernel_window, dstart, dend, key_valid, configs)[0]
-    return _FlashAttention.apply(q, k, v, float(scale), kernel_window, dstart, dend, key_valid, configs)
+    return _fwd_op(q, k, v, float(scale), kernel_window, dstart, dend, key_valid, configs)[0]
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

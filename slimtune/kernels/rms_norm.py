@@ -12,9 +12,8 @@ forward is one kernel (reads x, writes y and one fp32 ``rstd`` per row) and the 
 Scope: the weight (if any) is frozen, as in LoRA training: no weight gradient (callers fall back to
 `slimtune.adapt.rms_norm.RMSNormFunction` when it trains). Rows up to 8,192 values (31B's hidden size is 5,376).
 On CUDA with Triton the kernels run (bf16, fp16, fp32); elsewhere `rms_norm_reference` computes the same function
-with transformers' op order. Under torch.compile the kernels are registered torch ops (opaque to it); eager calls
-reach the same launchers through an autograd.Function (see `_FusedRMSNorm`). Both are capturable in CUDA graphs.
-Each kernel checks its first use against the torch formula (`_checked`).
+with transformers' op order. The kernels are registered torch ops, opaque to torch.compile and capturable in CUDA
+graphs. Each kernel checks its first use against the torch formula (`_checked`).
 """
 
 from __future__ import annotations
@@ -180,10 +179,9 @@ def _backward_dx(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
     return dx
 
 
-# Two entry points to the same kernels. torch.compile needs registered ops (opaque to its tracer, so a compiled
-# decoder layer keeps them); eager autograd gets a plain autograd.Function, because a custom op's Python dispatch
-# costs ~0.2 ms of host time per call (H200, torch 2.11: 153 ms of an eager E2B 2K step's 782 ms for 829 calls),
-# and an eager step is bound by its host time. Both run `_forward`/`_backward_dx`: the same bits either way.
+# Registered ops: opaque to torch.compile's tracer, so a compiled decoder layer keeps them as single calls. (Session
+# 7 tried a plain autograd.Function for eager calls instead, to save the ops' Python dispatch; an A/B in one process
+# on the H200 found no difference beyond machine noise, so there is one entry point.)
 @torch.library.custom_op("slimtune::rms_norm_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(x, weight, eps)
@@ -202,21 +200,6 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd
 @_bwd_op.register_fake
 def _(dy, x, weight, rstd):
     return torch.empty_like(x)
-
-
-class _FusedRMSNorm(torch.autograd.Function):
-    """The eager entry point (see above); ``weight`` is frozen (no gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = _forward(x, weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        return _backward_dx(dy, x, weight, rstd), None, None
 
 
 def _setup(ctx, inputs, output):
@@ -254,6 +237,4 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> 
     x2 = x.reshape(-1, width)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if torch.compiler.is_compiling():
-        return _fwd_op(x2, weight, float(eps))[0].view(x.shape)
-    return _FusedRMSNorm.apply(x2, weight, float(eps)).view(x.shape)
+    return _fwd_op(x2, weight, float(eps))[0].view(x.shape)
