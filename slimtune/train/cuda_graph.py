@@ -82,22 +82,15 @@ def require_graph_step(model: nn.Module, optimizer, *, dtype: torch.dtype, captu
 
 
 def _checkpoint_without_rng(model: nn.Module) -> None:
-    """Re-enable non-reentrant checkpointing without RNG-state saving (the state read is a host sync).
-
-    transformers' switch turns checkpointing on in every layer; each layer's own flag is put back afterwards so a
-    partial ``checkpoint_layers`` setting survives (without this, graphed steps recomputed all layers).
-    """
+    """Re-enable non-reentrant checkpointing without RNG-state saving (the state read is a host sync), for the same
+    layers as before (``checkpoint_layers`` recomputes a prefix of the decoder layers)."""
     if not getattr(model, "is_gradient_checkpointing", False):
         return
-    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and m is not model]
-    flags = [m.gradient_checkpointing for m in layers]
-    kwargs = {"use_reentrant": False, "preserve_rng_state": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    for layer, flag in zip(layers, flags):
-        layer.gradient_checkpointing = flag
+    from slimtune.train.run import enable_checkpointing  # noqa: PLC0415 - run imports the loop, which imports this
+
+    decoder = model.get_decoder().layers
+    recomputing = sum(bool(layer.gradient_checkpointing) for layer in decoder)
+    enable_checkpointing(model, None if recomputing == len(decoder) else recomputing, preserve_rng_state=False)
 
 
 class GraphedTrainStep:

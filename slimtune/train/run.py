@@ -92,15 +92,16 @@ def apply_layer_switches(model, *, mlp_chunk_size: int = 0, recompute_norms: boo
     return enable_activation_offload(model) if activation_offload else None
 
 
-def enable_checkpointing(model, layers: int | None = None) -> None:
+def enable_checkpointing(model, layers: int | None = None, *, preserve_rng_state: bool = True) -> None:
     """Non-reentrant activation checkpointing through transformers' public switch (renamed in 5.24).
 
     ``layers``: how many decoder layers recompute (the first ``layers``; None = all). The others keep their
     activations from the forward: less recompute, more memory. Each layer reads its own ``gradient_checkpointing``
     flag (transformers' GradientCheckpointingLayer), so the mix needs no other change; non-reentrant checkpointing
-    keeps the KV-sharing gradients either way (tests/train/test_kv_sharing.py).
+    keeps the KV-sharing gradients either way (tests/train/test_kv_sharing.py). ``preserve_rng_state=False``: the
+    CUDA-graph step's setting (reading the RNG state is a host sync; nothing random runs there).
     """
-    kwargs = {"use_reentrant": False}
+    kwargs = {"use_reentrant": False, "preserve_rng_state": preserve_rng_state}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
