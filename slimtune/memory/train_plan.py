@@ -64,10 +64,13 @@ def _context(cfg, world_size: int | None = None) -> dict:
 
 
 def _graphs_likely(cfg, cuda: bool, world_size: int) -> bool:
-    """Whether the run will capture CUDA graphs, for the prediction: forced on, or "auto" with what auto needs
-    first (slimtune.train.auto_graphs). Counting a graph that auto then leaves off over-predicts by its pool."""
+    """Whether the run will capture CUDA graphs, for the prediction: forced on, or "auto" with nothing in the
+    settings against it (auto's model and headroom checks come later: counting a graph that auto then leaves off
+    over-predicts by its pool)."""
     if cfg.cuda_graphs == "auto":
-        return cuda and world_size == 1 and bool(cfg.packing)
+        from slimtune.train.auto_graphs import config_blockers  # noqa: PLC0415
+
+        return not config_blockers(cfg, cuda=cuda, single_process=world_size == 1)
     return cfg.cuda_graphs is True
 
 

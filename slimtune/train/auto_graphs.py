@@ -67,11 +67,9 @@ def decide(cfg: TrainConfig, model: nn.Module, *, dtype: torch.dtype, device: to
            single_process: bool, peak_gib=predicted_peak_gib) -> tuple[bool, str]:
     """(capture?, why) for ``cuda_graphs: auto``. `peak_gib(cfg)` is the planner's prediction (a parameter so
     tests can give one); the card's size comes from `device`."""
-    reasons = config_blockers(cfg, cuda=device.type == "cuda", single_process=single_process)
-    if not reasons:
-        reasons = graph_step_problems(model, None, dtype=dtype, capture=False)
-        if dtype != torch.bfloat16 and not reasons:
-            reasons = [f"the model runs in {dtype} (a captured step needs bfloat16)"]
+    reasons = (config_blockers(cfg, cuda=device.type == "cuda", single_process=single_process)
+               or graph_step_problems(model, None, dtype=dtype, capture=False)
+               or ([f"the model runs in {dtype} (a captured step needs bfloat16)"] if dtype != torch.bfloat16 else []))
     if reasons:
         return False, "; ".join(reasons)
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
