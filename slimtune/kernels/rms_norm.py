@@ -141,7 +141,11 @@ def _launch_shape(width: int) -> tuple[int, int, int]:
     return block_d, rows, warps
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+# Registered ops: opaque to torch.compile's tracer, so a compiled decoder layer keeps them as single calls. (Session
+# 7 tried a plain autograd.Function for eager calls instead, to save the ops' Python dispatch; an A/B in one process
+# on the H200 found no difference beyond machine noise, so there is one entry point.)
+@torch.library.custom_op("slimtune::rms_norm_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """y and the per-row rstd (fp32) of rows (n, width), through the kernel (torch where it failed its check)."""
     n, width = x.shape
     y = torch.empty_like(x)
@@ -158,7 +162,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[
     return y, rstd
 
 
-def _backward_dx(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("slimtune::rms_norm_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor) -> torch.Tensor:
     """dx of rows (n, width) from the saved 16-bit x and fp32 rstd, through the kernel (or torch, as above)."""
     n, width = x.shape
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
@@ -179,22 +184,9 @@ def _backward_dx(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
     return dx
 
 
-# Registered ops: opaque to torch.compile's tracer, so a compiled decoder layer keeps them as single calls. (Session
-# 7 tried a plain autograd.Function for eager calls instead, to save the ops' Python dispatch; an A/B in one process
-# on the H200 found no difference beyond machine noise, so there is one entry point.)
-@torch.library.custom_op("slimtune::rms_norm_fwd", mutates_args=())
-def _fwd_op(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(x, weight, eps)
-
-
 @_fwd_op.register_fake
 def _(x, weight, eps):
     return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("slimtune::rms_norm_bwd", mutates_args=())
-def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor) -> torch.Tensor:
-    return _backward_dx(dy, x, weight, rstd)
 
 
 @_bwd_op.register_fake
