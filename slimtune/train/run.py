@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from slimtune.adapt.inject import add_lora
 from slimtune.data import load_records
@@ -239,8 +240,11 @@ def _train(cfg: TrainConfig, log, info: DistInfo, device_name: str | None) -> Tr
     dtype = model.get_input_embeddings().weight.dtype
     pad_id = text_tokenizer(tokenizer).pad_token_id or 0
     try:
+        # the caller's log gets the loop's lines too (step lines, cuda_graphs decisions); plain print would break
+        # the progress bar, so it becomes tqdm.write, the loop's own default
         result: FitResult = fit(model, examples, cfg, run_dir, pad_id=pad_id, device=device, dtype=dtype,
-                                eval_examples=eval_examples, resume=resume, dist_info=info)
+                                eval_examples=eval_examples, resume=resume, dist_info=info,
+                                log=tqdm.write if log is print else log)
     except torch.OutOfMemoryError as exc:
         from slimtune.memory.oom import explain_oom  # noqa: PLC0415
 

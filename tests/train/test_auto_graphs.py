@@ -120,6 +120,20 @@ def test_the_trainer_follows_the_decision(tiny_dir, tmp_path, monkeypatch, one_t
     assert bool(built) is decision
 
 
+def test_the_loops_lines_reach_the_callers_log(tiny_dir, tmp_path, one_thread):
+    # The loop's messages (the graphs decision among them) once went to stdout instead of train()'s log callback,
+    # so API users and the GPU test below never saw them.
+    from slimtune.train.run import train
+
+    data = Path(slimtune.__file__).parent / "data" / "default_data.jsonl"
+    lines: list[str] = []
+    train(TrainConfig(model=str(tiny_dir("e2b", text_only=True)), data=str(data), output=str(tmp_path / "r"),
+                      max_steps=2, batch_size=2, max_seq_length=96, lora_r=4, device="cpu", packing=True,
+                      cuda_graphs=True), log=lambda m, *_: lines.append(str(m)))
+    assert any(line.startswith("cuda_graphs: no CUDA device") for line in lines), lines
+    assert any(line.startswith("step     2/2") for line in lines), lines
+
+
 @pytest.mark.parametrize("flags, want", [([], "auto"), (["--cuda-graphs"], True), (["--no-cuda-graphs"], False)])
 def test_flags_and_yaml_set_the_three_values(tmp_path, flags, want):
     from slimtune.cli.main import build_parser
