@@ -74,9 +74,29 @@ def profile_steps(step: Callable[[], None], steps: int) -> dict:
             step()
         sync()
         wall_s = (time.perf_counter() - t) / steps
-    kernels = [(e.key, float(e.self_device_time_total), int(e.count)) for e in prof.key_averages()
+    events = prof.key_averages()
+    kernels = [(e.key, float(e.self_device_time_total), int(e.count)) for e in events
                if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
-    return summarize_kernels(kernels, steps, wall_s)
+    summary = summarize_kernels(kernels, steps, wall_s)
+    summary["host_calls"] = summarize_host_calls(
+        [(e.key, float(e.self_cpu_time_total), int(e.count)) for e in events if e.device_type == DeviceType.CPU],
+        steps)
+    return summary
+
+
+def summarize_host_calls(calls: list[tuple[str, float, int]], steps: int, top: int = 8) -> list[dict]:
+    """The CUDA runtime/driver calls (and tensor-to-Python syncs) that held the host longest, per step.
+
+    When GPU busy time is far below wall time, these say why: a cudaStreamSynchronize, cudaHostAlloc or cudaFree
+    that blocks the host leaves the GPU idle until the next launch.
+    """
+    rows = [(name, us, n) for name, us, n in calls if name.startswith("cu") or name in HOST_SYNC_OPS]
+    return [{"call": name[:80], "ms": round(us / steps / 1e3, 3), "calls": n // steps}
+            for name, us, n in sorted(rows, key=lambda r: -r[1])[:top]]
+
+
+HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero")
+"""ATen ops that wait for the GPU to hand a value back to Python."""
 
 
 def format_profile(p: dict) -> str:
@@ -88,4 +108,7 @@ def format_profile(p: dict) -> str:
     lines += [f"  {g['group']:<32} {g['ms']:>9.3f} ms  {g['pct']:>5.1f}%" for g in p["groups"]]
     lines += ["  top kernels:"] + [f"  {k['ms']:>9.3f} ms {k['pct']:>5.1f}% x{k['calls']:<5} {k['kernel'][:90]}"
                                   for k in p["top_kernels"]]
+    if p.get("host_calls"):
+        lines += ["  host time in CUDA calls:"] + [f"  {c['ms']:>9.3f} ms x{c['calls']:<5} {c['call']}"
+                                                   for c in p["host_calls"]]
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from slimtune.bench.profile import format_profile, kernel_group, profile_steps, summarize_kernels
+from slimtune.bench.profile import (format_profile, kernel_group, profile_steps, summarize_host_calls,
+                                    summarize_kernels)
 
 
 @pytest.mark.parametrize("name,group", [
@@ -47,6 +48,22 @@ def test_profiling_a_cpu_step_times_it_and_says_no_kernels_were_seen():
     assert p["kernels_traced"] == 0 and "no CUDA kernels" in format_profile(p)
 
 
+def test_host_calls_keep_only_cuda_calls_and_syncs_per_step_longest_first():
+    rows = [("cudaLaunchKernel", 4000.0, 200), ("aten::mm", 9000.0, 10), ("cudaStreamSynchronize", 8000.0, 2),
+            ("aten::_local_scalar_dense", 600.0, 4), ("cuLaunchKernelEx", 200.0, 20)]
+    calls = summarize_host_calls(rows, steps=2, top=3)
+    assert [c["call"] for c in calls] == ["cudaStreamSynchronize", "cudaLaunchKernel", "aten::_local_scalar_dense"]
+    assert calls[0]["ms"] == pytest.approx(4.0) and calls[0]["calls"] == 1
+    p = summarize_kernels([("nvjet_gemm_a", 10.0, 1)], steps=1, wall_s=1.0) | {"host_calls": calls}
+    assert "cudaStreamSynchronize" in format_profile(p)
+
+
+def test_a_step_that_reads_a_value_back_shows_the_sync():
+    a = torch.randn(64, 64)
+    p = profile_steps(lambda: (a @ a).sum().item(), 2)
+    assert any(c["call"] in ("aten::item", "aten::_local_scalar_dense") for c in p["host_calls"]), p["host_calls"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_profiling_a_cuda_graph_replay_sees_its_kernels():
@@ -64,3 +81,5 @@ def test_profiling_a_cuda_graph_replay_sees_its_kernels():
     groups = {x["group"] for x in p["groups"]}
     assert "matmul" in groups, format_profile(p)
     assert p["gpu_busy_ms"] > 0
+    synced = profile_steps(lambda: (g.replay(), torch.cuda.synchronize()), 2)
+    assert any(c["call"].startswith("cudaDeviceSynchronize") for c in synced["host_calls"]), synced["host_calls"]
