@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from slimtune.adapt.experts_grouped import grouped_experts_forward, use_grouped
+from slimtune.adapt.experts_grouped import capture_problem, grouped_experts_forward, use_grouped
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # definition order in Gemma4TextExperts = PEFT's nesting order
 
@@ -179,6 +179,32 @@ class LoraExperts(nn.Module):
             return self._project(base.act_fn(gate) * up, "down_proj", expert, down, lora.get("down_proj"))
 
         return route_to_experts(hidden_states, top_k_index, top_k_weights, self.num_experts, run_expert)
+
+
+def graph_capture_problems(model: nn.Module, dtype: torch.dtype, device: torch.device) -> list[str]:
+    """Why a CUDA graph on `device` cannot capture the model's MoE blocks, one line per kind of problem (empty: it
+    can, or there are none). Ours run sync-free on the grouped path (experts_grouped.capture_problem); transformers'
+    own experts block reads which experts were hit on the host."""
+    wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, LoraExperts)}
+    problems: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if id(module) in wrapped or not (isinstance(module, LoraExperts) or is_experts_module(module)):
+            continue
+        if isinstance(module, LoraExperts):
+            base = module.base_layer
+            weights = (base.gate_up_proj, base.down_proj)
+            if any(isinstance(w, torch.Tensor) and w.requires_grad for w in weights):
+                why = "its expert weights are trained (the grouped path takes frozen experts)"
+            else:
+                why = capture_problem(device, dtype, (base.down_proj.shape[1], base.down_proj.shape[2]))
+        elif type(module).__name__ == "NF4Experts":
+            why = capture_problem(device, dtype, (module.hidden_dim, module.intermediate_dim))
+        else:
+            why = ("transformers' experts block finds the experts hit on the host (16-bit experts without expert "
+                   "LoRA; --finetune-experts or 4-bit loading gives slimtune's grouped blocks)")
+        if why:
+            problems.setdefault(why, f"MoE experts ({name}): {why}")
+    return list(problems.values())
 
 
 def experts_modules(model: nn.Module) -> dict[str, LoraExperts]:

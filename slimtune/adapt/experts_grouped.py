@@ -67,21 +67,40 @@ def experts_impl(impl: str):
         set_experts_impl(before)
 
 
-def grouped_supported(x: torch.Tensor, dtype: torch.dtype, widths) -> bool:
+def grouped_supported(device: torch.device, dtype: torch.dtype, widths) -> bool:
     """The grouped kernel can run here: CUDA sm80+ (torch >= 2.9's _grouped_mm), bf16, widths multiples of 8."""
-    return (hasattr(torch, "_grouped_mm") and x.is_cuda and dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (8, 0) and all(w % ALIGN == 0 for w in widths))
+    return (hasattr(torch, "_grouped_mm") and device.type == "cuda" and dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(device) >= (8, 0) and all(w % ALIGN == 0 for w in widths))
 
 
-def use_grouped(x: torch.Tensor, widths) -> bool:
-    """Whether a block runs grouped, per the switch `IMPL` (see the module docstring)."""
+def runs_grouped(device: torch.device, dtype: torch.dtype, widths) -> bool:
+    """Whether a block computing in `dtype` on `device` takes the grouped path, per the switch `IMPL`."""
     if IMPL not in IMPLS:
         raise ValueError(f"SLIMTUNE_EXPERTS_IMPL must be one of {IMPLS} (got {IMPL!r})")
     if IMPL == "auto":
-        return grouped_supported(x, compute_dtype(x), widths)
+        return grouped_supported(device, dtype, widths)
     if IMPL == "grouped" and not hasattr(torch, "_grouped_mm"):
         raise RuntimeError(f"experts implementation 'grouped' needs torch._grouped_mm (torch {torch.__version__}).")
     return IMPL == "grouped"
+
+
+def use_grouped(x: torch.Tensor, widths) -> bool:
+    """Whether a block runs grouped for input x (see the module docstring)."""
+    return runs_grouped(x.device, compute_dtype(x), widths)
+
+
+def capture_problem(device: torch.device, dtype: torch.dtype, widths) -> str | None:
+    """Why a CUDA graph cannot capture a block's forward and backward on `device` (None: it can).
+
+    The grouped path never reads a value back to the host (offsets stay on the GPU), so a captured step can hold
+    it; the loop path reads the group sizes every block. torch's _grouped_mm is sync-free in its Hopper (sm90)
+    kernels only: on other GPUs it falls back to a loop over offsets copied to the host.
+    """
+    if not runs_grouped(device, dtype, widths):
+        return "the per-expert loop reads each expert's token count on the host (the grouped path needs bf16 on CUDA)"
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return "torch's grouped GEMM reads its offsets on the host on GPUs other than Hopper (sm90)"
+    return None
 
 
 def _weight(base, dtype: torch.dtype) -> torch.Tensor:

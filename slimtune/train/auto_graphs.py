@@ -10,8 +10,9 @@ When auto turns graphs on — all of these, else it stays eager and says why:
 * ``packing`` on: graphs need every batch the same shape, and without packing each batch would be padded to
   max_seq_length — a short-sample dataset would then spend most of each step on padding;
 * what the captured step cannot do is off: optimizer adamw (8-bit AdamW is not capturable), lora_dropout 0,
-  activation_offload off, bf16 (fp16's loss scaler syncs with the host), a text-only dense model (MoE routing and
-  media inputs read sizes on the host);
+  activation_offload off, bf16 (fp16's loss scaler syncs with the host), a text-only model (media inputs change
+  shape) whose MoE blocks, if any, are slimtune's grouped ones on a Hopper GPU (other routing reads sizes on the
+  host);
 * memory headroom: the planner's peak with graphs is at most ``HEADROOM`` of the card. A graph keeps its own
   memory pool for the whole run, which the allocator cannot hand back under pressure, so a run near the card's
   limit stays eager rather than risk running out of memory at capture.
@@ -68,7 +69,7 @@ def decide(cfg: TrainConfig, model: nn.Module, *, dtype: torch.dtype, device: to
     """(capture?, why) for ``cuda_graphs: auto``. `peak_gib(cfg)` is the planner's prediction (a parameter so
     tests can give one); the card's size comes from `device`."""
     reasons = (config_blockers(cfg, cuda=device.type == "cuda", single_process=single_process)
-               or graph_step_problems(model, None, dtype=dtype, capture=False)
+               or graph_step_problems(model, None, dtype=dtype, capture=False, device=device)
                or ([f"the model runs in {dtype} (a captured step needs bfloat16)"] if dtype != torch.bfloat16 else []))
     if reasons:
         return False, "; ".join(reasons)

@@ -35,6 +35,7 @@ import math
 import torch
 from torch import nn
 
+from slimtune.adapt.experts import graph_capture_problems
 from slimtune.data.collate import count_targets
 from slimtune.data.tokenize import IGNORE_INDEX
 from slimtune.errors import ConfigError
@@ -48,8 +49,11 @@ _HOST_ONLY = ("attention_mask", "token_mask")  # checked / counted on the host, 
 
 def graph_step_problems(model: nn.Module, optimizer, *, dtype: torch.dtype, scaler=None,
                         activation_offload: bool = False, distributed: bool = False,
-                        capture: bool = True) -> list[str]:
-    """Why this configuration cannot run as a captured CUDA graph (empty list: it can)."""
+                        capture: bool = True, device: torch.device | str | None = None) -> list[str]:
+    """Why this configuration cannot run as a captured CUDA graph (empty list: it can).
+
+    `device`: where the step runs (default: where the model's first parameter is); MoE blocks are checked for it.
+    """
     problems = []
     if dtype == torch.float16 or scaler is not None:
         problems.append("fp16 needs a GradScaler, whose overflow check syncs with the host: use bfloat16")
@@ -63,9 +67,9 @@ def graph_step_problems(model: nn.Module, optimizer, *, dtype: torch.dtype, scal
     dropouts = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
     if dropouts:
         problems.append(f"dropout is active ({dropouts[0]} p>0; e.g. lora_dropout): set it to 0")
-    if any(type(m).__name__ in ("Gemma4TextExperts", "NF4Experts", "LoraExperts") for m in model.modules()):
-        problems.append("MoE models (26B-A4B): expert routing reads per-expert token counts on the host in every "
-                        "layer, which a graph cannot capture; turn cuda_graphs off")
+    on = torch.device(device) if device is not None else next(model.parameters()).device
+    if capture or on.type == "cuda":  # eager off-GPU runs (CPU tests) may route any way
+        problems += graph_capture_problems(model, dtype, on)
     if getattr(model.config, "vision_config", None) is not None or getattr(model.config, "audio_config", None):
         problems.append("multimodal models: media inputs change shape per batch (text_only=True / --text-only)")
     return problems
@@ -74,7 +78,7 @@ def graph_step_problems(model: nn.Module, optimizer, *, dtype: torch.dtype, scal
 def require_graph_step(model: nn.Module, optimizer, *, dtype: torch.dtype, capture: bool = True,
                        device: torch.device | str | None = None) -> None:
     """Raise ConfigError listing every `graph_step_problems` (and a non-CUDA `device` when capturing)."""
-    problems = graph_step_problems(model, optimizer, dtype=dtype, capture=capture)
+    problems = graph_step_problems(model, optimizer, dtype=dtype, capture=capture, device=device)
     if capture and device is not None and torch.device(device).type != "cuda":
         problems.append(f"CUDA graphs need a CUDA device, got {device}")
     if problems:
