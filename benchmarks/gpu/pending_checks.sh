@@ -70,13 +70,14 @@ O)  # after L: the fixed auto-graphs GPU test, then 31B with and without activat
     2>&1 | tee -a "$OUT/ours_31b_profiles.log" | grep -vE "Warning|warn|^ *from|^ *\"\"\"" | grep -E "probe|profile|  " | cut -c1-160; done
   timeout 250 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/kernels/test_flash_attention_gpu.py \
     tests/kernels/test_rms_norm_kernel.py tests/kernels/test_flash_attention_fit.py 2>&1 | tail -3 ;;
-P)  # session 9: MoE steps captured (the grouped experts path never syncs; 26B-A4B eager was host-bound: GPU busy
+P)  # session 9: graph buckets for unpacked runs (their GPU test: captured buckets replayed in mixed order equal
+    # eager), MoE steps captured (the grouped experts path never syncs; 26B-A4B eager was host-bound: GPU busy
     # 410 of 1,332 ms/step) and 8-bit AdamW without bitsandbytes' per-parameter device syncs (531 per 26B step).
     # Predicted before measuring: 26B QLoRA + expert LoRA 2K graphed ~0.45-0.5 s/step (~4,000-4,500 tok/s, vs
     # eager 1,768 and Unsloth's 3,133 on bf16 experts), peak +0.5-1.5 GiB over eager's 22.08; adamw8bit eager
     # 26B ~1.5-2.5 % faster than before (the syncs' own host time) and 31B likewise.
-  timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_auto_graphs.py \
-    tests/train/test_optimizer.py tests/bench/test_bench_profile.py 2>&1 | tail -3
+  timeout 180 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_auto_graphs.py \
+    tests/train/test_optimizer.py tests/bench/test_bench_profile.py tests/train/test_graph_buckets.py 2>&1 | tail -3
   timeout 150 $B --geometry 26b-a4b --mode qlora --seq 2048 --finetune-experts --steps 6 --cuda-graphs \
     --steps-profile 2 2>&1 | tee "$OUT/ours_26b_graphs.log" | grep -E '"probe"|^profile|^  [a-z]' | cut -c1-300
   timeout 90 $B --geometry 26b-a4b --mode qlora --seq 2048 --finetune-experts --steps 6 --optimizer adamw8bit \

@@ -7,8 +7,8 @@ should still get the fast path when nothing speaks against it.
 When auto turns graphs on — all of these, else it stays eager and says why:
 
 * a CUDA device and one process (gradient reduction is not captured);
-* ``packing`` on: graphs need every batch the same shape, and without packing each batch would be padded to
-  max_seq_length — a short-sample dataset would then spend most of each step on padding;
+* ``packing`` on: one shape for every step. Unpacked runs with ``--cuda-graphs`` capture one step per length
+  bucket (slimtune.train.graph_buckets); auto leaves them eager until that has been measured on a GPU;
 * what the captured step cannot do is off: optimizer adamw (8-bit AdamW is not capturable), lora_dropout 0,
   activation_offload off, bf16 (fp16's loss scaler syncs with the host), a text-only model (media inputs change
   shape) whose MoE blocks, if any, are slimtune's grouped ones on a Hopper GPU (other routing reads sizes on the
@@ -42,7 +42,8 @@ def config_blockers(cfg: TrainConfig, *, cuda: bool, single_process: bool) -> li
     if not single_process:
         reasons.append("several processes (gradient reduction is not captured)")
     if not cfg.packing:
-        reasons.append("packing is off, so each batch would be padded to max_seq_length (--packing fixes the shape)")
+        reasons.append("packing is off (--packing gives one shape per step; --cuda-graphs captures one step per "
+                       "length bucket)")
     if cfg.optimizer != "adamw":
         reasons.append(f"optimizer {cfg.optimizer} (a captured step needs adamw)")
     if cfg.lora_dropout:

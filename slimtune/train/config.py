@@ -85,10 +85,12 @@ class TrainConfig:
     default since the fused CUDA kernels made it faster too (H200, E2B QLoRA 2K graphed: 12,676 -> 17,562 tok/s)."""
     cuda_graphs: bool | str = "auto"
     """Capture each optimizer step as one CUDA graph after two eager warm-up steps (slimtune.train.cuda_graph):
-    several times faster on short sequences, whose steps are bound by host-side launches. Every batch is padded
-    to max_seq_length. Needs CUDA, bf16, optimizer adamw, lora_dropout 0, no activation_offload, one process,
-    text batches. "auto": on when all that holds, packing is on and the predicted peak leaves a quarter of the
-    GPU free (slimtune.train.auto_graphs; the run log says which and why); true forces it, false never."""
+    several times faster on short sequences, whose steps are bound by host-side launches. Packed batches are
+    padded to max_seq_length; unpacked ones to a length bucket (128, 192, 256, 384, ...), one captured step per
+    bucket (slimtune.train.graph_buckets). Needs CUDA, bf16, optimizer adamw, lora_dropout 0, no
+    activation_offload, one process, text batches. "auto": on when all that holds, packing is on and the
+    predicted peak leaves a quarter of the GPU free (slimtune.train.auto_graphs; the run log says which and
+    why); true forces it, false never."""
     mlp_chunk_size: int = 0
     """Run each decoder MLP over chunks of this many tokens, recomputing them in backward (0 = off)."""
     optimizer: str = "adamw"

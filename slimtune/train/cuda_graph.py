@@ -107,16 +107,23 @@ class GraphedTrainStep:
             is accepted and dropped).
         max_grad_norm: clip threshold (0 = no clipping; the norm is still computed for the metrics).
         warmup: eager steps before capture. capture: False runs every step eagerly (CPU tests).
+        pool: a graph memory pool (``torch.cuda.graph_pool_handle()``) shared with other steps' graphs; None gives
+            this step's graphs their own.
+        shared_grads: several steps train the same parameters (slimtune.train.graph_buckets): gradients are never
+            set to None (another step's graph writes into them) and every step zeroes them in place when done, so
+            each graph's backward adds onto zeros whichever step ran before.
     """
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], optimizer, example: dict, *,
                  device: torch.device, dtype: torch.dtype, max_grad_norm: float = 0.0, warmup: int = 2,
-                 capture: bool = True) -> None:
+                 capture: bool = True, pool=None, shared_grads: bool = False) -> None:
         require_graph_step(model, optimizer, dtype=dtype, capture=capture, device=device)
         self.model, self.params, self.optimizer = model, params, optimizer
         self.device, self.dtype = torch.device(device), dtype
         self.limit = max_grad_norm if max_grad_norm > 0 else math.inf
         self.warmup, self.capture = max(1, warmup), capture
+        self.pool, self.shared_grads = pool, shared_grads
+        self.kept: dict[str, object] = {}  # graph-owned tensors no output holds (found_inf): never freed to the pool
         self.keys = [k for k in _GRAPH_INPUTS if k in example]
         self.shapes = {k: tuple(example[k].shape) for k in self.keys}
         self.static = {k: torch.zeros(self.shapes[k], dtype=torch.long, device=self.device) for k in self.keys}
@@ -146,6 +153,7 @@ class GraphedTrainStep:
         self._bind(False)
         self.graphs.clear()
         self.graph_outputs.clear()
+        self.kept.clear()
         if hasattr(self.optimizer, "found_inf"):  # a graph-owned tensor: later eager steps must not read it
             del self.optimizer.found_inf
 
@@ -206,7 +214,8 @@ class GraphedTrainStep:
 
     def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
         loss = self._micro(accumulate=False)
-        return loss, self._update(zero=False)  # grads are None at capture: each replay overwrites them
+        # alone, grads are None at capture and each replay overwrites them; shared, they are zeroed for the next step
+        return loss, self._update(zero=self.shared_grads)
 
     def _micro(self, accumulate: bool = True) -> torch.Tensor:
         """Forward and backward of the micro-batch in the static buffers; gradients accumulate."""
@@ -238,6 +247,7 @@ class GraphedTrainStep:
         window = [batches] if isinstance(batches, dict) else list(batches)
         for b in window:
             self._check(b)
+        self._bind(True)  # the host-table rows this step's graphs read (several steps may take turns)
         accumulating = len(window) > 1
         if self.accumulating is None:
             self.accumulating = accumulating
@@ -256,7 +266,7 @@ class GraphedTrainStep:
             else:
                 self._load(window[0])
                 loss, norm = self._run("step", self._body, eager)
-                if eager:
+                if eager and not self.shared_grads:
                     self.optimizer.zero_grad(set_to_none=True)  # None when captured: see _body
         self.steps += 1
         return loss, norm, n
@@ -269,8 +279,9 @@ class GraphedTrainStep:
         if name not in self.graphs:
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, pool=self.pool):
                     self.graph_outputs[name] = fn()
+                self.kept[name] = getattr(self.optimizer, "found_inf", None)
             except RuntimeError as exc:  # an op this GPU/driver/torch cannot capture: say how to train anyway
                 raise RuntimeError(f"capturing the training step as a CUDA graph failed ({exc}). Train with "
                                    "--no-cuda-graphs (cuda_graphs: false): the eager step computes the same run. "

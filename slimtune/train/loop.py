@@ -14,16 +14,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimtune.adapt.adapter_io import save_adapter
-from slimtune.data.collate import count_real_tokens, pad_batch_to
+from slimtune.data.collate import count_real_tokens
 from slimtune.data.tokenize import Example
 from slimtune.errors import ConfigError
 from slimtune.train import auto_graphs
 from slimtune.train.checkpoint import ResumePoint, restore_adapter, restore_rng, save_checkpoint
 from slimtune.train.config import TrainConfig
-from slimtune.train.cuda_graph import GraphedTrainStep, require_graph_step
+from slimtune.train.cuda_graph import require_graph_step
 from slimtune.train.data_stream import DataStream, collate_share, epoch_order, steps_per_epoch
 from slimtune.train.distributed import (DistInfo, ParallelModel, all_reduce_sum, rank_rng_states,
                                         restore_rank_rng)
+from slimtune.train.graph_buckets import GraphSteps
 from slimtune.train.guard import NonFiniteGuard
 from slimtune.train.evaluate import EvalTracker, evaluate, save_best
 from slimtune.train.metrics import MetricsWriter, TensorBoardLogger, read_metrics, truncate_metrics
@@ -110,7 +111,7 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
                                fused=True if capture else None, capturable=capture)
     if graphs:  # refuse before the first step, not at it (the step itself is built from the first batch)
         require_graph_step(model, optimizer, dtype=dtype, capture=capture)
-    graphed: GraphedTrainStep | None = None
+    graphed: GraphSteps | None = None
     padding: list[float] = []  # share of padding in the first 20 graphed steps (one hint after them)
     per_epoch = steps_per_epoch(len(examples), cfg.batch_size, cfg.grad_accum, info.world_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
@@ -156,18 +157,18 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
             batches = [collate_share(share, pad_id) for _, share in window]  # empty share → dummy batch
             lr = float(scheduler.get_last_lr()[0])  # a device tensor with cuda_graphs' capturable AdamW
             if graphs:
-                # one shape for every replay; a window of micro-batches under gradient accumulation
-                fixed = [pad_batch_to(b, cfg.max_seq_length, pad_id) for b, _ in batches]
+                # one shape per captured step: max_seq_length when packed, else the batch's length bucket
                 if graphed is None:
-                    graphed = GraphedTrainStep(model, params, optimizer, fixed[0], device=device, dtype=dtype,
-                                               max_grad_norm=cfg.max_grad_norm, capture=capture)
-                loss_t, norm_t, n_targets = graphed(fixed if len(fixed) > 1 else fixed[0])
+                    graphed = GraphSteps(model, params, optimizer, device=device, dtype=dtype,
+                                         max_grad_norm=cfg.max_grad_norm, capture=capture,
+                                         max_seq_length=cfg.max_seq_length, pad_id=pad_id, packed=cfg.packing)
+                loss_t, norm_t, n_targets, padded = graphed([b for b, _ in batches])
                 if len(padding) < 20:
-                    padding.append(1 - sum(count_real_tokens(b) for b, _ in batches)
-                                   / sum(f["input_ids"].numel() for f in fixed))
+                    padding.append(1 - sum(count_real_tokens(b) for b, _ in batches) / padded)
                     if len(padding) == 20 and sum(padding) / 20 > 0.5:
                         log(f"cuda_graphs: {100 * sum(padding) / 20:.0f}% of each padded batch is padding (every "
-                            f"batch is padded to max_seq_length={cfg.max_seq_length}); --packing or a lower "
+                            f"batch is padded to {'max_seq_length' if cfg.packing else 'a length bucket of'} "
+                            f"{cfg.max_seq_length if cfg.packing else 'its longest sample'}); --packing or a lower "
                             "--max-seq-length would spend that compute on real tokens")
                 scheduler.step()
                 loss, grad_norm = float(loss_t), float(norm_t)

@@ -108,12 +108,12 @@ def test_the_planner_predicts_with_graphs_for_auto(tiny_dir, tmp_path):
 def test_the_trainer_follows_the_decision(tiny_dir, tmp_path, monkeypatch, one_thread, decision):
     built = []
 
-    class Counting(loop.GraphedTrainStep):
+    class Counting(loop.GraphSteps):
         def __init__(self, *a, **kw):
             built.append(1)
             super().__init__(*a, **kw)
 
-    monkeypatch.setattr(loop, "GraphedTrainStep", Counting)
+    monkeypatch.setattr(loop, "GraphSteps", Counting)
     monkeypatch.setattr(auto_graphs, "decide", lambda *_a, **_kw: (decision, "test"))
     from slimtune.train.run import train
 
