@@ -12,30 +12,16 @@ import torch
 
 import slimtune
 from slimtune.adapt.inject import trainable_parameters
-from slimtune.adapt.lora import lora_modules
 from slimtune.data.collate import collate
 from slimtune.data.tokenize import IGNORE_INDEX, Example
 from slimtune.errors import ConfigError
-from slimtune.memory.host_embedding import HostOffloadedEmbedding, offload_per_layer_embeddings
+from slimtune.memory.host_embedding import HostOffloadedEmbedding
 from slimtune.train.cuda_graph import GraphedTrainStep
 from slimtune.train.optimizer import make_optimizer
 from slimtune.train.run import enable_checkpointing
 from slimtune.train.step import accumulate_gradients, clip_and_step
 
-
-def _model(tiny_dir, device, dtype):
-    model, _ = slimtune.load_model(tiny_dir("e2b", text_only=True), dtype=dtype, device=device,
-                                   offload_embeddings=False)
-    offload_per_layer_embeddings(model)
-    slimtune.add_lora(model, r=4, alpha=8, seed=3)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for layer in lora_modules(model).values():
-            w = layer.lora_B.weight
-            w.copy_(torch.randn(w.shape, generator=g) * 0.05)
-    enable_checkpointing(model)
-    model.train()
-    return model
+from graph_models import tiny_lora_model as _model
 
 
 def _batches(model, n, width=40):

@@ -14,14 +14,13 @@ import torch
 
 import slimtune
 from slimtune.adapt.inject import trainable_parameters
-from slimtune.adapt.lora import lora_modules
 from slimtune.data.collate import collate
 from slimtune.data.tokenize import IGNORE_INDEX, Example
-from slimtune.memory.host_embedding import offload_per_layer_embeddings
 from slimtune.train.graph_buckets import GraphSteps, bucket_for, bucket_widths
 from slimtune.train.optimizer import make_optimizer
-from slimtune.train.run import enable_checkpointing
 from slimtune.train.step import accumulate_gradients, clip_and_step
+
+from graph_models import tiny_lora_model as _model
 
 WIDTHS = (150, 40, 300, 130, 60, 290, 170, 35)  # buckets 192, 128, 384, 192, 128, 384, 192, 128 (max 384)
 
@@ -37,20 +36,6 @@ def test_buckets_grow_by_at_most_half_and_end_at_the_maximum():
             assert got >= w and got in widths and not any(w <= x < got for x in widths)
     with pytest.raises(ValueError, match="wider than max_seq_length=512"):
         bucket_for(513, 512)
-
-
-def _model(tiny_dir, device, dtype):
-    model, _ = slimtune.load_model(tiny_dir("e2b", text_only=True), dtype=dtype, device=device,
-                                   offload_embeddings=False)
-    offload_per_layer_embeddings(model)  # PLE rows: each bucket binds its own static rows
-    slimtune.add_lora(model, r=4, alpha=8, seed=3)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for layer in lora_modules(model).values():
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
-    enable_checkpointing(model)
-    model.train()
-    return model
 
 
 def _batches(vocab: int, widths=WIDTHS) -> list[dict]:
