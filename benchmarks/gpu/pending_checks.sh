@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6, H, I and G in session 7 (BENCHMARKS.md); still to
-# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26): P, M, N, E, F.
+# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26): P, Q, M, N, E, F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -38,7 +38,7 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 python3 -c "import torch, transformers, triton, peft; print(torch.__version__, transformers.__version__, triton.__version__, peft.__version__)" | tee "$OUT/env.txt"
-case "${1:?which call: A B C C2 I H G J K L O P U26 M N D D2 E F}" in
+case "${1:?which call: A B C C2 I H G J K L O P Q U26 M N D D2 E F}" in
 J)
   timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/kernels/test_flash_attention_gpu.py \
     tests/kernels/test_rms_norm_kernel.py tests/kernels/test_flash_attention_fit.py 2>&1 | tail -3
@@ -83,6 +83,11 @@ P)  # session 9: graph buckets for unpacked runs (their GPU test: captured bucke
   timeout 90 $B --geometry 26b-a4b --mode qlora --seq 2048 --finetune-experts --steps 6 --optimizer adamw8bit \
     --steps-profile 2 2>&1 | grep -E '"probe"|^profile|x[0-9]+ +cuda' | cut -c1-300
   timeout 60 $B --geometry 26b-a4b --mode lora16 --seq 2048 --finetune-experts --steps 6 --cuda-graphs 2>&1 | show ;;
+Q)  # after P passes: the unpacked default path end to end (real CLI runs on samples of every length up to 2K):
+    # eager vs captured length buckets vs packed. Predicted before measuring: eager ~3-4K real tok/s (host-bound,
+    # like the bench's 3.4-5K), buckets ~10-14K (graph speed less ~15-25 % bucket padding), packed ~15-17K.
+  timeout 420 python3 benchmarks/gpu/unpacked_run.py --model random:e2b --seq 2048 --steps 60 \
+    --json "$OUT/unpacked.jsonl" 2>&1 | cut -c1-400 ;;
 U26)  # Unsloth alone on the 26B-A4B checkpoint (D2's Unsloth run did not finish in 280 s)
   timeout 150 python3 benchmarks/gpu/prequantized_checkpoint.py --geometry 26b-a4b --out /tmp/g26b --no-tokenizer
   unsloth_cache
