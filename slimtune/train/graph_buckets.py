@@ -11,7 +11,8 @@ What the buckets share, so that memory does not grow with their number:
 
 * one graph memory pool (``torch.cuda.graph_pool_handle()``). Graphs replay one at a time on one stream, and
   what one graph leaves alive (its outputs, its found_inf) is never freed, so a later capture only reuses memory
-  that is dead between replays;
+  that is dead between replays. One caveat makes that enough: another bucket's replay may overwrite a step's
+  outputs (loss, grad norm), so they are read before the next step runs (the training loop does);
 * the gradients: every step leaves them allocated and zeroed (``shared_grads``), so whichever graph runs next
   adds its backward onto zeros. Setting them to None would free memory an earlier graph still writes.
 
