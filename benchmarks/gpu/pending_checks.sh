@@ -93,20 +93,20 @@ U26)  # Unsloth alone on the 26B-A4B checkpoint (D2's Unsloth run did not finish
   unsloth_cache
   timeout 420 python3 benchmarks/gpu/anchors_geometry.py --checkpoint /tmp/g26b --probe unsloth \
     --runs qlora:2048 > "$OUT/u26.log" 2>&1; echo "rc=$?"; show < "$OUT/u26.log"; tail -3 "$OUT/u26.log" | cut -c1-300 ;;
-M)  # issue 6's E4B rows with both anchors in one call (QLoRA 2K/8K; HF+PEFT lora16 2K), ours after them
+M)  # issue 6's E4B rows with both anchors in one call (QLoRA 2K/8K; HF+PEFT QLoRA 2K), ours after them
   ts start
   ( unsloth_cache; timeout 300 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe unsloth \
       --runs qlora:2048,qlora:8192 > "$OUT/unsloth_e4b.log" 2>&1; ts unsloth_end ) &
   UP=$!; wait $UP; show < "$OUT/unsloth_e4b.log"
   timeout 90 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe hf --runs qlora:2048 2>&1 | show
-  PYTHONPATH=$PWD timeout 60 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe hf \
-    --runs lora16:2048 2>&1 | show  # no .gpu-site: its torchao 0.15 breaks peft
-  ts ours_start
+  ts ours_start  # (HF+PEFT's LoRA 16-bit row moved to N: the timeouts here must sum to < 600 s)
   timeout 50 $B --geometry e4b --mode qlora,lora16 --seq 2048 --cuda-graphs 2>&1 | show
-  timeout 150 $B --geometry e4b --mode qlora --seq 8192 --cuda-graphs --compile 2>&1 | show ;;
-N)  # Unsloth's E4B LoRA 16-bit alone (its bf16 run never finished after other runs), then ours
+  timeout 130 $B --geometry e4b --mode qlora --seq 8192 --cuda-graphs --compile 2>&1 | show ;;
+N)  # Unsloth's E4B LoRA 16-bit alone (its bf16 run never finished after other runs), HF+PEFT's, then ours
   ( unsloth_cache; timeout 420 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe unsloth \
       --runs lora16:2048 > "$OUT/unsloth_e4b_lora16.log" 2>&1 ) ; show < "$OUT/unsloth_e4b_lora16.log"
+  PYTHONPATH=$PWD timeout 60 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe hf \
+    --runs lora16:2048 2>&1 | show  # no .gpu-site: its torchao 0.15 breaks peft
   timeout 50 $B --geometry e4b --mode lora16 --seq 2048 --cuda-graphs 2>&1 | show ;;
 A)
   ts start
