@@ -96,9 +96,10 @@ class TrainSettings(BaseModel):
     recompute_norms: bool = Field(default=True, description="RMSNorms keep their 16-bit input instead of an fp32 "
                                                             "copy: less memory per layer, same results, faster.")
     cuda_graphs: bool | None = Field(default=None, description="Capture each step as one CUDA graph: several "
-                                     "times faster on short sequences; batches padded to max_seq_length, adamw, no "
-                                     "activation offload. None = auto: on with packing when the run allows it and "
-                                     "the predicted peak leaves a quarter of the GPU free.")
+                                     "times faster on short sequences; packed batches are padded to max_seq_length, "
+                                     "others to a length bucket (one graph each); adamw, no activation offload. "
+                                     "None = auto: on with packing when the run allows it and the predicted peak "
+                                     "leaves a quarter of the GPU free.")
     packing: bool = Field(default=False, description="Pack several samples into each max_seq_length row (no "
                                                      "attention or loss across samples): no padding, fixed shapes.")
     compile_layers: bool = Field(default=False, description="torch.compile each decoder layer: faster steps after a "
