@@ -21,6 +21,8 @@ What capture requires, and how it is provided here:
   are two graphs instead: the micro-batch graph, captured while the gradients exist (zeros), so its backward adds
   into them in place, replayed once per micro-batch; and the update graph (clip, AdamW, zero the gradients in
   place), replayed once per step. The loss scale ``1/N_window`` covers the whole window, as in the eager step.
+  Several steps training the same parameters (one per length bucket, slimtune.train.graph_buckets) never set
+  the gradients to None: each step zeroes them in place when it is done (``shared_grads``).
 
 The first ``warmup`` steps run eagerly (Triton/cuBLAS/bitsandbytes initialise, kernels compile), on a side stream as
 capture requires; they are real training steps. ``capture=False`` runs every step that eager way, with the same
