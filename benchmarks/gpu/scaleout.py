@@ -94,6 +94,8 @@ def train(ckpt: Path | str, data: Path, out: Path, *, nproc: int, seq: int, step
 
 
 def main() -> None:
+    from slimtune.bench.run import emit_record
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--geometry", default="e4b")
     ap.add_argument("--work", default="/tmp/scaleout")
@@ -132,10 +134,7 @@ def main() -> None:
             base = base or result["tok_s"] / n
             result["speedup_vs_1"] = round(result["tok_s"] / base, 2) if base else None
         result["torch"] = torch.__version__
-        print(json.dumps(result), flush=True)
-        if a.json:
-            with open(a.json, "a") as f:
-                f.write(json.dumps(result) + "\n")
+        emit_record(result, a.json, log=lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ def run(variant: str, *, model: str, data: Path, out: Path, seq: int, steps: int
 
 
 def main() -> None:
+    from slimtune.bench.run import emit_record
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="random:e2b")
     ap.add_argument("--seq", type=int, default=2048)
@@ -88,10 +90,7 @@ def main() -> None:
     for variant in a.variants.split(","):
         result = run(variant, model=a.model, data=data, out=work / f"run-{variant}", seq=a.seq, steps=a.steps,
                      batch_size=a.batch_size, device=a.device, qlora=not a.lora16)
-        print(json.dumps(result), flush=True)
-        if a.json:
-            with open(a.json, "a") as f:
-                f.write(json.dumps(result) + "\n")
+        emit_record(result, a.json, log=lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":

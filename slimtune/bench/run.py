@@ -269,12 +269,18 @@ def run_bench(variant: str, modes: list[str], seqs: list[int], *, steps: int = 6
                 gc.collect()
                 torch.cuda.empty_cache()
             results.append(r)
-            log(json.dumps(r))
+            emit_record(r, json_path, log)
             if "profile" in r:
                 from slimtune.bench.profile import format_profile  # noqa: PLC0415
 
                 log(format_profile(r["profile"]))
-            if json_path:
-                with open(json_path, "a") as f:
-                    f.write(json.dumps(r) + "\n")
     return results
+
+
+def emit_record(record: dict, json_path: str | None = None, log=print) -> None:
+    """One benchmark record: printed as a JSON line, and appended to `json_path` when given (the GPU scripts too)."""
+    line = json.dumps(record)
+    log(line)
+    if json_path:
+        with open(json_path, "a") as f:
+            f.write(line + "\n")
