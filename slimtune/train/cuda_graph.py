@@ -90,12 +90,13 @@ def require_graph_step(model: nn.Module, optimizer, *, dtype: torch.dtype, captu
 def _checkpoint_without_rng(model: nn.Module) -> None:
     """Re-enable non-reentrant checkpointing without RNG-state saving (the state read is a host sync), for the same
     layers as before (``checkpoint_layers`` recomputes a prefix of the decoder layers)."""
-    if not getattr(model, "is_gradient_checkpointing", False):
+    decoder = model.get_decoder().layers
+    # the layers' own flags: transformers' model-level property was renamed (is_activation_checkpointing, 5.2x)
+    recomputing = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in decoder)
+    if not recomputing:
         return
     from slimtune.train.run import enable_checkpointing  # noqa: PLC0415 - run imports the loop, which imports this
 
-    decoder = model.get_decoder().layers
-    recomputing = sum(bool(layer.gradient_checkpointing) for layer in decoder)
     enable_checkpointing(model, None if recomputing == len(decoder) else recomputing, preserve_rng_state=False)
 
 
