@@ -9,7 +9,7 @@ from torch import nn
 
 from slimtune.adapt.experts import EXPERT_PARAMS, experts_modules, expert_targets, inject_expert_lora
 from slimtune.adapt.lora import LoraLinear, lora_modules
-from slimtune.adapt.quantize import is_nf4_linear
+from slimtune.adapt.quantize import is_nf4_linear, keep_standard_nf4_layout
 from slimtune.errors import ConfigError
 from slimtune.models.registry import ModelFamily, family_of
 
@@ -200,6 +200,7 @@ def add_lora(model: nn.Module, *, r: int = 16, alpha: float = 16, dropout: float
         finetune_vision_layers=finetune_vision_layers, finetune_audio_layers=finetune_audio_layers,
         finetune_attention_modules=finetune_attention_modules, finetune_mlp_modules=finetune_mlp_modules,
         layers_to_transform=layers_to_transform, finetune_multimodal_embedders=finetune_multimodal_embedders)
+    keep_standard_nf4_layout(model)  # a model that ran inference on CPU must still backpropagate through NF4
     settings = inject_lora(model, targets, r=r, alpha=float(alpha), dropout=float(dropout), use_rslora=use_rslora,
                            seed=seed)
     if experts:

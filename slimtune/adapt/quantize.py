@@ -58,11 +58,29 @@ def make_nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype, device: torch
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
     q = q.to(device)
-    if linear.in_features % q.weight.quant_state.blocksize:
-        # bitsandbytes' CPU inference repacking (AVX512-BF16 CPUs, first no-grad eval forward) reshapes the absmax
-        # per row of blocks and fails when a row is not a whole number of blocks (tiny models: evaluation crashed)
-        q.support_avx512bf16_for_cpu = False
+    keep_standard_nf4_layout(q)
     return q
+
+
+def keep_standard_nf4_layout(model: nn.Module) -> int:
+    """Turn off bitsandbytes' CPU inference repacking in every NF4 linear of `model` (undoing one already done);
+    returns how many NF4 linears there are.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight at its first eval-mode no-grad forward,
+    for good, and from then on multiplies through a kernel without a backward: once training resumes, no gradient
+    flows back through the frozen NF4 linears that carry no adapter (E2B/E4B's per-layer gates and projections),
+    so every LoRA weight before them got a wrong gradient after the first evaluation (measured: 90 % off), with
+    only a warning. The repack also failed outright on linears narrower than a quantization block.
+    """
+    count = 0
+    for module in model.modules():
+        if not is_nf4_linear(module):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        if getattr(nf4_state(module), "packing_format_for_cpu", False):
+            module.state_dict()  # bitsandbytes restores its standard layout when it saves the module
+        count += 1
+    return count
 
 
 def nf4_module_names(model: nn.Module, family: ModelFamily) -> list[str]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from slimtune.adapt.experts_nf4 import quantize_experts_nf4
-from slimtune.adapt.quantize import is_nf4_linear, quantize_model_nf4
+from slimtune.adapt.quantize import is_nf4_linear, keep_standard_nf4_layout, quantize_model_nf4
 from slimtune.errors import ConfigError, ModelLoadError
 from slimtune.models import gemma4 as _gemma4  # noqa: F401 - registers the family
 from slimtune.models.registry import ModelFamily, family_for_model_type
@@ -249,6 +249,7 @@ def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_
         quantize_model_nf4(model, family, dtype, device)
     if load_in_4bit:  # a pre-quantized checkpoint: transformers' bitsandbytes loading leaves 3-D experts 16-bit
         quantize_experts_nf4(model, dtype, device)  # (no-op when streaming or quantize_model_nf4 did them)
+        keep_standard_nf4_layout(model)  # transformers' Linear4bit modules too (see the function)
     if offload:
         from slimtune.memory.host_embedding import offload_per_layer_embeddings  # noqa: PLC0415
 

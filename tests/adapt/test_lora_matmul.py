@@ -110,7 +110,14 @@ def test_fused_nf4_reads_the_standard_layout_after_bitsandbytes_repacked_it():
     # layer (e.g. generating before LoRA is added); the fused node must still dequantize the real weights.
     # Restoring the standard layout re-quantizes the 8-bit absmax (~5e-4 relative drift: bitsandbytes' own
     # save path does the same); reading the repacked bytes as standard NF4 gives a different matrix (rel ~1).
-    layer = _layer(make_nf4_linear(nn.Linear(128, 64, bias=False), torch.bfloat16, "cpu"))
+    # A Linear4bit made outside slimtune (make_nf4_linear turns the repack off: tests/adapt/test_nf4_cpu_layout.py)
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes repacks NF4 weights only on CPUs with AVX512-BF16")
+    base = make_nf4_linear(nn.Linear(128, 64, bias=False), torch.bfloat16, "cpu")
+    base.support_avx512bf16_for_cpu = True
+    layer = _layer(base)
     layer.eval()
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
