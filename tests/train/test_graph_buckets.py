@@ -112,10 +112,13 @@ def test_unpacked_graph_runs_train_like_eager_runs(tiny_dir, tmp_path):
 
     data = Path(slimtune.__file__).parent / "data" / "default_data.jsonl"
     base = dict(model=str(tiny_dir("e2b", text_only=True)), data=str(data), max_steps=8, lr=1e-3, batch_size=2,
-                max_seq_length=256, lora_r=4, seed=0, device="cpu", grad_accum=2)
+                max_seq_length=256, lora_r=4, seed=0, device="cpu", grad_accum=2, eval_fraction=0.05, eval_steps=4)
     graphs = train(TrainConfig(output=str(tmp_path / "g"), cuda_graphs=True, **base), log=lambda *_: None)
     eager = train(TrainConfig(output=str(tmp_path / "e"), cuda_graphs=False, **base), log=lambda *_: None)
     assert [r["loss"] for r in graphs.history] == pytest.approx([r["loss"] for r in eager.history], rel=1e-4)
+    # evaluation in between pauses the bucketed steps (per-call paths) and training goes on after it
+    evals = [[r["eval_loss"] for r in run.history if "eval_loss" in r] for run in (graphs, eager)]
+    assert len(evals[0]) == 2 and evals[0] == pytest.approx(evals[1], rel=1e-4)
 
 
 @pytest.mark.gpu
