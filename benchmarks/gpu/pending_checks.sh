@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6, H, I and G in session 7 (BENCHMARKS.md); still to
-# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26): P, Q, M, N, E, F.
+# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26): P, Q, R, M, N, E, F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -38,7 +38,7 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 python3 -c "import torch, transformers, triton, peft; print(torch.__version__, transformers.__version__, triton.__version__, peft.__version__)" | tee "$OUT/env.txt"
-case "${1:?which call: A B C C2 I H G J K L O P Q U26 M N D D2 E F}" in
+case "${1:?which call: A B C C2 I H G J K L O P Q R U26 M N D D2 E F}" in
 J)
   timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/kernels/test_flash_attention_gpu.py \
     tests/kernels/test_rms_norm_kernel.py tests/kernels/test_flash_attention_fit.py 2>&1 | tail -3
@@ -88,6 +88,15 @@ Q)  # after P passes: the unpacked default path end to end (real CLI runs on sam
     # like the bench's 3.4-5K), buckets ~10-14K (graph speed less ~15-25 % bucket padding), packed ~15-17K.
   timeout 420 python3 benchmarks/gpu/unpacked_run.py --model random:e2b --seq 2048 --steps 60 \
     --json "$OUT/unpacked.jsonl" 2>&1 | cut -c1-400 ;;
+R)  # does a run fit the card it is meant for? `--card-gib` caps the allocator (cached blocks and graph pools too) at
+    # a smaller card's size. auto's HEADROOM (captures only when the prediction is <= 75 % of the card) is a guess;
+    # these rows say whether 31B / 26B-A4B graphs fit a 24 GB card (predicted ~21 GiB) and E2B's an 8 GB one.
+    # Predicted before measuring: every eager row fits; E2B graphs at 8 GiB fit; 31B graphs at 24 GiB uncertain.
+  for g in "e2b --seq 2048 --card-gib 8 --cuda-graphs" "e2b --seq 8192 --card-gib 8 --cuda-graphs --compile \
+      --mlp-chunk-size 2048" "31b --seq 2048 --card-gib 22.5" "31b --seq 2048 --card-gib 22.5 --cuda-graphs" \
+      "26b-a4b --seq 2048 --card-gib 22.5 --finetune-experts --optimizer adamw8bit" \
+      "26b-a4b --seq 2048 --card-gib 22.5 --finetune-experts --cuda-graphs"; do
+    timeout 120 $B --mode qlora --steps 6 --geometry $g 2>&1 | show; done ;;
 U26)  # Unsloth alone on the 26B-A4B checkpoint (D2's Unsloth run did not finish in 280 s)
   timeout 150 python3 benchmarks/gpu/prequantized_checkpoint.py --geometry 26b-a4b --out /tmp/g26b --no-tokenizer
   unsloth_cache

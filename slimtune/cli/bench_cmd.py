@@ -38,6 +38,9 @@ def register(sub) -> None:
                    help="after the timed steps, profile N more (torch.profiler): GPU time per kernel group")
     p.add_argument("--loss-chunk-size", type=int, default=None, help="rows per lm_head + loss chunk (default: auto)")
     p.add_argument("--max-memory", help="GPU memory budget (e.g. 8GiB): options not given are planned to fit it")
+    p.add_argument("--card-gib", type=float, default=None,
+                   help="act as a GPU of this many GiB: the allocator may hold no more (cached blocks and CUDA-graph "
+                        "pools included), so what would not fit such a card runs out of memory here")
     p.add_argument("--json", help="append one JSON line per result to this file")
     p.set_defaults(func=run)
 
@@ -65,6 +68,10 @@ def run(args) -> int:
                         finetune_audio_layers=args.finetune_audio_layers, cuda_graphs=args.cuda_graphs,
                         finetune_experts=args.finetune_experts, recompute_norms=args.recompute_norms,
                         checkpoint_layers=args.checkpoint_layers)
+    if args.card_gib is not None:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(card_fraction(args.card_gib, total))
+        opts = replace(opts, extra={**opts.extra, "card_gib": args.card_gib})
     impls = [replace(opts, experts_impl=i) for i in args.experts_impl.split(",")]  # each one validated
     explicit = frozenset(name for name, given in (("gradient_checkpointing", args.no_gradient_checkpointing),
                                                   ("loss_chunk_size", args.loss_chunk_size is not None),
@@ -78,3 +85,17 @@ def run(args) -> int:
                   multimodal=args.multimodal, options=options, json_path=args.json, max_memory=budget,
                   explicit=explicit, profile_steps=args.steps_profile)
     return 0
+
+
+def card_fraction(card_gib: float, total_bytes: int) -> float:
+    """The share of this GPU's memory that a `card_gib` GiB card has (for set_per_process_memory_fraction).
+
+    Raises:
+        ConfigError: not a positive size, or more than this GPU has.
+    """
+    from slimtune.errors import ConfigError  # noqa: PLC0415
+
+    total_gib = total_bytes / 2**30
+    if not card_gib > 0 or card_gib > total_gib:
+        raise ConfigError(f"--card-gib must be above 0 and at most this GPU's {total_gib:.1f} GiB (got {card_gib}).")
+    return card_gib / total_gib

@@ -87,3 +87,24 @@ def test_cli_experts_impl_list_runs_each_in_turn(monkeypatch):
     runs.clear()
     assert main(["bench", "--geometry", "26b-a4b", "--experts-impl", "loop,fast"]) == 2  # refused before any run
     assert runs == []
+
+
+def test_card_gib_caps_the_allocator_at_a_smaller_cards_share(monkeypatch):
+    import pytest
+    import torch
+
+    from slimtune.cli.bench_cmd import card_fraction
+    from slimtune.errors import ConfigError
+
+    assert card_fraction(24, 140 * GIB) == pytest.approx(24 / 140)
+    for bad in (0, -1, 141, float("nan")):
+        with pytest.raises(ConfigError, match="--card-gib must be above 0 and at most this GPU's 140.0 GiB"):
+            card_fraction(bad, 140 * GIB)
+    # the whole command on a pretend 140 GiB GPU: the fraction is set and the records carry the card size
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d: type("P", (), {"total_memory": 140 * GIB}))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, *_: seen.setdefault("fraction", f))
+    monkeypatch.setattr(bench, "run_bench", lambda *a, options, **kw: seen.setdefault("extra", options.extra))
+    assert main(["bench", "--card-gib", "24", "--seq", "2048", "--mode", "qlora"]) == 0
+    assert seen == {"fraction": pytest.approx(24 / 140), "extra": {"card_gib": 24.0}}
