@@ -112,6 +112,8 @@ class GraphedTrainStep:
         warmup: eager steps before capture. capture: False runs every step eagerly (CPU tests).
         pool: a graph memory pool (``torch.cuda.graph_pool_handle()``) shared with other steps' graphs; None gives
             this step's graphs their own.
+        warmup_stream: the CUDA stream warm-up steps run on (shared by steps that take turns; None: one of its
+            own). One stream for all of them, because the allocator caches freed blocks per stream.
         shared_grads: several steps train the same parameters (slimtune.train.graph_buckets): gradients are never
             set to None (another step's graph writes into them) and every step zeroes them in place when done, so
             each graph's backward adds onto zeros whichever step ran before.
@@ -119,13 +121,13 @@ class GraphedTrainStep:
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], optimizer, example: dict, *,
                  device: torch.device, dtype: torch.dtype, max_grad_norm: float = 0.0, warmup: int = 2,
-                 capture: bool = True, pool=None, shared_grads: bool = False) -> None:
+                 capture: bool = True, pool=None, shared_grads: bool = False, warmup_stream=None) -> None:
         require_graph_step(model, optimizer, dtype=dtype, capture=capture, device=device)
         self.model, self.params, self.optimizer = model, params, optimizer
         self.device, self.dtype = torch.device(device), dtype
         self.limit = max_grad_norm if max_grad_norm > 0 else math.inf
         self.warmup, self.capture = max(1, warmup), capture
-        self.pool, self.shared_grads = pool, shared_grads
+        self.pool, self.shared_grads, self.warmup_stream = pool, shared_grads, warmup_stream
         self.kept: dict[str, object] = {}  # graph-owned tensors no output holds (found_inf): never freed to the pool
         self.keys = [k for k in _GRAPH_INPUTS if k in example]
         self.shapes = {k: tuple(example[k].shape) for k in self.keys}
@@ -295,8 +297,11 @@ class GraphedTrainStep:
 
     @contextlib.contextmanager
     def _side_stream(self):
-        """Warm-up steps run on a side stream, as capture does (lazy per-stream state is created off the default)."""
-        side = torch.cuda.Stream(self.device)
+        """Warm-up steps run on a side stream, as capture does (lazy per-stream state is created off the default).
+        Always the same one: memory a step frees is cached for reuse on the stream it was used on."""
+        if self.warmup_stream is None:
+            self.warmup_stream = torch.cuda.Stream(self.device)
+        side = self.warmup_stream
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             yield

@@ -74,6 +74,7 @@ class GraphSteps:
         self.device, self.dtype, self.max_grad_norm, self.capture = device, dtype, max_grad_norm, capture
         self.max_seq_length, self.pad_id, self.packed = max_seq_length, pad_id, packed
         self.pool = torch.cuda.graph_pool_handle() if capture and not packed else None
+        self.warmup_stream = torch.cuda.Stream(device) if capture else None  # one for every bucket's warm-up
         self.steps: dict[int, GraphedTrainStep] = {}
         self._last: GraphedTrainStep | None = None
 
@@ -88,7 +89,7 @@ class GraphSteps:
         if step is None:
             step = GraphedTrainStep(self.model, self.params, self.optimizer, fixed[0], device=self.device,
                                     dtype=self.dtype, max_grad_norm=self.max_grad_norm, capture=self.capture,
-                                    pool=self.pool, shared_grads=not self.packed)
+                                    pool=self.pool, shared_grads=not self.packed, warmup_stream=self.warmup_stream)
             self.steps[width] = step
         self._last = step
         loss, norm, n_targets = step(fixed if len(fixed) > 1 else fixed[0])
