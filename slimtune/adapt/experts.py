@@ -158,6 +158,21 @@ class LoraExperts(nn.Module):
         update = F.linear(F.linear(lora_in, a[expert]), b[expert]) * adapter.scaling
         return out + update.to(out.dtype)
 
+    def _grouped_widths(self) -> tuple[int, int] | None:
+        """The widths the grouped path checks, or None where it cannot run (trained expert weights: it takes frozen
+        experts only)."""
+        base = self.base_layer
+        if any(isinstance(w, torch.Tensor) and w.requires_grad for w in (base.gate_up_proj, base.down_proj)):
+            return None
+        return base.down_proj.shape[1], base.down_proj.shape[2]
+
+    def capture_problem(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why a CUDA graph on `device` cannot capture this block (None: it can); see experts_grouped."""
+        widths = self._grouped_widths()
+        if widths is None:
+            return "its expert weights are trained (the grouped path takes frozen experts)"
+        return capture_problem(device, dtype, widths)
+
     # Compiled decoder layers (slimtune.adapt.compile) call this eagerly: the group sizes are Python ints that
     # change every batch, on which dynamo would specialise and recompile each step.
     @torch.compiler.disable
@@ -165,8 +180,8 @@ class LoraExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         gate_up, down = base.gate_up_proj, base.down_proj
-        frozen = not any(isinstance(w, torch.Tensor) and w.requires_grad for w in (gate_up, down))
-        if frozen and use_grouped(hidden_states, (down.shape[1], down.shape[2])):
+        widths = self._grouped_widths()
+        if widths is not None and use_grouped(hidden_states, widths):
             # one grouped GEMM per projection over all experts (experts_grouped); the loop below is the reference
             adapter = {n: self.adapters[n] if n in self.adapters else None for n in EXPERT_PARAMS}
             return grouped_experts_forward(hidden_states, top_k_index, top_k_weights, self.num_experts, base.act_fn,
@@ -190,15 +205,8 @@ def graph_capture_problems(model: nn.Module, dtype: torch.dtype, device: torch.d
     for name, module in model.named_modules():
         if id(module) in wrapped or not (isinstance(module, LoraExperts) or is_experts_module(module)):
             continue
-        if isinstance(module, LoraExperts):
-            base = module.base_layer
-            weights = (base.gate_up_proj, base.down_proj)
-            if any(isinstance(w, torch.Tensor) and w.requires_grad for w in weights):
-                why = "its expert weights are trained (the grouped path takes frozen experts)"
-            else:
-                why = capture_problem(device, dtype, (base.down_proj.shape[1], base.down_proj.shape[2]))
-        elif type(module).__name__ == "NF4Experts":
-            why = capture_problem(device, dtype, (module.hidden_dim, module.intermediate_dim))
+        if hasattr(module, "capture_problem"):  # slimtune's blocks (LoraExperts, NF4Experts)
+            why = module.capture_problem(device, dtype)
         else:
             why = ("transformers' experts block finds the experts hit on the host (16-bit experts without expert "
                    "LoRA; --finetune-experts or 4-bit loading gives slimtune's grouped blocks)")

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from slimtune.adapt.experts import EXPERT_PARAMS, route_to_experts
-from slimtune.adapt.experts_grouped import grouped_experts_forward, use_grouped
+from slimtune.adapt.experts_grouped import capture_problem, grouped_experts_forward, use_grouped
 from slimtune.adapt.lora_matmul import compute_dtype
 from slimtune.adapt.quantize import dequantize_parts
 from slimtune.errors import UnsupportedModelError
@@ -250,6 +250,10 @@ class NF4Experts(nn.Module):
     @property
     def complete(self) -> bool:
         return self.gate_up_proj.complete and self.down_proj.complete
+
+    def capture_problem(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why a CUDA graph on `device` cannot capture this block (None: it can); see experts_grouped."""
+        return capture_problem(device, dtype, (self.hidden_dim, self.intermediate_dim))
 
     # Compiled decoder layers (slimtune.adapt.compile) call this eagerly, like LoraExperts: the per-expert group
     # sizes are Python ints that change every batch.
