@@ -25,6 +25,9 @@ KERNEL_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("elementwise and reductions", ("elementwise", "reduce", "norm", "softmax")),
 )
 
+HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero")
+"""ATen ops that wait for the GPU to hand a value back to Python (listed with the CUDA calls: they block too)."""
+
 
 def kernel_group(name: str) -> str:
     """The group a CUDA kernel's name belongs to (`other` when none matches)."""
@@ -94,9 +97,6 @@ def summarize_host_calls(calls: list[tuple[str, float, int]], steps: int, top: i
     return [{"call": name[:80], "ms": round(us / steps / 1e3, 3), "calls": n // steps}
             for name, us, n in sorted(rows, key=lambda r: -r[1])[:top]]
 
-
-HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero")
-"""ATen ops that wait for the GPU to hand a value back to Python."""
 
 
 def format_profile(p: dict) -> str:

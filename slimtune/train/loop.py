@@ -166,10 +166,11 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
                 if len(padding) < 20:
                     padding.append(1 - sum(count_real_tokens(b) for b, _ in batches) / padded)
                     if len(padding) == 20 and sum(padding) / 20 > 0.5:
+                        padded_to = (f"max_seq_length={cfg.max_seq_length}" if cfg.packing
+                                     else "the length bucket of its longest sample")
                         log(f"cuda_graphs: {100 * sum(padding) / 20:.0f}% of each padded batch is padding (every "
-                            f"batch is padded to {'max_seq_length' if cfg.packing else 'a length bucket of'} "
-                            f"{cfg.max_seq_length if cfg.packing else 'its longest sample'}); --packing or a lower "
-                            "--max-seq-length would spend that compute on real tokens")
+                            f"batch is padded to {padded_to}); --packing or a lower --max-seq-length would spend "
+                            "that compute on real tokens")
                 scheduler.step()
                 loss, grad_norm = float(loss_t), float(norm_t)
             else:

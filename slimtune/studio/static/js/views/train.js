@@ -110,7 +110,7 @@ export async function render(root) {
       switchField("activation_offload"), switchField("recompute_norms"),
       switchField("compile_layers"), switchField("packing"),
       h("div", { class: "form-grid", style: "margin-top:10px" },
-        field("CUDA graphs", graphs, "Replays each step as one captured graph: several times faster at 2K tokens. Auto = on with packing when the run allows it (adamw, no offload, text, one GPU) and fits with a quarter of the GPU to spare; on pads batches to the max length."))),
+        field("CUDA graphs", graphs, "Replays each step as one captured graph: several times faster at 2K tokens. Auto = on with packing when the run allows it (adamw, no offload, text, one GPU) and fits with a quarter of the GPU to spare; on pads unpacked batches to a length bucket (one captured step each)."))),
     h("details", { class: "params", id: "multimodal", style: "margin-top:10px" }, h("summary", {}, "Multimodal"),
       switchField("text_only"), switchField("finetune_multimodal_embedders")),
     h("div", { class: "row", style: "margin-top:18px" }, submit, formError));
