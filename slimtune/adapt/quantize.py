@@ -62,9 +62,8 @@ def make_nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype, device: torch
     return q
 
 
-def keep_standard_nf4_layout(model: nn.Module) -> int:
-    """Turn off bitsandbytes' CPU inference repacking in every NF4 linear of `model` (undoing one already done);
-    returns how many NF4 linears there are.
+def keep_standard_nf4_layout(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking in every NF4 linear of `model` (undoing one already done).
 
     On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight at its first eval-mode no-grad forward,
     for good, and from then on multiplies through a kernel without a backward: once training resumes, no gradient
@@ -72,15 +71,11 @@ def keep_standard_nf4_layout(model: nn.Module) -> int:
     so every LoRA weight before them got a wrong gradient after the first evaluation (measured: 90 % off), with
     only a warning. The repack also failed outright on linears narrower than a quantization block.
     """
-    count = 0
     for module in model.modules():
-        if not is_nf4_linear(module):
-            continue
-        module.support_avx512bf16_for_cpu = False
-        if getattr(nf4_state(module), "packing_format_for_cpu", False):
-            module.state_dict()  # bitsandbytes restores its standard layout when it saves the module
-        count += 1
-    return count
+        if is_nf4_linear(module):
+            module.support_avx512bf16_for_cpu = False
+            if getattr(nf4_state(module), "packing_format_for_cpu", False):
+                module.state_dict()  # bitsandbytes restores its standard layout when it saves the module
 
 
 def nf4_module_names(model: nn.Module, family: ModelFamily) -> list[str]:

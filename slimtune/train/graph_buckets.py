@@ -78,12 +78,9 @@ class GraphSteps:
         self.steps: dict[int, GraphedTrainStep] = {}
         self._last: GraphedTrainStep | None = None
 
-    def width_for(self, batches: list[dict]) -> int:
-        widest = max(b["input_ids"].shape[1] for b in batches)
-        return self.max_seq_length if self.packed else bucket_for(widest, self.max_seq_length)
-
     def __call__(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        width = self.width_for(batches)
+        widest = max(b["input_ids"].shape[1] for b in batches)
+        width = self.max_seq_length if self.packed else bucket_for(widest, self.max_seq_length)
         fixed = [pad_batch_to(b, width, self.pad_id) for b in batches]
         step = self.steps.get(width)
         if step is None:
