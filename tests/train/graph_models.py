@@ -1,12 +1,15 @@
-"""The tiny model the CUDA-graph step tests train: E2B text, PLE rows on the host, LoRA with non-zero B (so the
-adapters matter from the first step), checkpointed, in training mode."""
+"""What the CUDA-graph step tests share: the tiny model they train (E2B text, PLE rows on the host, LoRA with
+non-zero B so the adapters matter from the first step, checkpointed, in training mode) and the standard eager
+training they compare against."""
 
 import torch
 
 import slimtune
+from slimtune.adapt.inject import trainable_parameters
 from slimtune.adapt.lora import lora_modules
 from slimtune.memory.host_embedding import offload_per_layer_embeddings
 from slimtune.train.run import enable_checkpointing
+from slimtune.train.step import accumulate_gradients, clip_and_step
 
 
 def tiny_lora_model(tiny_dir, device, dtype):
@@ -22,3 +25,23 @@ def tiny_lora_model(tiny_dir, device, dtype):
     enable_checkpointing(model)
     model.train()
     return model
+
+
+def sgd(params):
+    # SGD on CPU: Adam would turn rounding noise on near-zero gradients into full-size steps
+    return torch.optim.SGD(params, lr=0.05)
+
+
+def train_standard(model, windows, device, dtype, make_opt=sgd) -> list[float]:
+    """The standard eager step over `windows` (lists of micro-batches; a batch alone is a window of one), with the
+    graph tests' schedule and clipping; returns the losses."""
+    params = trainable_parameters(model)
+    opt = make_opt(params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    losses = []
+    for window in windows:
+        loss, _ = accumulate_gradients(model, window if isinstance(window, list) else [window], device=device,
+                                       dtype=dtype)
+        clip_and_step(params, opt, sched, max_grad_norm=1.0)
+        losses.append(loss)
+    return losses

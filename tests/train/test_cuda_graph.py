@@ -21,7 +21,9 @@ from slimtune.train.optimizer import make_optimizer
 from slimtune.train.run import enable_checkpointing
 from slimtune.train.step import accumulate_gradients, clip_and_step
 
+from graph_models import sgd as _sgd
 from graph_models import tiny_lora_model as _model
+from graph_models import train_standard as _run_standard
 
 
 def _batches(model, n, width=40):
@@ -40,23 +42,6 @@ def _batches(model, n, width=40):
 
 def _lora_state(model):
     return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _sgd(params):
-    # SGD on CPU: Adam would turn rounding noise on near-zero gradients into full-size steps
-    return torch.optim.SGD(params, lr=0.05)
-
-
-def _run_standard(model, batches, device, dtype):
-    params = trainable_parameters(model)
-    opt = _sgd(params)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    losses = []
-    for b in batches:
-        loss, _ = accumulate_gradients(model, [b], device=device, dtype=dtype)
-        clip_and_step(params, opt, sched, max_grad_norm=1.0)
-        losses.append(loss)
-    return losses
 
 
 def _run_graphed(model, steps, device, dtype, *, capture, fused):

@@ -18,8 +18,8 @@ from slimtune.data.collate import collate
 from slimtune.data.tokenize import IGNORE_INDEX, Example
 from slimtune.train.graph_buckets import GraphSteps, bucket_for, bucket_widths
 from slimtune.train.optimizer import make_optimizer
-from slimtune.train.step import accumulate_gradients, clip_and_step
 
+from graph_models import sgd, train_standard
 from graph_models import tiny_lora_model as _model
 
 WIDTHS = (150, 40, 300, 130, 60, 290, 170, 35)  # buckets 192, 128, 384, 192, 128, 384, 192, 128 (max 384)
@@ -55,18 +55,6 @@ def _state(model):
     return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _standard(model, windows, device, dtype, make_opt):
-    params = trainable_parameters(model)
-    opt = make_opt(params)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    losses = []
-    for window in windows:
-        loss, _ = accumulate_gradients(model, window, device=device, dtype=dtype)
-        clip_and_step(params, opt, sched, max_grad_norm=1.0)
-        losses.append(loss)
-    return losses
-
-
 def _bucketed(model, windows, device, dtype, make_opt, *, capture):
     params = trainable_parameters(model)
     opt = make_opt(params)
@@ -90,8 +78,7 @@ def test_bucketed_steps_equal_the_standard_step_on_cpu(tiny_dir, accum):
     ref = _model(tiny_dir, dev, dtype)
     batches = _batches(ref.config.vocab_size)
     windows = [batches[i:i + accum] for i in range(0, len(batches), accum)]
-    sgd = lambda params: torch.optim.SGD(params, lr=0.05)  # noqa: E731 - Adam turns rounding noise into steps
-    want = _standard(ref, windows, dev, dtype, sgd)
+    want = train_standard(ref, windows, dev, dtype)
     ours = _model(tiny_dir, dev, dtype)
     got, steps, padded = _bucketed(ours, windows, dev, dtype, sgd, capture=False)
     # a window is padded to the bucket of its widest batch
