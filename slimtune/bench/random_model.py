@@ -20,17 +20,24 @@ from slimtune.models.loader import attention_plan
 from slimtune.models.registry import family_of
 
 
-def _random(shape, dtype, device, gen) -> torch.Tensor:
+def _random(shape, dtype, device, gen, rows_per_slice: int = 16384) -> torch.Tensor:
+    """0.02-scaled normal weights drawn in float32 a slice of rows at a time: a 262K-row vocabulary table drawn
+    whole would need a float32 temporary twice its own size (5.25 GiB for 31B), more than a 24 GB card has left."""
     if len(shape) == 1:  # norm weights / scales: ones keep activations in a realistic range
         return torch.ones(shape, dtype=dtype, device=device)
-    return (torch.randn(shape, dtype=torch.float32, device=device, generator=gen) * 0.02).to(dtype)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    for start in range(0, shape[0], rows_per_slice):
+        stop = min(shape[0], start + rows_per_slice)
+        out[start:stop] = torch.randn((stop - start, *shape[1:]), dtype=torch.float32, device=device,
+                                      generator=gen) * 0.02
+    return out
 
 
 def _host_table(shape, dtype, device, gen, rows_per_slice: int = 16384) -> torch.Tensor:
     host = torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
     for start in range(0, shape[0], rows_per_slice):
         stop = min(shape[0], start + rows_per_slice)
-        host[start:stop].copy_(_random((stop - start, shape[1]), dtype, device, gen))
+        host[start:stop].copy_(_random((stop - start, shape[1]), dtype, device, gen, rows_per_slice))
     return host
 
 
@@ -65,7 +72,11 @@ def build_random_model(variant: str, *, mode: str = "qlora", multimodal: bool = 
     gen = torch.Generator(device).manual_seed(seed)
     text = model.get_decoder()
     ple = getattr(text, "embed_tokens_per_layer", None)
+    tied = getattr(config.get_text_config(), "tie_word_embeddings", True)
+    lm_head = model.get_output_embeddings()
     for name, module in list(model.named_modules()):
+        if tied and module is lm_head:  # becomes the input embedding below: drawing it too costs a whole table
+            continue
         if module is ple and offload_ple:
             weight = _host_table(tuple(ple.weight.shape), dtype, device, gen)
             text.embed_tokens_per_layer = HostOffloadedEmbedding(weight, scale=float(ple.embed_scale),
@@ -92,8 +103,8 @@ def build_random_model(variant: str, *, mode: str = "qlora", multimodal: bool = 
         for bname, b in list(module.named_buffers(recurse=False)):
             if b is not None and b.device != device:
                 module._buffers[bname] = b.to(device)
-    if getattr(config.get_text_config(), "tie_word_embeddings", True):
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    if tied:
+        lm_head.weight = model.get_input_embeddings().weight
     for p in model.parameters():
         p.requires_grad_(False)
     leftovers = [n for n, p in model.named_parameters() if p.is_meta]

@@ -29,13 +29,17 @@ def explicit_fields(cfg) -> set[str]:
 
 
 def model_ref(name: str) -> str:
-    """Something read_model_shape can read: a local folder, or a hub id's config.json fetched into the HF cache.
+    """Something read_model_shape can read: a geometry (also as ``random:<geometry>``, the random-weights
+    loader's spec), a local folder, or a hub id's config.json fetched into the HF cache.
 
     Raises:
         ValueError: neither (no folder, and the hub config cannot be fetched).
     """
     from slimtune.models.geometry import VARIANTS  # noqa: PLC0415
+    from slimtune.models.loader import RANDOM_PREFIX  # noqa: PLC0415
 
+    if name.startswith(RANDOM_PREFIX) and name[len(RANDOM_PREFIX):] in VARIANTS:
+        return name[len(RANDOM_PREFIX):]
     if name in VARIANTS or (Path(name).expanduser() / "config.json").is_file():
         return name
     try:

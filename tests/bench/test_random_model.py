@@ -25,6 +25,23 @@ def test_tiny_random_model_builds_and_trains(mode):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_the_tied_output_table_is_drawn_once_and_big_tables_in_slices(monkeypatch):
+    from slimtune.bench import random_model
+
+    drawn = []
+    real = random_model._random
+    monkeypatch.setattr(random_model, "_random", lambda shape, *a: drawn.append(tuple(shape)) or real(shape, *a))
+    model = build_random_model("31b", mode="qlora", device="cpu", dtype=torch.float32, tiny=True)
+    monkeypatch.undo()
+    table = tuple(model.get_input_embeddings().weight.shape)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert drawn.count(table) == 1  # the lm_head it is tied to was once drawn as a second random table
+    gen = torch.Generator().manual_seed(0)
+    sliced = real((10, 3), torch.float32, "cpu", gen, 4)
+    assert sliced.shape == (10, 3) and len({tuple(row.tolist()) for row in sliced}) == 10  # every slice drawn anew
+    assert 0.005 < sliced.std() < 0.05
+
+
 def test_qlora_26b_experts_are_built_in_nf4_one_expert_matrix_at_a_time(monkeypatch):
     from slimtune.adapt.experts_nf4 import NF4Experts
     from slimtune.bench import random_model
