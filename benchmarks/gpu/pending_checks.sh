@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6, H, I and G in session 7 (BENCHMARKS.md); still to
-# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26): P, Q, R, M, N, E, F.
+# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26; session 10 P, Q, R): S, M, N, E, F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -100,6 +100,17 @@ R)  # does a run fit the card it is meant for? `--card-gib` caps the allocator (
       "26b-a4b --seq 2048 --card-gib 22.5 --finetune-experts --cuda-graphs"; do
     timeout 80 $B --mode qlora --steps 6 --geometry $g 2>&1 | show; done
   timeout 140 $B --mode qlora --steps 6 --geometry 26b-a4b --seq 2048 --finetune-experts --compile 2>&1 | show ;;
+S)  # after P, Q and R (session 10): R's 31B rows ran out of memory while the bench built its random weights (the
+    # tied lm_head was drawn as a second 262K-row table, through a 5.25 GiB float32 temporary; fixed), so again;
+    # Q's packed row stayed eager (the planner could not read `random:e2b`; fixed), and auto now captures unpacked
+    # runs too: the default path end to end. Predicted before measuring: 31B eager fits 22.5 GiB (20.5 measured
+    # uncapped); 31B graphs do not (26B's graphs did not: 22.15 GiB peak uncapped); auto ~ Q's buckets (7.9K real
+    # tok/s over the second half, captures included); packed ~15-17K.
+  timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_auto_graphs.py 2>&1 | tail -2
+  for g in "31b --seq 2048 --card-gib 22.5" "31b --seq 2048 --card-gib 22.5 --cuda-graphs"; do
+    timeout 90 $B --mode qlora --steps 6 --geometry $g 2>&1 | show; done
+  timeout 300 python3 benchmarks/gpu/unpacked_run.py --model random:e2b --seq 2048 --steps 60 --variants auto,packed \
+    --json "$OUT/unpacked.jsonl" 2>&1 | cut -c1-400 ;;
 U26)  # Unsloth alone on the 26B-A4B checkpoint (D2's Unsloth run did not finish in 280 s)
   timeout 150 python3 benchmarks/gpu/prequantized_checkpoint.py --geometry 26b-a4b --out /tmp/g26b --no-tokenizer
   unsloth_cache

@@ -5,6 +5,7 @@ script writes a dataset of plain-text samples whose lengths spread over the whol
 the real CLI with
   eager      `--no-cuda-graphs` (each batch padded to its longest sample),
   buckets    `--cuda-graphs` without packing (one captured step per length bucket, slimtune.train.graph_buckets),
+  auto       no flag: the default a user gets (`cuda_graphs: auto` decides, and the log says why),
   packed     `--packing` with the default `cuda_graphs: auto`,
 and reads metrics.jsonl: real (non-pad) tokens per second over the second half of the run (after every bucket
 has captured), the median step, and the peak memory. One JSON line per variant.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-VARIANTS = {"eager": ("--no-cuda-graphs",), "buckets": ("--cuda-graphs",), "packed": ("--packing",)}
+VARIANTS = {"eager": ("--no-cuda-graphs",), "buckets": ("--cuda-graphs",), "auto": (), "packed": ("--packing",)}
 WORDS = ("alpha beta gamma delta river mountain city light paper stone music garden window winter signal number "
          "market bridge forest engine").split()
 
@@ -79,7 +80,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--lora16", action="store_true", help="16-bit base instead of QLoRA")
-    ap.add_argument("--variants", default="eager,buckets,packed")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--work", default="/tmp/unpacked_run")
     ap.add_argument("--json", help="append one JSON line per variant")
     a = ap.parse_args()

@@ -60,7 +60,7 @@ _BOOLS = [
     ("--compile", "compile_layers", "torch.compile each decoder layer (faster steps after compiling; fixed shapes)"),
     ("--recompute-norms", "recompute_norms", "(default) RMSNorms keep their 16-bit input, not an fp32 copy"),
     ("--cuda-graphs", "cuda_graphs", "capture each step as one CUDA graph (much faster short sequences; default "
-     "auto: on with --packing when the run allows it and fits with headroom)"),
+     "auto: on when the run allows it and fits with headroom)"),
     ("--resume", "resume", "continue exactly from the newest complete checkpoint in the run folder"),
 ]
 
@@ -81,7 +81,7 @@ def register(sub) -> None:
     p.add_argument("--no-recompute-norms", dest="recompute_norms", action="store_false", default=argparse.SUPPRESS,
                    help="transformers' own RMSNorms (fp32 copy saved for backward; slower, more memory)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=argparse.SUPPRESS,
-                   help="never capture steps as CUDA graphs (the default, auto, may with --packing)")
+                   help="never capture steps as CUDA graphs (the default, auto, captures when the run allows it)")
     p.set_defaults(func=run)
 
 

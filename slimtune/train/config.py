@@ -88,7 +88,7 @@ class TrainConfig:
     several times faster on short sequences, whose steps are bound by host-side launches. Packed batches are
     padded to max_seq_length; unpacked ones to a length bucket (128, 192, 256, 384, ...), one captured step per
     bucket (slimtune.train.graph_buckets). Needs CUDA, bf16, optimizer adamw, lora_dropout 0, no
-    activation_offload, one process, text batches. "auto": on when all that holds, packing is on and the
+    activation_offload, one process, text batches. "auto": on when all that holds and the
     predicted peak leaves a quarter of the GPU free (slimtune.train.auto_graphs; the run log says which and
     why); true forces it, false never."""
     mlp_chunk_size: int = 0

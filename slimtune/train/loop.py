@@ -105,7 +105,7 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
         log("cuda_graphs: no CUDA device, so steps run eagerly (same fixed-shape inputs, no capture)")
     if device.type == "cuda" and not graphs and parallel.kind == "single" and cfg.max_seq_length <= 8192:
         log("speed note: eager steps launch ~20K kernels from Python, so short sequences leave the GPU waiting; "
-            "captured steps (--packing lets cuda_graphs auto use them; --cuda-graphs forces them) ran E2B QLoRA "
+            "captured steps (cuda_graphs auto, when the line above allows it; --cuda-graphs forces them) ran E2B QLoRA "
             "at 2K tokens 3.5-5x faster on an H200")
     optimizer = make_optimizer(params, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                fused=True if capture else None, capturable=capture)

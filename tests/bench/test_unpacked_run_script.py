@@ -17,7 +17,7 @@ def test_unpacked_run_script_trains_each_variant_and_reports(tiny_dir, tmp_path)
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(records) == {"eager", "buckets", "packed"}
+    assert set(records) == {"eager", "buckets", "auto", "packed"}
     for r in records.values():
         assert "error" not in r, r.get("error")
         assert r["steps"] == 4 and r["tok_s"] > 0 and r["tokens_per_step"] > 0

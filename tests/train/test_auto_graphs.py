@@ -45,7 +45,6 @@ def test_default_is_auto_and_the_values_are_checked(tmp_path):
 
 
 @pytest.mark.parametrize("setting, reason", [
-    ({"packing": False}, "packing is off"),
     ({"optimizer": "adamw8bit"}, "optimizer adamw8bit"),
     ({"lora_dropout": 0.05}, "lora_dropout"),
     ({"activation_offload": True}, "activation_offload"),
@@ -67,7 +66,12 @@ def test_headroom_decides_on_a_fitting_model(tmp_path, text_model, card_of):
     cfg = _cfg(tmp_path)
     on, why = auto_graphs.decide(cfg, text_model, dtype=torch.bfloat16, device=CUDA, single_process=True,
                                  peak_gib=lambda _c: 5.9)
-    assert on and "5.9 of 8.0 GiB" in why
+    assert on and "5.9 of 8.0 GiB" in why and "packed" in why
+    # unpacked runs capture too, one step per length bucket (their blocker went after the H200 measured them)
+    assert auto_graphs.config_blockers(_cfg(tmp_path, packing=False), cuda=True, single_process=True) == []
+    on, why = auto_graphs.decide(_cfg(tmp_path, packing=False), text_model, dtype=torch.bfloat16, device=CUDA,
+                                 single_process=True, peak_gib=lambda _c: 5.9)
+    assert on and "length bucket" in why
     off, why = auto_graphs.decide(cfg, text_model, dtype=torch.bfloat16, device=CUDA, single_process=True,
                                   peak_gib=lambda _c: 6.1)  # over 75 % of 8 GiB: a graph pool could not shrink
     assert not off and "6.1 GiB is over 75%" in why
@@ -102,6 +106,10 @@ def test_the_planner_predicts_with_graphs_for_auto(tiny_dir, tmp_path):
     eager = plan_for_config(_cfg(tmp_path, model=model, max_seq_length=256, cuda_graphs=False), world_size=1)
     assert peak is not None and peak > eager.predicted_gib  # the graph's pool is counted
     assert auto_graphs.predicted_peak_gib(_cfg(tmp_path, model=str(tmp_path / "missing"))) is None
+    # the random-weights loader's spec is the geometry it builds (a GPU run of random:e2b once stayed eager here)
+    geometry = auto_graphs.predicted_peak_gib(_cfg(tmp_path, model="e2b", max_seq_length=256))
+    assert geometry is not None
+    assert auto_graphs.predicted_peak_gib(_cfg(tmp_path, model="random:e2b", max_seq_length=256)) == geometry
 
 
 @pytest.mark.parametrize("decision", [True, False])
@@ -151,12 +159,13 @@ def test_flags_and_yaml_set_the_three_values(tmp_path, flags, want):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_default_run_captures_on_a_gpu_and_trains_like_eager(tiny_dir, tmp_path):
+@pytest.mark.parametrize("packing", [True, False])
+def test_default_run_captures_on_a_gpu_and_trains_like_eager(tiny_dir, tmp_path, packing):
     from slimtune.train.run import train
 
     data = Path(slimtune.__file__).parent / "data" / "default_data.jsonl"
-    base = dict(model=str(tiny_dir("e2b", text_only=True)), data=str(data), max_steps=6, lr=1e-3, batch_size=2,
-                max_seq_length=128, lora_r=4, seed=0, packing=True)
+    base = dict(model=str(tiny_dir("e2b", text_only=True)), data=str(data), max_steps=8, lr=1e-3, batch_size=2,
+                max_seq_length=128, lora_r=4, seed=0, packing=packing)
     lines: list[str] = []
     auto = train(TrainConfig(output=str(tmp_path / "auto"), **base), log=lambda m, *_: lines.append(str(m)))
     eager = train(TrainConfig(output=str(tmp_path / "eager"), cuda_graphs=False, **base), log=lambda *_: None)

@@ -30,7 +30,7 @@ const SWITCHES = [
   ["activation_offload", "Offload activations to CPU RAM", "Less GPU memory for a small speed cost."],
   ["recompute_norms", "Lean RMSNorms", "Norms keep their 16-bit input instead of an fp32 copy: less memory per layer, same results, faster on GPUs (fused kernels).", true],
   ["compile_layers", "Compile decoder layers", "torch.compile each layer: faster steps after a compile of a minute or two (best with CUDA graphs or packing)."],
-  ["packing", "Pack samples into full rows", "Several samples per max-length row, with no attention or loss across them: no padding, and fixed shapes (CUDA graphs on auto use them)."],
+  ["packing", "Pack samples into full rows", "Several samples per max-length row, with no attention or loss across them: no padding, and one shape for every step (a single captured CUDA graph)."],
   ["text_only", "Text only (multimodal checkpoint)", "Loads only the language model; the vision/audio towers are never read."],
   ["finetune_multimodal_embedders", "LoRA on the multimodal embedders", "Also adapts the projections from the vision/audio towers into the text model (needs the towers: not with text only)."],
 ];
@@ -110,7 +110,7 @@ export async function render(root) {
       switchField("activation_offload"), switchField("recompute_norms"),
       switchField("compile_layers"), switchField("packing"),
       h("div", { class: "form-grid", style: "margin-top:10px" },
-        field("CUDA graphs", graphs, "Replays each step as one captured graph: several times faster at 2K tokens. Auto = on with packing when the run allows it (adamw, no offload, text, one GPU) and fits with a quarter of the GPU to spare; on pads unpacked batches to a length bucket (one captured step each)."))),
+        field("CUDA graphs", graphs, "Replays each step as one captured graph: several times faster at 2K tokens. Auto = on when the run allows it (adamw, no offload, text, one GPU) and fits with a quarter of the GPU to spare. Unpacked batches are padded to a length bucket (one captured step each)."))),
     h("details", { class: "params", id: "multimodal", style: "margin-top:10px" }, h("summary", {}, "Multimodal"),
       switchField("text_only"), switchField("finetune_multimodal_embedders")),
     h("div", { class: "row", style: "margin-top:18px" }, submit, formError));
