@@ -147,6 +147,8 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
     model.train()
     bar = (tqdm(total=total, initial=first_step - 1, desc="training", unit="step", dynamic_ncols=True)
            if main else _Silent())
+    if device.type == "cuda":  # mem_gib is the training peak (what the planner predicts), not loading's
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter() - elapsed_before
     stopped_early = False
     try:

@@ -150,3 +150,16 @@ def test_adamw8bit_resume_is_exact(tiny_dir, tmp_path):
     a = load_file(full.adapter_dir / "adapter_model.safetensors")
     b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_metrics_peak_is_the_training_peak_not_what_loading_left_behind(tiny_dir, tmp_path):
+    # the bench's random builder once left a 1.5 GiB float32 temporary in E2B's peak: every variant of a GPU run
+    # then reported the same 4.68 GiB, whatever its steps used
+    transient = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    del transient
+    result = train(TrainConfig(model=str(tiny_dir("e2b", text_only=True)), data=str(BUNDLED),
+                               output=str(tmp_path / "run"), max_steps=2, max_seq_length=128, lora_r=4,
+                               cuda_graphs=False))
+    assert all(0 < r["mem_gib"] < 0.5 for r in result.history), [r["mem_gib"] for r in result.history]
