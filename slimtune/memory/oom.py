@@ -26,6 +26,11 @@ def explain_oom(cfg, exc: BaseException, gpu_total_bytes: int | None = None) -> 
     except Exception:  # the estimate is a hint; a model we cannot read must not hide the real message
         pass
     tips = []
+    if cfg.cuda_graphs is True or (cfg.cuda_graphs == "auto" and torch.cuda.is_available()):
+        # a graph's memory pool is held for the whole run: 26B-A4B's captured step did not fit a 22.5 GiB cap
+        # that its eager step fitted with 3 GiB to spare (BENCHMARKS.md, session 10)
+        when = "" if cfg.cuda_graphs is True else " if the log said `cuda_graphs auto: on`"
+        tips.append(f"--no-cuda-graphs{when} (a captured step keeps its own memory pool for the whole run)")
     if not cfg.load_in_4bit:
         tips.append("--load-in-4bit (NF4 base weights, ~4x less weight memory)")
     if cfg.batch_size > 1:

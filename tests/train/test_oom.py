@@ -27,6 +27,11 @@ def test_oom_becomes_advice(tiny_dir, tmp_path, monkeypatch, capsys):
     msg = str(err.value)
     assert "--load-in-4bit" in msg and "--batch-size 1 --grad-accum 4" in msg and "--max-seq-length 256" in msg
     assert "Predicted peak for these settings" in msg
+    assert "--no-cuda-graphs" not in msg  # no GPU: auto never captured
+    from slimtune.memory.oom import explain_oom
+
+    forced = explain_oom(TrainConfig(**{**cfg.__dict__, "cuda_graphs": True}), torch.OutOfMemoryError("x"))
+    assert "Try, in this order: --no-cuda-graphs (a captured step keeps its own memory pool" in forced
     code = main(["train", "--model", cfg.model, "--data", cfg.data, "--output", str(tmp_path / "r2"),
                  "--max-steps", "1", "--device", "cpu"])
     err_text = capsys.readouterr().err
