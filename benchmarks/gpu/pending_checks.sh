@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6, H, I and G in session 7 (BENCHMARKS.md); still to
-# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26; session 10 P, Q, R): S, M, N, E, F.
+# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26; session 10 P, Q, R, S, M): T, N, E, F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -110,6 +110,14 @@ S)  # after P, Q and R (session 10): R's 31B rows ran out of memory while the be
   for g in "31b --seq 2048 --card-gib 22.5" "31b --seq 2048 --card-gib 22.5 --cuda-graphs"; do
     timeout 90 $B --mode qlora --steps 6 --geometry $g 2>&1 | show; done
   timeout 300 python3 benchmarks/gpu/unpacked_run.py --model random:e2b --seq 2048 --steps 60 --variants auto,packed \
+    --json "$OUT/unpacked.jsonl" 2>&1 | cut -c1-400 ;;
+T)  # after S: the training loop's peak now starts at its first step (GPU test), the MoE capture test S's limit cut,
+    # and the unpacked default (auto buckets) over a longer run, where the buckets' first captures weigh less.
+    # Predicted before measuring: both tests pass; auto over 300 steps ~11-13K real tok/s (S's median step, 0.118 s
+    # for 1,530 tokens, is ~13K), peak ~3.2 GiB.
+  timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_memory_switches.py \
+    tests/train/test_auto_graphs.py 2>&1 | tail -3
+  timeout 240 python3 benchmarks/gpu/unpacked_run.py --model random:e2b --seq 2048 --steps 300 --variants auto \
     --json "$OUT/unpacked.jsonl" 2>&1 | cut -c1-400 ;;
 U26)  # Unsloth alone on the 26B-A4B checkpoint (D2's Unsloth run did not finish in 280 s)
   timeout 150 python3 benchmarks/gpu/prequantized_checkpoint.py --geometry 26b-a4b --out /tmp/g26b --no-tokenizer
