@@ -6,6 +6,8 @@ max_seq_length would spend most of a short-sample dataset's compute on pads. Ins
 to the next *bucket*: 128·2^k or 192·2^k tokens (at most a third of a batch is bucket padding), capped at
 max_seq_length. Each bucket gets its own `GraphedTrainStep` the first time a batch of that width arrives (its
 warm-up steps run eagerly, then it captures), so a run with widths up to 2,048 captures at most 9 steps.
+(H200, E2B QLoRA, samples up to 2K: eager 1,877 real tok/s, buckets 6.9-7.9K over a 60-step run's second half,
+their first captures included; packed 17K. BENCHMARKS.md, session 10.)
 
 What the buckets share, so that memory does not grow with their number:
 
@@ -84,8 +86,12 @@ class GraphSteps:
         fixed = [pad_batch_to(b, width, self.pad_id) for b in batches]
         step = self.steps.get(width)
         if step is None:
+            # Two eager warm-ups for the first bucket (the optimizer creates its state, libraries initialise); one
+            # per later bucket is enough for what a new shape needs (kernels compiled for it). An eager E2B 2K
+            # step costs ~0.78 s against 0.12 s replayed, and a 2K run has up to 9 buckets.
             step = GraphedTrainStep(self.model, self.params, self.optimizer, fixed[0], device=self.device,
                                     dtype=self.dtype, max_grad_norm=self.max_grad_norm, capture=self.capture,
+                                    warmup=1 if self.steps else 2,
                                     pool=self.pool, shared_grads=not self.packed, warmup_stream=self.warmup_stream)
             self.steps[width] = step
         self._last = step

@@ -84,6 +84,8 @@ def test_bucketed_steps_equal_the_standard_step_on_cpu(tiny_dir, accum):
     # a window is padded to the bucket of its widest batch
     expect = [bucket_for(max(b["input_ids"].shape[1] for b in w), 384) for w in windows]
     assert sorted(steps.steps) == sorted(set(expect)) and len(steps.steps) >= 2
+    # the first bucket warms up twice (optimizer state, library set-up), later ones once (only their new shape)
+    assert [steps.steps[w].warmup for w in dict.fromkeys(expect)] == [2] + [1] * (len(steps.steps) - 1)
     assert padded == [2 * len(w) * e for w, e in zip(windows, expect)]
     assert got == pytest.approx(want, rel=1e-5)
     a, b, start = _state(ours), _state(ref), _state(_model(tiny_dir, dev, dtype))
