@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6, H, I and G in session 7 (BENCHMARKS.md); still to
-# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26; session 10 P, Q, R, S, M): T, N, E, F.
+# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26; session 10 P, Q, R, S, M): T, N, V, W, E, F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -115,8 +115,8 @@ T)  # after S: the training loop's peak now starts at its first step (GPU test),
     # and the unpacked default (auto buckets) over a longer run, where the buckets' first captures weigh less.
     # Predicted before measuring: both tests pass; auto over 300 steps ~11-13K real tok/s (S's median step, 0.118 s
     # for 1,530 tokens, is ~13K), peak ~3.2 GiB.
-  timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_memory_switches.py \
-    tests/train/test_auto_graphs.py 2>&1 | tail -3
+  timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_memory_switches.py \
+    tests/train/test_auto_graphs.py tests/train/test_graph_buckets.py 2>&1 | tail -3  # buckets: 1 warm-up after the 1st
   timeout 240 python3 benchmarks/gpu/unpacked_run.py --model random:e2b --seq 2048 --steps 300 --variants auto \
     --json "$OUT/unpacked.jsonl" 2>&1 | cut -c1-400 ;;
 U26)  # Unsloth alone on the 26B-A4B checkpoint (D2's Unsloth run did not finish in 280 s)
@@ -133,12 +133,29 @@ M)  # issue 6's E4B rows with both anchors in one call (QLoRA 2K/8K; HF+PEFT QLo
   ts ours_start  # (HF+PEFT's LoRA 16-bit row moved to N: the timeouts here must sum to < 600 s)
   timeout 50 $B --geometry e4b --mode qlora,lora16 --seq 2048 --cuda-graphs 2>&1 | show
   timeout 130 $B --geometry e4b --mode qlora --seq 8192 --cuda-graphs --compile 2>&1 | show ;;
-N)  # Unsloth's E4B LoRA 16-bit alone (its bf16 run never finished after other runs), HF+PEFT's, then ours
+N)  # Unsloth's E4B LoRA 16-bit alone (its bf16 run never finished after other runs), HF+PEFT's 2K and 8K, then
+    # ours at both (issue 6's final table: E4B LoRA 16-bit 2K/8K have no anchor yet)
   ( unsloth_cache; timeout 420 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe unsloth \
       --runs lora16:2048 > "$OUT/unsloth_e4b_lora16.log" 2>&1 ) ; show < "$OUT/unsloth_e4b_lora16.log"
-  PYTHONPATH=$PWD timeout 60 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe hf \
-    --runs lora16:2048 2>&1 | show  # no .gpu-site: its torchao 0.15 breaks peft
-  timeout 50 $B --geometry e4b --mode lora16 --seq 2048 --cuda-graphs 2>&1 | show ;;
+  PYTHONPATH=$PWD timeout 90 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe hf \
+    --runs lora16:2048,lora16:8192 2>&1 | show  # no .gpu-site: its torchao 0.15 breaks peft
+  timeout 60 $B --geometry e4b --mode lora16 --seq 2048,8192 --cuda-graphs 2>&1 | show ;;
+V)  # issue 6's final table, 32K cells with Unsloth in the call (only ours measured so far): E4B QLoRA 32K, then
+    # E2B QLoRA 32K for HF+PEFT (never run; its 8K took 121 GiB, so an out-of-memory record is expected).
+    # Predicted before measuring: Unsloth E4B QLoRA 32K ~24 GiB / ~2,900 tok/s; ours ~19.5 GiB / ~7,400
+    # (s6 C2: 19.70 / 7,076 with torch norms); HF out of memory.
+  ( unsloth_cache; timeout 330 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe unsloth \
+      --runs qlora:32768 > "$OUT/unsloth_e4b_32k.log" 2>&1 ); show < "$OUT/unsloth_e4b_32k.log"
+  timeout 90 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe hf --runs qlora:32768 2>&1 | show
+  timeout 120 $B --geometry e4b --mode qlora --seq 32768 2>&1 | show ;;
+W)  # issue 6's final table, LoRA 16-bit 32K: Unsloth E2B alone, HF+PEFT (no .gpu-site: its torchao breaks peft),
+    # then ours. Predicted before measuring: ours ~15 GiB / ~12,000 (s7: 15.08 / 12,010); Unsloth ~25 GiB /
+    # ~3,500; HF out of memory (8K took 42 GiB).
+  ( unsloth_cache; timeout 330 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe unsloth \
+      --runs lora16:32768 > "$OUT/unsloth_e2b_lora16_32k.log" 2>&1 ); show < "$OUT/unsloth_e2b_lora16_32k.log"
+  PYTHONPATH=$PWD timeout 90 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe hf \
+    --runs lora16:32768 2>&1 | show
+  timeout 120 $B --geometry e2b --mode lora16 --seq 32768 2>&1 | show ;;
 A)
   ts start
   ( unsloth_cache; ANCHOR_RUNS=2 timeout 360 python3 .anchors/probe_unsloth.py 2>&1 \
