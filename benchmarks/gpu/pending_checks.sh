@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6, H, I and G in session 7 (BENCHMARKS.md); still to
-# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26; session 10 P, Q, R, S, M): T, N, V, W, E, F.
+# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26; session 10 P, Q, R, S, M): T, X, N, V, W, E, F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -140,6 +140,14 @@ N)  # Unsloth's E4B LoRA 16-bit alone (its bf16 run never finished after other r
   PYTHONPATH=$PWD timeout 90 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe hf \
     --runs lora16:2048,lora16:8192 2>&1 | show  # no .gpu-site: its torchao 0.15 breaks peft
   timeout 60 $B --geometry e4b --mode lora16 --seq 2048,8192 --cuda-graphs 2>&1 | show ;;
+X)  # after T: MoE tokens routed to the experts and summed back with gathers instead of atomic scatter-adds
+    # (index_add_ forward, index_put_ backward): the experts' GPU tests, then 26B-A4B graphed with a profile.
+    # Predicted before measuring: tests pass; index kernels 22 ms -> ~3 ms of the 408 ms step, ~4,974 -> ~5,200
+    # tok/s; peak unchanged (22.15 GiB).
+  timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/adapt/test_experts_grouped_gpu.py \
+    tests/adapt/test_experts_capture.py tests/train/test_auto_graphs.py -k "experts or moe" 2>&1 | tail -3
+  timeout 150 $B --geometry 26b-a4b --mode qlora --seq 2048 --finetune-experts --steps 6 --cuda-graphs \
+    --steps-profile 2 2>&1 | tee "$OUT/ours_26b_graphs.log" | grep -E '"probe"|^profile|^  [a-z]|index' | cut -c1-300 ;;
 V)  # issue 6's final table, 32K cells with Unsloth in the call (only ours measured so far): E4B QLoRA 32K, then
     # E2B QLoRA 32K for HF+PEFT (never run; its 8K took 121 GiB, so an out-of-memory record is expected).
     # Predicted before measuring: Unsloth E4B QLoRA 32K ~24 GiB / ~2,900 tok/s; ours ~19.5 GiB / ~7,400
