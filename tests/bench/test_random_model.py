@@ -25,32 +25,35 @@ def test_tiny_random_model_builds_and_trains(mode):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_the_tied_output_table_is_drawn_once_and_big_tables_in_slices(monkeypatch):
+def _build_recording_draws(monkeypatch, variant: str):
+    """(tiny QLoRA model of `variant`, the shape of every random tensor the builder drew)."""
     from slimtune.bench import random_model
 
     drawn = []
     real = random_model._random
     monkeypatch.setattr(random_model, "_random", lambda shape, *a: drawn.append(tuple(shape)) or real(shape, *a))
-    model = build_random_model("31b", mode="qlora", device="cpu", dtype=torch.float32, tiny=True)
+    model = build_random_model(variant, mode="qlora", device="cpu", dtype=torch.float32, tiny=True)
     monkeypatch.undo()
+    return model, drawn
+
+
+def test_the_tied_output_table_is_drawn_once_and_big_tables_in_slices(monkeypatch):
+    from slimtune.bench.random_model import _random
+
+    model, drawn = _build_recording_draws(monkeypatch, "31b")
     table = tuple(model.get_input_embeddings().weight.shape)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert drawn.count(table) == 1  # the lm_head it is tied to was once drawn as a second random table
     gen = torch.Generator().manual_seed(0)
-    sliced = real((10, 3), torch.float32, "cpu", gen, 4)
+    sliced = _random((10, 3), torch.float32, "cpu", gen, 4)
     assert sliced.shape == (10, 3) and len({tuple(row.tolist()) for row in sliced}) == 10  # every slice drawn anew
     assert 0.005 < sliced.std() < 0.05
 
 
 def test_qlora_26b_experts_are_built_in_nf4_one_expert_matrix_at_a_time(monkeypatch):
     from slimtune.adapt.experts_nf4 import NF4Experts
-    from slimtune.bench import random_model
 
-    drawn = []
-    real = random_model._random
-    monkeypatch.setattr(random_model, "_random", lambda shape, *a: drawn.append(tuple(shape)) or real(shape, *a))
-    model = build_random_model("26b-a4b", mode="qlora", device="cpu", dtype=torch.float32, tiny=True)
-    monkeypatch.undo()
+    model, drawn = _build_recording_draws(monkeypatch, "26b-a4b")
     layers = model.model.layers
     assert all(isinstance(layer.experts, NF4Experts) and layer.experts.complete for layer in layers)
     assert max(len(s) for s in drawn) == 2  # never a 3-D 16-bit expert stack, only (out, in) matrices
