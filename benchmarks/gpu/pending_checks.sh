@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6, H, I and G in session 7 (BENCHMARKS.md); still to
-# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26; session 10 P, Q, R, S, M): T, X, N, V, W, E, F.
+# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26; session 10 P, Q, R, S, M): T, X, Y, N, V, W, E, F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -148,6 +148,15 @@ X)  # after T: MoE tokens routed to the experts and summed back with gathers ins
     tests/adapt/test_experts_capture.py tests/train/test_auto_graphs.py -k "experts or moe" 2>&1 | tail -3
   timeout 150 $B --geometry 26b-a4b --mode qlora --seq 2048 --finetune-experts --steps 6 --cuda-graphs \
     --steps-profile 2 2>&1 | tee "$OUT/ours_26b_graphs.log" | grep -E '"probe"|^profile|^  [a-z]|index' | cut -c1-300 ;;
+Y)  # after X: CUDA graphs with 8-bit AdamW (forward + backward replayed, the 8-bit update eager after them): its GPU
+    # test, then the two big models on a 24 GB card's allocator. Predicted before measuring: 26B-A4B expert LoRA
+    # ~19.5-20 GiB (planner 19.94; eager 8-bit 19.33) at ~4,500-4,900 tok/s (graphed torch AdamW 4,974; eager 8-bit
+    # 1,667-2,227); 31B ~20 GiB at ~2,100 (graphed torch AdamW 2,149 at 20.52); both fit 22.5 GiB.
+  timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_graph_eager_update.py \
+    2>&1 | tail -2
+  for g in "26b-a4b --finetune-experts" "31b"; do
+    timeout 150 $B --mode qlora --steps 6 --seq 2048 --card-gib 22.5 --cuda-graphs --optimizer adamw8bit \
+      --geometry $g 2>&1 | show; done ;;
 V)  # issue 6's final table, 32K cells with Unsloth in the call (only ours measured so far): E4B QLoRA 32K, then
     # E2B QLoRA 32K for HF+PEFT (never run; its 8K took 121 GiB, so an out-of-memory record is expected).
     # Predicted before measuring: Unsloth E4B QLoRA 32K ~24 GiB / ~2,900 tok/s; ours ~19.5 GiB / ~7,400

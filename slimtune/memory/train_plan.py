@@ -94,8 +94,8 @@ def plan_for_config(cfg, world_size: int | None = None) -> Plan:
     user = {k: getattr(cfg, k) for k in _PLANNED_FIELDS if k in explicit}
     if "grad_accum" in explicit:
         user["grad_accum"] = cfg.grad_accum
-    if cfg.cuda_graphs is True:  # a captured step can neither offload activations nor use 8-bit AdamW
-        user.update(activation_offload=False, optimizer="adamw")
+    if cfg.cuda_graphs is True:  # a captured step cannot offload activations
+        user.update(activation_offload=False)
     return plan_memory(ref, cfg.max_seq_length, parse_memory_size(cfg.max_memory), **user,
                        **_context(cfg, world_size))
 

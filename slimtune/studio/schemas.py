@@ -97,7 +97,7 @@ class TrainSettings(BaseModel):
                                                             "copy: less memory per layer, same results, faster.")
     cuda_graphs: bool | None = Field(default=None, description="Capture each step as one CUDA graph: several "
                                      "times faster on short sequences; packed batches are padded to max_seq_length, "
-                                     "others to a length bucket (one graph each); adamw, no activation offload. "
+                                     "others to a length bucket (one graph each); no activation offload. "
                                      "None = auto: on when the run allows it and the predicted peak "
                                      "leaves a quarter of the GPU free.")
     packing: bool = Field(default=False, description="Pack several samples into each max_seq_length row (no "

@@ -10,7 +10,7 @@ When auto turns graphs on — all of these, else it stays eager and says why:
 * packed or not: packed batches are one shape; unpacked ones capture one step per length bucket
   (slimtune.train.graph_buckets; H200, E2B QLoRA on samples of every length up to 2K: ~4x the eager run's real
   tokens per second, same peak, same losses; BENCHMARKS.md session 10);
-* what the captured step cannot do is off: optimizer adamw (8-bit AdamW is not capturable), lora_dropout 0,
+* what the captured step cannot do is off: lora_dropout 0,
   activation_offload off, bf16 (fp16's loss scaler syncs with the host), a text-only model (media inputs change
   shape) whose MoE blocks, if any, are slimtune's grouped ones on a Hopper GPU (other routing reads sizes on the
   host);
@@ -42,8 +42,6 @@ def config_blockers(cfg: TrainConfig, *, cuda: bool, single_process: bool) -> li
         reasons.append("no CUDA device")
     if not single_process:
         reasons.append("several processes (gradient reduction is not captured)")
-    if cfg.optimizer != "adamw":
-        reasons.append(f"optimizer {cfg.optimizer} (a captured step needs adamw)")
     if cfg.lora_dropout:
         reasons.append("lora_dropout > 0 (recomputation would draw new dropout masks)")
     if cfg.activation_offload is True:

@@ -87,7 +87,8 @@ class TrainConfig:
     """Capture each optimizer step as one CUDA graph after two eager warm-up steps (slimtune.train.cuda_graph):
     several times faster on short sequences, whose steps are bound by host-side launches. Packed batches are
     padded to max_seq_length; unpacked ones to a length bucket (128, 192, 256, 384, ...), one captured step per
-    bucket (slimtune.train.graph_buckets). Needs CUDA, bf16, optimizer adamw, lora_dropout 0, no
+    bucket (slimtune.train.graph_buckets). With optimizer adamw8bit the update runs eagerly after each replayed
+    forward and backward. Needs CUDA, bf16, lora_dropout 0, no
     activation_offload, one process, text batches. "auto": on when all that holds and the
     predicted peak leaves a quarter of the GPU free (slimtune.train.auto_graphs; the run log says which and
     why); true forces it, false never."""
@@ -221,8 +222,7 @@ class TrainConfig:
     def _cuda_graph_problems(self) -> list[str]:
         if self.cuda_graphs is not True:
             return []
-        clash = [(self.optimizer != "adamw", "optimizer adamw"),
-                 (bool(self.lora_dropout), "lora_dropout=0"),
+        clash = [(bool(self.lora_dropout), "lora_dropout=0"),
                  (self.activation_offload is True, "activation_offload off"),
                  (self.dtype in ("float16", "fp16"), "dtype bfloat16 (fp16's loss scaler syncs with the host)"),
                  (self.dtype in ("float32", "fp32"), "dtype bfloat16")]

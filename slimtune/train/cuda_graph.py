@@ -23,6 +23,11 @@ What capture requires, and how it is provided here:
   place), replayed once per step. The loss scale ``1/N_window`` covers the whole window, as in the eager step.
   Several steps training the same parameters (one per length bucket, slimtune.train.graph_buckets) never set
   the gradients to None: each step zeroes them in place when it is done (``shared_grads``).
+* Optimizers that cannot be captured (8-bit AdamW: bitsandbytes passes the step count and learning rate to its
+  kernels as host numbers, which a graph would freeze) step eagerly after the graph: forward and backward are the
+  micro-batch graph, as under accumulation, and clip + step + zeroing run as ordinary launches (a few hundred, not
+  the ~20 K of the forward and backward). Why: 8-bit AdamW is what fits 26B-A4B and 31B on a 24 GB card, and their
+  eager steps leave the GPU idle most of the time (26B-A4B: busy 31 %).
 
 The first ``warmup`` steps run eagerly (Triton/cuBLAS/bitsandbytes initialise, kernels compile), on a side stream as
 capture requires; they are real training steps. ``capture=False`` runs every step that eager way, with the same
@@ -63,9 +68,6 @@ def graph_step_problems(model: nn.Module, optimizer, *, dtype: torch.dtype, scal
         problems.append("activation_offload copies on side streams with host events: turn one of them off")
     if distributed:
         problems.append("multi-process runs: gradient reduction is not captured yet")
-    if capture and not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("capturable")
-                        and optimizer.defaults.get("fused")):
-        problems.append("the optimizer must be torch AdamW built with fused=True, capturable=True (optimizer adamw)")
     dropouts = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
     if dropouts:
         problems.append(f"dropout is active ({dropouts[0]} p>0; e.g. lora_dropout): set it to 0")
@@ -75,6 +77,13 @@ def graph_step_problems(model: nn.Module, optimizer, *, dtype: torch.dtype, scal
     if getattr(model.config, "vision_config", None) is not None or getattr(model.config, "audio_config", None):
         problems.append("multimodal models: media inputs change shape per batch (text_only=True / --text-only)")
     return problems
+
+
+def captures_update(optimizer) -> bool:
+    """Whether the optimizer step can run inside the graph: torch AdamW built fused and capturable (optimizer adamw
+    with cuda_graphs). Any other optimizer steps eagerly after the graph (module docstring)."""
+    return (isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("capturable"))
+            and bool(optimizer.defaults.get("fused")))
 
 
 def require_graph_step(model: nn.Module, optimizer, *, dtype: torch.dtype, capture: bool = True,
@@ -105,7 +114,8 @@ class GraphedTrainStep:
 
     Args:
         model: the (LoRA-adapted) model on CUDA; its host tables and checkpointing are switched to graph mode.
-        params: the trainable parameters (clipped together). optimizer: capturable torch AdamW over them.
+        params: the trainable parameters (clipped together). optimizer: over them; a capturable fused torch
+            AdamW steps inside the graph, any other eagerly after it (`captures_update`).
         example: a CPU batch of the fixed shapes (input_ids, targets; an all-ones or right-padding attention_mask
             is accepted and dropped).
         max_grad_norm: clip threshold (0 = no clipping; the norm is still computed for the metrics).
@@ -114,6 +124,8 @@ class GraphedTrainStep:
             this step's graphs their own.
         warmup_stream: the CUDA stream warm-up steps run on (shared by steps that take turns; None: one of its
             own). One stream for all of them, because the allocator caches freed blocks per stream.
+        eager_update: replay forward and backward only and step the optimizer eagerly after them (None: when
+            capturing with an optimizer that `captures_update` refuses).
         shared_grads: several steps train the same parameters (slimtune.train.graph_buckets): gradients are never
             set to None (another step's graph writes into them) and every step zeroes them in place when done, so
             each graph's backward adds onto zeros whichever step ran before.
@@ -121,13 +133,17 @@ class GraphedTrainStep:
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], optimizer, example: dict, *,
                  device: torch.device, dtype: torch.dtype, max_grad_norm: float = 0.0, warmup: int = 2,
-                 capture: bool = True, pool=None, shared_grads: bool = False, warmup_stream=None) -> None:
+                 capture: bool = True, pool=None, shared_grads: bool = False, warmup_stream=None,
+                 eager_update: bool | None = None) -> None:
         require_graph_step(model, optimizer, dtype=dtype, capture=capture, device=device)
         self.model, self.params, self.optimizer = model, params, optimizer
         self.device, self.dtype = torch.device(device), dtype
         self.limit = max_grad_norm if max_grad_norm > 0 else math.inf
         self.warmup, self.capture = max(1, warmup), capture
         self.pool, self.shared_grads, self.warmup_stream = pool, shared_grads, warmup_stream
+        if eager_update is None:  # uncaptured (CPU tests): the one-graph structure unless asked otherwise
+            eager_update = capture and not captures_update(optimizer)
+        self.update_captured = not eager_update
         self.kept: dict[str, object] = {}  # graph-owned tensors no output holds (found_inf): never freed to the pool
         self.keys = [k for k in _GRAPH_INPUTS if k in example]
         self.shapes = {k: tuple(example[k].shape) for k in self.keys}
@@ -253,7 +269,8 @@ class GraphedTrainStep:
         for b in window:
             self._check(b)
         self._bind(True)  # the host-table rows this step's graphs read (several steps may take turns)
-        accumulating = len(window) > 1
+        # an optimizer that cannot be captured needs the window structure: graphed micro-batches, eager update
+        accumulating = len(window) > 1 or not self.update_captured
         if self.accumulating is None:
             self.accumulating = accumulating
         if accumulating and not self.accumulating:
@@ -267,7 +284,7 @@ class GraphedTrainStep:
                 for batch in window:
                     self._load(batch)
                     self._run("micro", self._micro, eager)
-                loss, norm = self.window_loss, self._run("update", self._update, eager)
+                loss, norm = self.window_loss, self._run("update", self._update, eager or not self.update_captured)
             else:
                 self._load(window[0])
                 loss, norm = self._run("step", self._body, eager)
@@ -290,7 +307,7 @@ class GraphedTrainStep:
             except RuntimeError as exc:  # an op this GPU/driver/torch cannot capture: say how to train anyway
                 raise RuntimeError(f"capturing the training step as a CUDA graph failed ({exc}). Train with "
                                    "--no-cuda-graphs (cuda_graphs: false): the eager step computes the same run. "
-                                   "cuda_graphs is on by default (auto) for packed runs.") from exc
+                                   "cuda_graphs is on by default (auto).") from exc
             self.graphs[name] = graph
         self.graphs[name].replay()
         return self.graph_outputs[name]

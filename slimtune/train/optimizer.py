@@ -30,6 +30,7 @@ def make_optimizer(params, *, name: str = "adamw", lr: float, weight_decay: floa
         fused: torch AdamW's fused kernel (None = torch's default); ignored by adamw8bit.
         capturable: AdamW that can be captured in a CUDA graph (slimtune.train.cuda_graph): step counts on the
             device and the learning rate a device tensor, so a scheduler's new value reaches every replay.
+            Ignored by adamw8bit, which steps eagerly between the graphs' replays.
 
     Raises:
         ConfigError: unknown name, or adamw8bit without bitsandbytes.
@@ -42,9 +43,6 @@ def make_optimizer(params, *, name: str = "adamw", lr: float, weight_decay: floa
             extra.update(capturable=True)
             lr = torch.tensor(float(lr), device=device)  # a float would be baked into the captured kernels
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, **extra)
-    if capturable:
-        raise ConfigError(f"optimizer {name!r} cannot be captured in a CUDA graph; use optimizer adamw with "
-                          "cuda_graphs, or turn cuda_graphs off.")
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb  # noqa: PLC0415

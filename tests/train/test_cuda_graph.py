@@ -176,7 +176,7 @@ def test_unsupported_settings_are_named(tiny_dir, one_thread):
     with pytest.raises(ConfigError) as err:
         GraphedTrainStep(model, params, make_optimizer(params, lr=1e-3), example, device=dev, dtype=torch.float16)
     text = str(err.value)
-    assert "bfloat16" in text and "capturable" in text and "CUDA device" in text
+    assert "bfloat16" in text and "CUDA device" in text
     from slimtune.models.tiny import build_tiny_model
     from slimtune.train.cuda_graph import graph_step_problems
 
@@ -273,8 +273,9 @@ def test_cuda_graphs_config_names_what_to_change(tmp_path):
         TrainConfig(model="m", data="d", output=str(tmp_path), cuda_graphs=True, grad_accum=4, optimizer="adamw8bit",
                     lora_dropout=0.1, dtype="float16")
     text = str(err.value)
-    for fix in ("optimizer adamw", "lora_dropout=0", "dtype bfloat16"):
+    for fix in ("lora_dropout=0", "dtype bfloat16"):
         assert fix in text
+    assert "optimizer" not in text  # 8-bit AdamW steps eagerly after the replayed forward and backward
 
 
 def test_mostly_padded_graph_batches_get_a_hint(tiny_dir, tmp_path, one_thread):

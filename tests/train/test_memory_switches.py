@@ -71,6 +71,9 @@ def test_yaml_and_cli_flags(tmp_path):
 
 def test_bench_options_validate():
     assert BenchOptions(activation_offload=True, mlp_chunk_size=2048, optimizer="adamw8bit").mlp_chunk_size == 2048
+    assert BenchOptions(cuda_graphs=True, optimizer="adamw8bit").cuda_graphs  # the 8-bit update runs eagerly
+    with pytest.raises(ConfigError, match="cuda_graphs needs no activation_offload"):
+        BenchOptions(cuda_graphs=True, activation_offload=True)
     with pytest.raises(ConfigError) as info:
         BenchOptions(activation_offload=True, gradient_checkpointing=False, mlp_chunk_size=-5, optimizer="lion")
     msg = str(info.value)

@@ -6,7 +6,7 @@ import { memoryPanel } from "../memory.js";
 export const PRESETS = {
   quick: { label: "Quick test (tiny model)", model_id: "embeddedtiny", max_steps: 30, epochs: null, lr: 3e-3, lora_r: 16, lora_alpha: 32,
     batch_size: 8, grad_accum: 1, max_seq_length: 256, load_in_4bit: false, packing: false },
-  // the 2K presets pack samples: no padding, and fixed shapes, which let CUDA graphs (auto) capture the steps
+  // the 2K presets pack samples: no padding, and one shape for every step (a single captured CUDA graph)
   qlora2k: { label: "QLoRA 2K", max_steps: null, epochs: 1, lr: 2e-4, lora_r: 16, lora_alpha: 16,
     batch_size: 1, grad_accum: 8, max_seq_length: 2048, load_in_4bit: true, packing: true },
   lora16: { label: "LoRA 16-bit", max_steps: null, epochs: 1, lr: 2e-4, lora_r: 16, lora_alpha: 16,
@@ -110,7 +110,7 @@ export async function render(root) {
       switchField("activation_offload"), switchField("recompute_norms"),
       switchField("compile_layers"), switchField("packing"),
       h("div", { class: "form-grid", style: "margin-top:10px" },
-        field("CUDA graphs", graphs, "Replays each step as one captured graph: several times faster at 2K tokens. Auto = on when the run allows it (adamw, no offload, text, one GPU) and fits with a quarter of the GPU to spare. Unpacked batches are padded to a length bucket (one captured step each)."))),
+        field("CUDA graphs", graphs, "Replays each step as one captured graph: several times faster at 2K tokens. Auto = on when the run allows it (no activation offload, text, one GPU) and fits with a quarter of the GPU to spare. Unpacked batches are padded to a length bucket (one captured step each)."))),
     h("details", { class: "params", id: "multimodal", style: "margin-top:10px" }, h("summary", {}, "Multimodal"),
       switchField("text_only"), switchField("finetune_multimodal_embedders")),
     h("div", { class: "row", style: "margin-top:18px" }, submit, formError));

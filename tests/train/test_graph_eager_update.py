@@ -1,0 +1,98 @@
+"""CUDA-graph steps with an optimizer that cannot be captured (8-bit AdamW): forward and backward are replayed as the
+micro-batch graph and the optimizer steps eagerly after them (slimtune.train.cuda_graph, `eager_update`).
+
+CPU: that structure, run uncaptured, equals the standard step; which optimizers step inside the graph; 8-bit AdamW
+trains through it. GPU (device only): captured with 8-bit AdamW equals the same steps run eagerly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimtune.adapt.inject import trainable_parameters
+from slimtune.train.cuda_graph import GraphedTrainStep, captures_update
+from slimtune.train.optimizer import make_optimizer
+
+from graph_models import sgd, train_standard
+from graph_models import tiny_lora_model as _model
+from test_cuda_graph import _batches, _lora_state
+
+
+def _graphed(model, batches, device, dtype, make_opt, **kw) -> tuple[list[float], GraphedTrainStep]:
+    params = trainable_parameters(model)
+    opt = make_opt(params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    step = GraphedTrainStep(model, params, opt, batches[0], device=device, dtype=dtype, max_grad_norm=1.0, **kw)
+    losses = []
+    for b in batches:
+        loss, _, _ = step(b)
+        sched.step()
+        losses.append(float(loss))
+    return losses, step
+
+
+def test_which_optimizers_step_inside_the_graph():
+    p = [torch.nn.Parameter(torch.zeros(4))]
+    assert not captures_update(torch.optim.AdamW(p, lr=1e-3))  # its step count lives on the host
+    assert not captures_update(sgd(p))
+    assert not captures_update(make_optimizer(p, name="adamw8bit", lr=1e-3))
+    if torch.cuda.is_available():
+        q = [torch.nn.Parameter(torch.zeros(4, device="cuda"))]
+        assert captures_update(make_optimizer(q, lr=1e-3, fused=True, capturable=True))
+
+
+def test_eager_update_equals_the_standard_step_on_cpu(tiny_dir, one_thread):
+    dev, dtype = torch.device("cpu"), torch.float32
+    ref = _model(tiny_dir, dev, dtype)
+    batches = _batches(ref, 4)
+    want = train_standard(ref, batches, dev, dtype)
+    ours = _model(tiny_dir, dev, dtype)
+    got, step = _graphed(ours, batches, dev, dtype, sgd, capture=False, eager_update=True)
+    assert step.accumulating and not step.update_captured  # one batch still runs as a window of one
+    assert got == pytest.approx(want, rel=1e-5)
+    a, b, start = _lora_state(ours), _lora_state(ref), _lora_state(_model(tiny_dir, dev, dtype))
+    moved = max(float((a[k] - start[k]).abs().max()) for k in a)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3 * moved
+    step.close()
+    # uncaptured without the switch: the one-graph structure the capturable AdamW gets on a GPU
+    plain = GraphedTrainStep(ours, trainable_parameters(ours), sgd(trainable_parameters(ours)), batches[0],
+                             device=dev, dtype=dtype, capture=False)
+    assert plain.update_captured
+    plain.close()
+
+
+def test_adamw8bit_trains_through_the_eager_update_on_cpu(tiny_dir, one_thread):
+    dev, dtype = torch.device("cpu"), torch.float32
+    model = _model(tiny_dir, dev, dtype)
+    batches = _batches(model, 1) * 6  # one batch again and again: the loss must fall
+    adamw8bit = lambda params: make_optimizer(params, name="adamw8bit", lr=1e-2)  # noqa: E731
+    losses, step = _graphed(model, batches, dev, dtype, adamw8bit, capture=False, eager_update=True)
+    states = [s for s in step.optimizer.state.values() if s]  # tiny tensors: bitsandbytes keeps their state 32-bit
+    assert len(states) == len(step.params) and all(s["step"] == len(batches) for s in states)
+    assert losses[-1] < losses[0]
+    step.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_forward_backward_with_adamw8bit_equals_eager_on_gpu(tiny_dir):
+    from slimtune.adapt.attention import enable_slimtune_attention
+
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    batches = _batches(_model(tiny_dir, "cpu", torch.float32), 6)
+    adamw8bit = lambda params: make_optimizer(params, name="adamw8bit", lr=1e-2, capturable=True)  # noqa: E731
+
+    def run(capture):
+        model = _model(tiny_dir, dev, dtype)
+        enable_slimtune_attention(model)
+        losses, step = _graphed(model, batches, dev, dtype, adamw8bit, capture=capture, warmup=2)
+        graphs = set(step.graphs)
+        step.close()
+        return losses, _lora_state(model), graphs
+
+    want, b, _ = run(False)
+    got, a, graphs = run(True)
+    assert graphs == {"micro"}  # forward and backward replayed; the 8-bit update never captured
+    assert got == pytest.approx(want, rel=2e-2)
+    worst = max(float((a[k] - b[k]).norm() / (b[k].norm() + 1e-12)) for k in a)
+    assert worst < 2e-2, worst
