@@ -10,7 +10,8 @@ When auto turns graphs on — all of these, else it stays eager and says why:
 * packed or not: packed batches are one shape; unpacked ones capture one step per length bucket
   (slimtune.train.graph_buckets; H200, E2B QLoRA on samples of every length up to 2K: ~4x the eager run's real
   tokens per second, same peak, same losses; BENCHMARKS.md session 10);
-* what the captured step cannot do is off: lora_dropout 0,
+* what the captured step cannot do is off, and what is not yet checked on a GPU: optimizer adamw (8-bit AdamW
+  runs its update eagerly after the replayed forward and backward; auto waits for its GPU check), lora_dropout 0,
   activation_offload off, bf16 (fp16's loss scaler syncs with the host), a text-only model (media inputs change
   shape) whose MoE blocks, if any, are slimtune's grouped ones on a Hopper GPU (other routing reads sizes on the
   host);
@@ -42,6 +43,9 @@ def config_blockers(cfg: TrainConfig, *, cuda: bool, single_process: bool) -> li
         reasons.append("no CUDA device")
     if not single_process:
         reasons.append("several processes (gradient reduction is not captured)")
+    if cfg.optimizer == "adamw8bit":  # until its GPU check (pending_checks.sh Y) has run
+        reasons.append("optimizer adamw8bit (its graphed step, replayed forward and backward with the 8-bit update "
+                       "after them, is not yet checked on a GPU; --cuda-graphs forces it)")
     if cfg.lora_dropout:
         reasons.append("lora_dropout > 0 (recomputation would draw new dropout masks)")
     if cfg.activation_offload is True:
