@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6, H, I and G in session 7 (BENCHMARKS.md); still to
-# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26; session 10 P, Q, R, S, M): T, X, Y, N, V, W, E, F.
+# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26; session 10 P, Q, R, S, M): T, X, Y, N, V, W, Z, E, F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -119,6 +119,14 @@ T)  # after S: the training loop's peak now starts at its first step (GPU test),
     tests/train/test_auto_graphs.py tests/train/test_graph_buckets.py 2>&1 | tail -3  # buckets: 1 warm-up after the 1st
   timeout 240 python3 benchmarks/gpu/unpacked_run.py --model random:e2b --seq 2048 --steps 300 --variants auto \
     --json "$OUT/unpacked.jsonl" 2>&1 | cut -c1-400 ;;
+Z)  # issue 6's final table, its last gap: E4B LoRA 16-bit 32K, Unsloth alone first, then HF+PEFT (no .gpu-site),
+    # then ours. Predicted before measuring: ours ~24 GiB / ~8,000 tok/s (s6 C2, torch norms: 25.19 / 7,117);
+    # Unsloth ~35 GiB / ~3,000; HF out of memory or far slower.
+  ( unsloth_cache; timeout 330 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe unsloth \
+      --runs lora16:32768 > "$OUT/unsloth_e4b_lora16_32k.log" 2>&1 ); show < "$OUT/unsloth_e4b_lora16_32k.log"
+  PYTHONPATH=$PWD timeout 100 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe hf \
+    --runs lora16:32768 2>&1 | show
+  timeout 150 $B --geometry e4b --mode lora16 --seq 32768 2>&1 | show ;;
 U26)  # Unsloth alone on the 26B-A4B checkpoint (D2's Unsloth run did not finish in 280 s)
   timeout 150 python3 benchmarks/gpu/prequantized_checkpoint.py --geometry 26b-a4b --out /tmp/g26b --no-tokenizer
   unsloth_cache
