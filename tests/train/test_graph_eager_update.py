@@ -96,3 +96,20 @@ def test_captured_forward_backward_with_adamw8bit_equals_eager_on_gpu(tiny_dir):
     assert got == pytest.approx(want, rel=2e-2)
     worst = max(float((a[k] - b[k]).norm() / (b[k].norm() + 1e-12)) for k in a)
     assert worst < 2e-2, worst
+
+
+def test_a_graphs_run_with_adamw8bit_trains_like_the_eager_run(tiny_dir, tmp_path, one_thread):
+    """`cuda_graphs: true` with `optimizer: adamw8bit` is a valid run now (it was refused): on CPU its fixed-shape
+    steps run uncaptured and must give the eager run's losses."""
+    from pathlib import Path
+
+    import slimtune
+    from slimtune.train.config import TrainConfig
+    from slimtune.train.run import train
+
+    data = Path(slimtune.__file__).parent / "data" / "default_data.jsonl"
+    base = dict(model=str(tiny_dir("e2b", text_only=True)), data=str(data), max_steps=4, lr=1e-3, batch_size=2,
+                max_seq_length=96, lora_r=4, device="cpu", seed=0, packing=True, optimizer="adamw8bit")
+    plain = train(TrainConfig(output=str(tmp_path / "a"), **base), log=lambda *_: None)
+    graphs = train(TrainConfig(output=str(tmp_path / "b"), cuda_graphs=True, **base), log=lambda *_: None)
+    assert [r["loss"] for r in graphs.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-4)
