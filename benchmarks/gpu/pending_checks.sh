@@ -118,7 +118,10 @@ T)  # after S: the training loop's peak now starts at its first step (GPU test),
   timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_memory_switches.py \
     tests/train/test_auto_graphs.py tests/train/test_graph_buckets.py 2>&1 | tail -3  # buckets: 1 warm-up after the 1st
   timeout 240 python3 benchmarks/gpu/unpacked_run.py --model random:e2b --seq 2048 --steps 300 --variants auto \
-    --json "$OUT/unpacked.jsonl" 2>&1 | cut -c1-400 ;;
+    --json "$OUT/unpacked.jsonl" 2>&1 | cut -c1-400
+  # where today's default graphed E2B step goes (the last breakdown predates the fused norms): the next levers
+  timeout 60 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs --steps-profile 2 2>&1 \
+    | grep -E '"probe"|^profile|^  [a-z]|^ +[0-9.]+ ms' | cut -c1-200 ;;
 Z)  # issue 6's final table, its last gap: E4B LoRA 16-bit 32K, Unsloth alone first, then HF+PEFT (no .gpu-site),
     # then ours. Predicted before measuring: ours ~24 GiB / ~8,000 tok/s (s6 C2, torch norms: 25.19 / 7,117);
     # Unsloth ~35 GiB / ~3,000; HF out of memory or far slower.
