@@ -177,55 +177,61 @@ def _lora_factors(adapter, dtype: torch.dtype):
 class _Dispatch(torch.autograd.Function):
     """x[token]: each token's row once per expert it is routed to (sorted rows), with a gather as backward.
 
-    Autograd's own backward of x[token] (and the forward of the index_add_ that combines the rows again) scatter
+    Autograd's own backward of x[token] (and the forward of the index_add_ that combined the rows again) scatter
     with atomic adds: 30 layers x 2 forwards of 26B-A4B spent 22 ms of a 408 ms captured step in index_add_
     (H200, session 10), and bf16 atomics round after every one of a token's k additions, in no fixed order. Each
     token has exactly k sorted rows, at the positions `inv` lists (inv[t·k + j] = the row of the pair (t, j)), so
-    both directions are gathers: the rows of token t are summed as y[inv].view(T, k, H).sum(1).
+    both directions are gathers: the backward sums token t's rows as grad[inv].view(T, k, H).sum(1).
     """
 
     @staticmethod
     def forward(ctx, x, token, inv, top_k):
-        ctx.save_for_backward(token, inv)
+        ctx.save_for_backward(inv)
         ctx.top_k = top_k
         return x.index_select(0, token)
 
     @staticmethod
     def backward(ctx, grad):
-        token, inv = ctx.saved_tensors
-        return _sum_rows(grad, inv, ctx.top_k), None, None, None
+        (inv,) = ctx.saved_tensors
+        return grad.index_select(0, inv).unflatten(0, (-1, ctx.top_k)).sum(1), None, None, None
 
 
-class _Combine(torch.autograd.Function):
-    """Σ over each token's k sorted rows (the adjoint of _Dispatch): a gather and a sum, with a gather as backward."""
+class _Unsort(torch.autograd.Function):
+    """y[inv]: the expert-sorted rows back in (token, k) order; the backward gathers with `order`, the inverse
+    permutation (not autograd's scatter for an index it cannot know is a permutation)."""
 
     @staticmethod
-    def forward(ctx, y, token, inv, top_k):
-        ctx.save_for_backward(token, inv)
-        return _sum_rows(y, inv, top_k)
+    def forward(ctx, y, inv, order):
+        ctx.save_for_backward(order)
+        return y.index_select(0, inv)
 
     @staticmethod
     def backward(ctx, grad):
-        token, inv = ctx.saved_tensors
-        return grad.index_select(0, token), None, None, None
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, order), None, None
 
 
-def _sum_rows(rows: torch.Tensor, inv: torch.Tensor, top_k: int) -> torch.Tensor:
-    return rows.index_select(0, inv).unflatten(0, (-1, top_k)).sum(1)
-
-
-def _sort(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int):
-    """(token of each sorted row, the sorted row of each (token, k) pair, its routing weight, offs int32,
-    empty-expert mask), without a host sync."""
+def _combine(y: torch.Tensor, inv: torch.Tensor, order: torch.Tensor, top_k_index: torch.Tensor,
+             top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Σ_k w[t, k] · y[row of (t, k)] as one batched (1 × k)·(k × H) product per token: the weighting and the sum
+    in one pass over the rows, accumulated in fp32 by the GEMM. (Multiplying first promoted the bf16 rows to fp32
+    with the fp32 routing weights: a (T·k, H) fp32 copy, a cast back, then the sum.) Sentinel pairs weigh 0."""
     top_k = top_k_index.shape[-1]
-    flat = top_k_index.reshape(-1)
-    ids = flat.clamp(max=num_experts - 1)  # sentinels join the last group, with weight 0 (module docstring)
+    rows = _Unsort.apply(y, inv, order).unflatten(0, (-1, top_k))  # (T, k, H)
+    w = top_k_weights.masked_fill(top_k_index >= num_experts, 0).to(rows.dtype)
+    return torch.bmm(w.unsqueeze(1), rows).squeeze(1)
+
+
+def _sort(top_k_index: torch.Tensor, num_experts: int):
+    """(order: the (token, k) pair of each sorted row, token of each sorted row, inv: the sorted row of each pair,
+    offs int32, empty-expert mask), without a host sync."""
+    top_k = top_k_index.shape[-1]
+    ids = top_k_index.reshape(-1).clamp(max=num_experts - 1)  # sentinels join the last group (module docstring)
     order = torch.argsort(ids, stable=True)
     ends = torch.searchsorted(ids[order], torch.arange(num_experts, device=ids.device), right=True)
     empty = torch.diff(ends, prepend=ends.new_zeros(1)) == 0
-    weights = top_k_weights.reshape(-1).masked_fill(flat >= num_experts, 0)[order]
     inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return order // top_k, inv, weights, ends.to(torch.int32), empty
+    return order, order // top_k, inv, ends.to(torch.int32), empty
 
 
 def grouped_experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -238,10 +244,9 @@ def grouped_experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tens
     """
     if hidden_states.shape[0] == 0:
         return torch.zeros_like(hidden_states)
-    top_k = top_k_index.shape[-1]
-    token, inv, weights, offs, empty = _sort(top_k_index, top_k_weights, num_experts)
+    order, token, inv, offs, empty = _sort(top_k_index, num_experts)
     dtype = compute_dtype(hidden_states)
-    x = _Dispatch.apply(hidden_states, token, inv, top_k).to(dtype)
+    x = _Dispatch.apply(hidden_states, token, inv, top_k_index.shape[-1]).to(dtype)
 
     def project(inp, base, adapter):
         a, b, s = _lora_factors(adapter, dtype)
@@ -249,4 +254,4 @@ def grouped_experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tens
 
     gate, up = project(x, gate_up, gate_up_lora).chunk(2, dim=-1)
     y = project(act_fn(gate) * up, down, down_lora)
-    return _Combine.apply((y * weights[:, None]).to(hidden_states.dtype), token, inv, top_k)
+    return _combine(y, inv, order, top_k_index, top_k_weights, num_experts).to(hidden_states.dtype)

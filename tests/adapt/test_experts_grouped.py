@@ -228,7 +228,7 @@ def test_without_factors_the_input_rows_are_not_saved():
     nf4 = NF4Experts.from_experts(_block(), torch.float32, "cpu")
     index, weights = _routing()
     x = torch.randn(T, H, requires_grad=True)
-    rows = x.detach()[experts_grouped._sort(index, weights, E)[0]]  # the gathered input, sorted by expert
+    rows = x.detach()[experts_grouped._sort(index, E)[1]]  # the gathered input, sorted by expert
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.detach()) or t, lambda t: t), \
             experts_impl("grouped"):
@@ -236,20 +236,29 @@ def test_without_factors_the_input_rows_are_not_saved():
     assert saved and not any(t.shape == rows.shape and torch.equal(t, rows) for t in saved)
 
 
-def test_dispatch_and_combine_are_exact_adjoint_gathers():
-    """Routing rows out to the experts and summing them back: the same values and gradients (float64) as
-    x[token] and index_add_, with sentinel expert ids among the pairs."""
+def test_dispatch_and_combine_are_exact():
+    """Routing rows out to the experts and back (float64): the values and gradients of x[token], and of the
+    weighted sum Σ_k w[t, k]·y[row of (t, k)] written with index_add_, sentinel expert ids included."""
+    dtype = torch.float64
     index, weights = _routing()
     index[3, 1] = E  # an expert-parallel sentinel: its row exists, with weight 0
-    token, inv, w, _, _ = experts_grouped._sort(index, weights, E)
-    assert torch.equal(token[inv], torch.arange(T).repeat_interleave(TOP_K))  # inv finds each (t, k) pair's row
-    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(T * TOP_K, H, dtype=torch.float64, requires_grad=True)
+    order, token, inv, _, _ = experts_grouped._sort(index, E)
+    pairs = torch.arange(T).repeat_interleave(TOP_K)
+    assert torch.equal(token[inv], pairs) and torch.equal(order[inv], torch.arange(T * TOP_K))
+    x = torch.randn(T, H, dtype=dtype, requires_grad=True)
+    y = torch.randn(T * TOP_K, H, dtype=dtype, requires_grad=True)
+    w = weights.to(dtype).requires_grad_(True)
     torch.autograd.gradcheck(lambda a: experts_grouped._Dispatch.apply(a, token, inv, TOP_K), (x,))
-    torch.autograd.gradcheck(lambda b: experts_grouped._Combine.apply(b, token, inv, TOP_K), (y,))
+    torch.autograd.gradcheck(lambda b: experts_grouped._Unsort.apply(b, inv, order), (y,))
     assert torch.equal(experts_grouped._Dispatch.apply(x, token, inv, TOP_K), x[token])
-    want = torch.zeros(T, H, dtype=torch.float64).index_add_(0, token, y)
-    torch.testing.assert_close(experts_grouped._Combine.apply(y, token, inv, TOP_K), want)
+    got = experts_grouped._combine(y, inv, order, index, w, E)
+    kept = w.masked_fill(index >= E, 0).reshape(-1)[order]
+    want = torch.zeros(T, H, dtype=dtype).index_add_(0, token, y * kept[:, None])
+    torch.testing.assert_close(got, want)
+    g = torch.randn(T, H, dtype=dtype)
+    grads = torch.autograd.grad(got, (y, w), g)
+    torch.testing.assert_close(grads, torch.autograd.grad(want, (y, w), g))
+    assert grads[1][3, 1] == 0  # the sentinel's weight gets no gradient
 
 
 def test_the_grouped_path_never_scatters_with_atomic_adds():
