@@ -113,3 +113,37 @@ def test_a_graphs_run_with_adamw8bit_trains_like_the_eager_run(tiny_dir, tmp_pat
     plain = train(TrainConfig(output=str(tmp_path / "a"), **base), log=lambda *_: None)
     graphs = train(TrainConfig(output=str(tmp_path / "b"), cuda_graphs=True, **base), log=lambda *_: None)
     assert [r["loss"] for r in graphs.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_length_buckets_with_adamw8bit_replay_like_eager_on_gpu(tiny_dir):
+    """Unpacked runs (one graph per length bucket, gradients shared) with the 8-bit update eager after each replay:
+    the path `cuda_graphs: true` + `optimizer: adamw8bit` takes on data of many lengths."""
+    from slimtune.adapt.attention import enable_slimtune_attention
+    from slimtune.train.graph_buckets import GraphSteps
+
+    from test_graph_buckets import WIDTHS
+    from test_graph_buckets import _batches as _wide_batches
+
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    batches = _wide_batches(_model(tiny_dir, "cpu", torch.float32).config.vocab_size, WIDTHS * 2)
+
+    def run(capture):
+        model = _model(tiny_dir, dev, dtype)
+        enable_slimtune_attention(model)
+        params = trainable_parameters(model)
+        opt = make_optimizer(params, name="adamw8bit", lr=1e-2)
+        steps = GraphSteps(model, params, opt, device=dev, dtype=dtype, max_grad_norm=1.0, capture=capture,
+                           max_seq_length=384, pad_id=0, packed=False)
+        losses = [float(steps([b])[0]) for b in batches]
+        graphs = {name for step in steps.steps.values() for name in step.graphs}
+        steps.close()
+        return losses, _lora_state(model), graphs
+
+    want, b, _ = run(False)
+    got, a, graphs = run(True)
+    assert graphs == {"micro"}
+    assert got == pytest.approx(want, rel=2e-2)
+    worst = max(float((a[k] - b[k]).norm() / (b[k].norm() + 1e-12)) for k in a)
+    assert worst < 2e-2, worst
