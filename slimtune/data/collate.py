@@ -72,28 +72,39 @@ def _collate_packed(examples: list[Example], pad_id: int) -> dict[str, torch.Ten
     return {"input_ids": ids, "position_ids": positions, "token_mask": token_mask, "targets": targets}
 
 
-def pad_batch_to(batch: dict[str, torch.Tensor], width: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a text batch to `width` tokens (fixed shapes for CUDA-graph steps); the loss is unchanged.
+def pad_batch_to(batch: dict[str, torch.Tensor], width: int, pad_id: int,
+                 rows: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a text batch to `width` tokens and, with `rows`, append rows of pads up to that many (fixed
+    shapes for CUDA-graph steps: an epoch's last batch may hold fewer samples); the loss is unchanged.
 
     Pads are ignored targets outside every mask; packed position ids continue the last document, as in
-    ``collate``. Raises ValueError for a batch wider than `width` or with multimodal inputs.
+    ``collate``, and count 0, 1, ... in a row of pads. Raises ValueError for a batch wider than `width`, with more
+    rows than `rows`, or with multimodal inputs.
     """
-    have = batch["input_ids"].shape[1]
+    have, n = batch["input_ids"].shape[1], batch["input_ids"].shape[0]
     if have > width:
         raise ValueError(f"batch is {have} tokens wide, more than the fixed width {width}")
+    if rows is not None and n > rows:
+        raise ValueError(f"batch has {n} rows, more than the fixed {rows}")
     extra = set(batch) - {"input_ids", "attention_mask", "targets", "position_ids", "token_mask"}
     if extra:
         raise ValueError(f"only text batches can be padded to a fixed width; this one has {sorted(extra)}")
-    if have == width:
-        return batch
     fill = {"input_ids": pad_id, "attention_mask": 0, "targets": IGNORE_INDEX, "token_mask": 0}
-    out = {}
-    for key, t in batch.items():
-        if key == "position_ids":
-            tail = t[:, -1:] + torch.arange(1, width - have + 1)
-        else:
-            tail = torch.full((t.shape[0], width - have), fill[key], dtype=t.dtype)
-        out[key] = torch.cat([t, tail], dim=1)
+    out = dict(batch)
+    if have < width:
+        for key, t in batch.items():
+            if key == "position_ids":
+                tail = t[:, -1:] + torch.arange(1, width - have + 1)
+            else:
+                tail = torch.full((n, width - have), fill[key], dtype=t.dtype)
+            out[key] = torch.cat([t, tail], dim=1)
+    if rows is not None and n < rows:
+        for key, t in out.items():
+            if key == "position_ids":
+                extra_rows = torch.arange(width, dtype=t.dtype).expand(rows - n, width)
+            else:
+                extra_rows = torch.full((rows - n, width), fill[key], dtype=t.dtype)
+            out[key] = torch.cat([t, extra_rows], dim=0)
     return out
 
 

@@ -163,7 +163,8 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
                 if graphed is None:
                     graphed = GraphSteps(model, params, optimizer, device=device, dtype=dtype,
                                          max_grad_norm=cfg.max_grad_norm, capture=capture,
-                                         max_seq_length=cfg.max_seq_length, pad_id=pad_id, packed=cfg.packing)
+                                         max_seq_length=cfg.max_seq_length, pad_id=pad_id, packed=cfg.packing,
+                                         batch_size=cfg.batch_size)
                 loss_t, norm_t, n_targets, padded = graphed([b for b, _ in batches])
                 if len(padding) < 20:
                     padding.append(1 - sum(count_real_tokens(b) for b, _ in batches) / padded)

@@ -137,3 +137,36 @@ def test_captured_buckets_replayed_in_mixed_order_equal_eager_on_gpu(tiny_dir, a
     assert got == pytest.approx(want, rel=2e-2)
     worst = max(float((a[k] - b[k]).norm() / (b[k].norm() + 1e-12)) for k in a)
     assert worst < 2e-2, worst
+
+
+def test_pad_rows_keep_the_captured_shape_and_add_no_targets():
+    from slimtune.data.collate import count_real_tokens, count_targets, pad_batch_to
+
+    batch = _batches(50, widths=(30,))[0]
+    one = {k: v[:1] for k, v in batch.items()}  # an epoch's last batch: one sample where the step has two rows
+    fixed = pad_batch_to(one, 64, pad_id=0, rows=2)
+    assert {k: tuple(v.shape) for k, v in fixed.items()} == {k: (2, 64) for k in batch}
+    assert count_targets(fixed) == count_targets(one) and count_real_tokens(fixed) == count_real_tokens(one)
+    assert not fixed["attention_mask"][1].any() and (fixed["input_ids"][1] == 0).all()
+    with pytest.raises(ValueError, match="more than the fixed 1"):
+        pad_batch_to(batch, 64, pad_id=0, rows=1)
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
+def test_a_graphs_run_goes_past_an_epochs_smaller_last_batch(tiny_dir, tmp_path, packing):
+    """5 samples in batches of 2: every epoch ends on a batch of one. A captured step has a fixed number of rows,
+    so that batch used to stop the run ("batch input_ids has shape (1, W), the captured step (2, W)")."""
+    import json
+
+    from slimtune.train.config import TrainConfig
+    from slimtune.train.run import train
+
+    data = tmp_path / "five.jsonl"
+    data.write_text("".join(json.dumps({"text": "alpha beta gamma " * (3 + i)}) + "\n" for i in range(5)))
+    base = dict(model=str(tiny_dir("e2b", text_only=True)), data=str(data), max_steps=7, batch_size=2, lr=1e-3,
+                max_seq_length=64, lora_r=4, device="cpu", seed=0, packing=packing, eval_fraction=0)
+    graphs = train(TrainConfig(output=str(tmp_path / "g"), cuda_graphs=True, **base), log=lambda *_: None)
+    eager = train(TrainConfig(output=str(tmp_path / "e"), cuda_graphs=False, **base), log=lambda *_: None)
+    assert len(graphs.history) == 7 and max(r["epoch"] for r in graphs.history) > 2
+    assert [r["loss"] for r in graphs.history] == pytest.approx([r["loss"] for r in eager.history], rel=1e-4)
+    assert [r["tokens"] for r in graphs.history] == [r["tokens"] for r in eager.history]  # pad rows not counted
