@@ -70,7 +70,7 @@ def decide(cfg: TrainConfig, model: nn.Module, *, dtype: torch.dtype, device: to
     """(capture?, why) for ``cuda_graphs: auto``. `peak_gib(cfg)` is the planner's prediction (a parameter so
     tests can give one); the card's size comes from `device`."""
     reasons = (config_blockers(cfg, cuda=device.type == "cuda", single_process=single_process)
-               or graph_step_problems(model, None, dtype=dtype, capture=False, device=device)
+               or graph_step_problems(model, dtype=dtype, capture=False, device=device)
                or ([f"the model runs in {dtype} (a captured step needs bfloat16)"] if dtype != torch.bfloat16 else []))
     if reasons:
         return False, "; ".join(reasons)

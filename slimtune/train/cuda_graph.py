@@ -54,7 +54,7 @@ _GRAPH_INPUTS = ("input_ids", "targets", "position_ids")  # position_ids: packed
 _HOST_ONLY = ("attention_mask", "token_mask")  # checked / counted on the host, not read by the graph
 
 
-def graph_step_problems(model: nn.Module, optimizer, *, dtype: torch.dtype, scaler=None,
+def graph_step_problems(model: nn.Module, *, dtype: torch.dtype, scaler=None,
                         activation_offload: bool = False, distributed: bool = False,
                         capture: bool = True, device: torch.device | str | None = None) -> list[str]:
     """Why this configuration cannot run as a captured CUDA graph (empty list: it can).
@@ -86,10 +86,10 @@ def captures_update(optimizer) -> bool:
             and bool(optimizer.defaults.get("fused")))
 
 
-def require_graph_step(model: nn.Module, optimizer, *, dtype: torch.dtype, capture: bool = True,
+def require_graph_step(model: nn.Module, *, dtype: torch.dtype, capture: bool = True,
                        device: torch.device | str | None = None) -> None:
     """Raise ConfigError listing every `graph_step_problems` (and a non-CUDA `device` when capturing)."""
-    problems = graph_step_problems(model, optimizer, dtype=dtype, capture=capture, device=device)
+    problems = graph_step_problems(model, dtype=dtype, capture=capture, device=device)
     if capture and device is not None and torch.device(device).type != "cuda":
         problems.append(f"CUDA graphs need a CUDA device, got {device}")
     if problems:
@@ -135,7 +135,7 @@ class GraphedTrainStep:
                  device: torch.device, dtype: torch.dtype, max_grad_norm: float = 0.0, warmup: int = 2,
                  capture: bool = True, pool=None, shared_grads: bool = False, warmup_stream=None,
                  eager_update: bool | None = None) -> None:
-        require_graph_step(model, optimizer, dtype=dtype, capture=capture, device=device)
+        require_graph_step(model, dtype=dtype, capture=capture, device=device)
         self.model, self.params, self.optimizer = model, params, optimizer
         self.device, self.dtype = torch.device(device), dtype
         self.limit = max_grad_norm if max_grad_norm > 0 else math.inf

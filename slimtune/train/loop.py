@@ -110,7 +110,7 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
     optimizer = make_optimizer(params, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                fused=True if capture else None, capturable=capture)
     if graphs:  # refuse before the first step, not at it (the step itself is built from the first batch)
-        require_graph_step(model, optimizer, dtype=dtype, capture=capture)
+        require_graph_step(model, dtype=dtype, capture=capture)
     graphed: GraphSteps | None = None
     padding: list[float] = []  # share of padding in the first 20 graphed steps (one hint after them)
     per_epoch = steps_per_epoch(len(examples), cfg.batch_size, cfg.grad_accum, info.world_size)

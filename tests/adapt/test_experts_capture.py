@@ -57,9 +57,9 @@ def test_nf4_experts_capture_and_transformers_own_block_does_not(tiny_dir, gpu_a
 def test_the_step_check_names_moe_only_where_it_would_capture(tiny_dir, gpu_arch):
     plain = _moe(tiny_dir, expert_lora=False)
     # on CPU without capture the step runs eagerly: the host-side routing is fine there
-    assert not any("MoE" in p for p in graph_step_problems(plain, None, dtype=torch.bfloat16, capture=False))
+    assert not any("MoE" in p for p in graph_step_problems(plain, dtype=torch.bfloat16, capture=False))
     gpu_arch(9)
-    assert any("MoE" in p for p in graph_step_problems(plain, None, dtype=torch.bfloat16, capture=False,
+    assert any("MoE" in p for p in graph_step_problems(plain, dtype=torch.bfloat16, capture=False,
                                                        device=CUDA))
     adapted = _moe(tiny_dir, expert_lora=True)
-    assert not graph_step_problems(adapted, None, dtype=torch.bfloat16, capture=False, device=CUDA)
+    assert not graph_step_problems(adapted, dtype=torch.bfloat16, capture=False, device=CUDA)

@@ -182,8 +182,8 @@ def test_unsupported_settings_are_named(tiny_dir, one_thread):
 
     moe = build_tiny_model(variant="26b-a4b", text_only=True)
     # transformers' own experts block routes on the host (slimtune's grouped blocks: tests/adapt/test_experts_capture)
-    assert any("MoE" in p for p in graph_step_problems(moe, None, dtype=torch.bfloat16, capture=True))
-    assert not graph_step_problems(model, None, dtype=torch.bfloat16, capture=False)
+    assert any("MoE" in p for p in graph_step_problems(moe, dtype=torch.bfloat16, capture=True))
+    assert not graph_step_problems(model, dtype=torch.bfloat16, capture=False)
 
 
 @pytest.mark.gpu
