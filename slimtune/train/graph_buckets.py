@@ -66,17 +66,17 @@ class GraphSteps:
         max_seq_length: the widest batch (and the packed width).
         pad_id: token id of the padding.
         packed: every batch is padded to max_seq_length (packed runs: one step, as before buckets existed).
-        batch_size: rows every batch is padded to (None: the first batch's).
+        batch_size: rows every batch is padded to (the run's batch_size: an epoch's last batch may be smaller).
         The rest: as `GraphedTrainStep`.
     """
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], optimizer, *, device: torch.device,
                  dtype: torch.dtype, max_grad_norm: float, capture: bool, max_seq_length: int, pad_id: int,
-                 packed: bool, batch_size: int | None = None) -> None:
+                 packed: bool, batch_size: int) -> None:
         self.model, self.params, self.optimizer = model, params, optimizer
         self.device, self.dtype, self.max_grad_norm, self.capture = device, dtype, max_grad_norm, capture
         self.max_seq_length, self.pad_id, self.packed = max_seq_length, pad_id, packed
-        self.rows = batch_size  # None: the first batch's rows
+        self.rows = batch_size
         self.pool = torch.cuda.graph_pool_handle() if capture and not packed else None
         self.warmup_stream = torch.cuda.Stream(device) if capture else None  # one for every bucket's warm-up
         self.steps: dict[int, GraphedTrainStep] = {}
@@ -85,8 +85,6 @@ class GraphSteps:
     def __call__(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         widest = max(b["input_ids"].shape[1] for b in batches)
         width = self.max_seq_length if self.packed else bucket_for(widest, self.max_seq_length)
-        if self.rows is None:
-            self.rows = batches[0]["input_ids"].shape[0]
         # an epoch's last batch may hold fewer samples: rows of pads (no targets) keep the captured shape
         fixed = [pad_batch_to(b, width, self.pad_id, rows=self.rows) for b in batches]
         step = self.steps.get(width)

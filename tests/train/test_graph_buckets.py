@@ -60,7 +60,7 @@ def _bucketed(model, windows, device, dtype, make_opt, *, capture):
     opt = make_opt(params)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     steps = GraphSteps(model, params, opt, device=device, dtype=dtype, max_grad_norm=1.0, capture=capture,
-                       max_seq_length=384, pad_id=0, packed=False)
+                       max_seq_length=384, pad_id=0, packed=False, batch_size=2)
     losses, padded = [], []
     for window in windows:
         loss, _, _, tokens = steps(window)

@@ -135,7 +135,7 @@ def test_length_buckets_with_adamw8bit_replay_like_eager_on_gpu(tiny_dir):
         params = trainable_parameters(model)
         opt = make_optimizer(params, name="adamw8bit", lr=1e-2)
         steps = GraphSteps(model, params, opt, device=dev, dtype=dtype, max_grad_norm=1.0, capture=capture,
-                           max_seq_length=384, pad_id=0, packed=False)
+                           max_seq_length=384, pad_id=0, packed=False, batch_size=2)
         losses = [float(steps([b])[0]) for b in batches]
         graphs = {name for step in steps.steps.values() for name in step.graphs}
         steps.close()
