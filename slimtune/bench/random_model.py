@@ -37,7 +37,7 @@ def _host_table(shape, dtype, device, gen, rows_per_slice: int = 16384) -> torch
     host = torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
     for start in range(0, shape[0], rows_per_slice):
         stop = min(shape[0], start + rows_per_slice)
-        host[start:stop].copy_(_random((stop - start, shape[1]), dtype, device, gen, rows_per_slice))
+        host[start:stop].copy_(_random((stop - start, shape[1]), dtype, device, gen))
     return host
 
 

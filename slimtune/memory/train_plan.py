@@ -35,8 +35,7 @@ def model_ref(name: str) -> str:
     Raises:
         ValueError: neither (no folder, and the hub config cannot be fetched).
     """
-    from slimtune.models.geometry import VARIANTS  # noqa: PLC0415
-    from slimtune.models.loader import RANDOM_PREFIX  # noqa: PLC0415
+    from slimtune.models.geometry import RANDOM_PREFIX, VARIANTS  # noqa: PLC0415
 
     if name.startswith(RANDOM_PREFIX) and name[len(RANDOM_PREFIX):] in VARIANTS:
         return name[len(RANDOM_PREFIX):]

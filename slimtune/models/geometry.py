@@ -19,6 +19,8 @@ from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4TextConfig, Gemm
 from slimtune.errors import ConfigError
 
 VARIANTS: tuple[str, ...] = ("e2b", "e4b", "26b-a4b", "31b")
+RANDOM_PREFIX = "random:"
+"""``random:<variant>`` names random weights of that geometry (slimtune.models.loader.load_random_model)."""
 TINY_SIZES: tuple[str, ...] = ("test", "demo")
 
 _SLIDING, _FULL = "sliding_attention", "full_attention"

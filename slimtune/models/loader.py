@@ -13,6 +13,7 @@ from torch import nn
 from slimtune.adapt.experts_nf4 import quantize_experts_nf4
 from slimtune.adapt.quantize import is_nf4_linear, keep_standard_nf4_layout, quantize_model_nf4
 from slimtune.errors import ConfigError, ModelLoadError
+from slimtune.models.geometry import RANDOM_PREFIX
 from slimtune.models import gemma4 as _gemma4  # noqa: F401 - registers the family
 from slimtune.models.registry import ModelFamily, family_for_model_type
 
@@ -262,9 +263,6 @@ def load_model(name_or_path, *, dtype=None, load_in_4bit: bool = False, max_seq_
     # text_only: the plain tokenizer; image/audio rows are refused by the data path (no towers to feed them to).
     tokenizer = load_tokenizer(folder, multimodal=cls.__name__ == family.multimodal_class and not text_only)
     return model, tokenizer
-
-
-RANDOM_PREFIX = "random:"
 
 
 def load_random_model(spec: str, *, dtype=None, load_in_4bit: bool = False, max_seq_length: int | None = None,
