@@ -1,6 +1,6 @@
 """What the CUDA-graph step tests share: the tiny model they train (E2B text, PLE rows on the host, LoRA with
-non-zero B so the adapters matter from the first step, checkpointed, in training mode) and the standard eager
-training they compare against."""
+non-zero B so the adapters matter from the first step, checkpointed, in training mode), the standard eager
+training they compare against, and the graph-step runner they compare."""
 
 import torch
 
@@ -8,6 +8,7 @@ import slimtune
 from slimtune.adapt.inject import trainable_parameters
 from slimtune.adapt.lora import lora_modules
 from slimtune.memory.host_embedding import offload_per_layer_embeddings
+from slimtune.train.cuda_graph import GraphedTrainStep
 from slimtune.train.run import enable_checkpointing
 from slimtune.train.step import accumulate_gradients, clip_and_step
 
@@ -45,3 +46,20 @@ def train_standard(model, windows, device, dtype, make_opt=sgd) -> list[float]:
         clip_and_step(params, opt, sched, max_grad_norm=1.0)
         losses.append(loss)
     return losses
+
+
+def run_graphed(model, steps, device, dtype, make_opt=sgd, **step_kw) -> tuple[list[float], GraphedTrainStep]:
+    """A GraphedTrainStep (`step_kw`: its options) over `steps` (batches, or windows of micro-batches), with the
+    standard runner's schedule and clipping; returns the losses and the step, still open (its graphs and optimizer
+    can be inspected): the caller closes it."""
+    params = trainable_parameters(model)
+    opt = make_opt(params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    first = steps[0] if isinstance(steps[0], dict) else steps[0][0]
+    step = GraphedTrainStep(model, params, opt, first, device=device, dtype=dtype, max_grad_norm=1.0, **step_kw)
+    losses = []
+    for b in steps:
+        loss, _, _ = step(b)
+        sched.step()
+        losses.append(float(loss))
+    return losses, step

@@ -21,6 +21,7 @@ from slimtune.train.optimizer import make_optimizer
 from slimtune.train.run import enable_checkpointing
 from slimtune.train.step import accumulate_gradients, clip_and_step
 
+from graph_models import run_graphed
 from graph_models import sgd as _sgd
 from graph_models import tiny_lora_model as _model
 from graph_models import train_standard as _run_standard
@@ -45,18 +46,10 @@ def _lora_state(model):
 
 
 def _run_graphed(model, steps, device, dtype, *, capture, fused):
-    """Train on `steps` (batches, or windows of micro-batches); returns (losses, the step, whether it captured)."""
-    params = trainable_parameters(model)
-    opt = make_optimizer(params, lr=1e-2, fused=True, capturable=device.type == "cuda") if fused else _sgd(params)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    first = steps[0] if isinstance(steps[0], dict) else steps[0][0]
-    step = GraphedTrainStep(model, params, opt, first, device=device, dtype=dtype, max_grad_norm=1.0,
-                            warmup=2, capture=capture)
-    losses = []
-    for b in steps:
-        loss, _, _ = step(b)
-        sched.step()
-        losses.append(float(loss))
+    """Train on `steps` (batches, or windows of micro-batches); returns (losses, the closed step, whether it
+    captured)."""
+    adamw = lambda params: make_optimizer(params, lr=1e-2, fused=True, capturable=device.type == "cuda")  # noqa: E731
+    losses, step = run_graphed(model, steps, device, dtype, adamw if fused else _sgd, warmup=2, capture=capture)
     captured = bool(step.graphs)
     step.close()
     return losses, step, captured

@@ -13,22 +13,9 @@ from slimtune.adapt.inject import trainable_parameters
 from slimtune.train.cuda_graph import GraphedTrainStep, captures_update
 from slimtune.train.optimizer import make_optimizer
 
-from graph_models import sgd, train_standard
+from graph_models import run_graphed, sgd, train_standard
 from graph_models import tiny_lora_model as _model
 from test_cuda_graph import _batches, _lora_state
-
-
-def _graphed(model, batches, device, dtype, make_opt, **kw) -> tuple[list[float], GraphedTrainStep]:
-    params = trainable_parameters(model)
-    opt = make_opt(params)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    step = GraphedTrainStep(model, params, opt, batches[0], device=device, dtype=dtype, max_grad_norm=1.0, **kw)
-    losses = []
-    for b in batches:
-        loss, _, _ = step(b)
-        sched.step()
-        losses.append(float(loss))
-    return losses, step
 
 
 def test_which_optimizers_step_inside_the_graph():
@@ -47,7 +34,7 @@ def test_eager_update_equals_the_standard_step_on_cpu(tiny_dir, one_thread):
     batches = _batches(ref, 4)
     want = train_standard(ref, batches, dev, dtype)
     ours = _model(tiny_dir, dev, dtype)
-    got, step = _graphed(ours, batches, dev, dtype, sgd, capture=False, eager_update=True)
+    got, step = run_graphed(ours, batches, dev, dtype, sgd, capture=False, eager_update=True)
     assert step.accumulating and not step.update_captured  # one batch still runs as a window of one
     assert got == pytest.approx(want, rel=1e-5)
     a, b, start = _lora_state(ours), _lora_state(ref), _lora_state(_model(tiny_dir, dev, dtype))
@@ -66,7 +53,7 @@ def test_adamw8bit_trains_through_the_eager_update_on_cpu(tiny_dir, one_thread):
     model = _model(tiny_dir, dev, dtype)
     batches = _batches(model, 1) * 6  # one batch again and again: the loss must fall
     adamw8bit = lambda params: make_optimizer(params, name="adamw8bit", lr=1e-2)  # noqa: E731
-    losses, step = _graphed(model, batches, dev, dtype, adamw8bit, capture=False, eager_update=True)
+    losses, step = run_graphed(model, batches, dev, dtype, adamw8bit, capture=False, eager_update=True)
     states = [s for s in step.optimizer.state.values() if s]  # tiny tensors: bitsandbytes keeps their state 32-bit
     assert len(states) == len(step.params) and all(s["step"] == len(batches) for s in states)
     assert losses[-1] < losses[0]
@@ -85,7 +72,7 @@ def test_captured_forward_backward_with_adamw8bit_equals_eager_on_gpu(tiny_dir):
     def run(capture):
         model = _model(tiny_dir, dev, dtype)
         enable_slimtune_attention(model)
-        losses, step = _graphed(model, batches, dev, dtype, adamw8bit, capture=capture, warmup=2)
+        losses, step = run_graphed(model, batches, dev, dtype, adamw8bit, capture=capture, warmup=2)
         graphs = set(step.graphs)
         step.close()
         return losses, _lora_state(model), graphs
