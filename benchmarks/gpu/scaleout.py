@@ -134,7 +134,7 @@ def main() -> None:
             base = base or result["tok_s"] / n
             result["speedup_vs_1"] = round(result["tok_s"] / base, 2) if base else None
         result["torch"] = torch.__version__
-        emit_record(result, a.json, log=lambda line: print(line, flush=True))
+        emit_record(result, a.json)
 
 
 if __name__ == "__main__":

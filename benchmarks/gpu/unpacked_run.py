@@ -91,7 +91,7 @@ def main() -> None:
     for variant in a.variants.split(","):
         result = run(variant, model=a.model, data=data, out=work / f"run-{variant}", seq=a.seq, steps=a.steps,
                      batch_size=a.batch_size, device=a.device, qlora=not a.lora16)
-        emit_record(result, a.json, log=lambda line: print(line, flush=True))
+        emit_record(result, a.json)
 
 
 if __name__ == "__main__":

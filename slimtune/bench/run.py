@@ -9,6 +9,7 @@ run every step (and train, with the tower LoRA options).
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import statistics
@@ -278,10 +279,11 @@ def run_bench(variant: str, modes: list[str], seqs: list[int], *, steps: int = 6
     return results
 
 
-def emit_record(record: dict, json_path: str | None = None, log=print) -> None:
-    """One benchmark record: printed as a JSON line, and appended to `json_path` when given (the GPU scripts too)."""
+def emit_record(record: dict, json_path: str | None = None, log=None) -> None:
+    """One benchmark record: a JSON line to `log` (default: stdout, flushed, so a device call that runs out of
+    time still returns it), and appended to `json_path` when given (the GPU scripts too)."""
     line = json.dumps(record)
-    log(line)
+    (log or functools.partial(print, flush=True))(line)
     if json_path:
         with open(json_path, "a") as f:
             f.write(line + "\n")
