@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6, H, I and G in session 7 (BENCHMARKS.md); still to
-# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26; session 10 P, Q, R, S, M): T, X, Y, N, V, W, Z, E, F.
+# run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26; session 10 P, Q, R, S, M;
+# session 11 T, X, Y, N, W2, Y2): B2, N2, V, Z, E, F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -38,7 +39,7 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 python3 -c "import torch, transformers, triton, peft; print(torch.__version__, transformers.__version__, triton.__version__, peft.__version__)" | tee "$OUT/env.txt"
-case "${1:?which call: A B C C2 I H G J K L O P Q R U26 M N D D2 E F}" in
+case "${1:?which call: A B C C2 I H G J K L O P Q R U26 M N D D2 E F T X Y W2 Y2 B2 N2 V W Z}" in
 J)
   timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/kernels/test_flash_attention_gpu.py \
     tests/kernels/test_rms_norm_kernel.py tests/kernels/test_flash_attention_fit.py 2>&1 | tail -3
@@ -175,6 +176,38 @@ Y)  # after X: CUDA graphs with 8-bit AdamW (forward + backward replayed, the 8-
   # coin flip whether it then fits; if it does, slimtune's CLI could set it before CUDA starts.
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 150 $B --mode qlora --steps 6 --seq 2048 \
     --card-gib 22.5 --cuda-graphs --geometry 26b-a4b --finetune-experts 2>&1 | show ;;
+W2)  # session 11, the last device minutes: W plus V's HF cell, all E2B 32K (Unsloth's E2B Triton cache is carried).
+    # Predicted before measuring: ours LoRA 16-bit ~15 GiB / ~12,000 (s7: 15.08 / 12,010); Unsloth ~25 GiB / ~3,500;
+    # HF+PEFT out of memory at both (its 8K took 42 GiB at LoRA 16-bit and 121 GiB at QLoRA).
+  ( unsloth_cache; timeout 290 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe unsloth \
+      --runs lora16:32768 > "$OUT/unsloth_e2b_lora16_32k.log" 2>&1 ); show < "$OUT/unsloth_e2b_lora16_32k.log"
+  PYTHONPATH=$PWD timeout 60 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe hf \
+    --runs lora16:32768 2>&1 | show
+  timeout 60 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe hf --runs qlora:32768 2>&1 | show
+  timeout 120 $B --geometry e2b --mode lora16 --seq 32768 2>&1 | show ;;
+Y2)  # after Y (session 11): 31B with graphs and 8-bit AdamW ran out of memory at capture under the 22.5 GiB cap, with
+    # 20.08 GiB allocated and 1.95 GiB reserved but unallocated (the allocator cannot release cached blocks while a
+    # capture is under way; torch.cuda.graph empties the cache before, but split segments pinned by the gradients
+    # and 8-bit states made during the warm-up stay). Expandable segments map free pages back. Predicted before
+    # measuring: fits, peak ~20.3 GiB, reserved under 22.5, ~2,100 tok/s.
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 200 $B --mode qlora --steps 6 --seq 2048 \
+    --card-gib 22.5 --cuda-graphs --optimizer adamw8bit --geometry 31b 2>&1 | show
+  # run after it as its own call (session 11's last device minutes): does the allocator setting cost E2B speed?
+  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 100 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs
+  # timeout 60 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs
+  ;;
+B2)  # after session 11: slimtune now imports with expandable segments (slimtune/utils/cuda_alloc.py) and auto's
+    # headroom is peak + max(1.5 GiB, 7 %) <= usable memory (free + own, read on the device). Checks: the bucketed
+    # graphs (several graphs, one pool) under expandable segments, and auto's usable-memory reading on a real GPU.
+    # Predicted before measuring: tests pass; unpacked auto ~14K real tok/s (T: 14,394), its log "auto: on".
+  timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_graph_buckets.py \
+    tests/train/test_auto_graphs.py tests/train/test_graph_eager_update.py 2>&1 | tail -3
+  timeout 150 python3 benchmarks/gpu/unpacked_run.py --model random:e2b --seq 2048 --steps 150 --variants auto \
+    --json "$OUT/unpacked.jsonl" 2>&1 | cut -c1-400 ;;
+N2)  # Unsloth's E4B LoRA 16-bit 8K alone (the final table's last Unsloth cell at 8K), ours after it
+  ( unsloth_cache; timeout 420 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe unsloth \
+      --runs lora16:8192 > "$OUT/unsloth_e4b_lora16_8k.log" 2>&1 ) ; show < "$OUT/unsloth_e4b_lora16_8k.log"
+  timeout 60 $B --geometry e4b --mode lora16 --seq 8192 --cuda-graphs 2>&1 | show ;;
 V)  # issue 6's final table, 32K cells with Unsloth in the call (only ours measured so far): E4B QLoRA 32K, then
     # E2B QLoRA 32K for HF+PEFT (never run; its 8K took 121 GiB, so an out-of-memory record is expected).
     # Predicted before measuring: Unsloth E4B QLoRA 32K ~24 GiB / ~2,900 tok/s; ours ~19.5 GiB / ~7,400
