@@ -99,7 +99,7 @@ class TrainSettings(BaseModel):
                                      "times faster on short sequences; packed batches are padded to max_seq_length, "
                                      "others to a length bucket (one graph each); no activation offload. "
                                      "None = auto: on when the run allows it and the predicted peak "
-                                     "leaves a quarter of the GPU free.")
+                                     "plus a margin (1.5 GiB or 7 %) fits the GPU's free memory.")
     packing: bool = Field(default=False, description="Pack several samples into each max_seq_length row (no "
                                                      "attention or loss across samples): no padding, fixed shapes.")
     compile_layers: bool = Field(default=False, description="torch.compile each decoder layer: faster steps after a "

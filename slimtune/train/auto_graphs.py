@@ -10,14 +10,18 @@ When auto turns graphs on — all of these, else it stays eager and says why:
 * packed or not: packed batches are one shape; unpacked ones capture one step per length bucket
   (slimtune.train.graph_buckets; H200, E2B QLoRA on samples of every length up to 2K: ~4x the eager run's real
   tokens per second, same peak, same losses; BENCHMARKS.md session 10);
-* what the captured step cannot do is off, and what is not yet checked on a GPU: optimizer adamw (8-bit AdamW
-  runs its update eagerly after the replayed forward and backward; auto waits for its GPU check), lora_dropout 0,
-  activation_offload off, bf16 (fp16's loss scaler syncs with the host), a text-only model (media inputs change
+* what the captured step cannot do is off: lora_dropout 0, activation_offload off, bf16 (fp16's loss scaler syncs with the host), a text-only model (media inputs change
   shape) whose MoE blocks, if any, are slimtune's grouped ones on a Hopper GPU (other routing reads sizes on the
   host);
-* memory headroom: the planner's peak with graphs is at most ``HEADROOM`` of the card. A graph keeps its own
-  memory pool for the whole run, which the allocator cannot hand back under pressure, so a run near the card's
-  limit stays eager rather than risk running out of memory at capture.
+* any optimizer: torch's fused AdamW steps inside the graph; 8-bit AdamW steps eagerly after the replayed forward
+  and backward (H200, 26B-A4B expert LoRA at 2K capped to a 24 GB card: 19.73 GiB, 5,012 tok/s against the eager
+  8-bit step's 1,667-2,227; BENCHMARKS.md session 11);
+* memory headroom: the planner's peak with graphs plus a margin (``margin_gib``) fits the memory this process can
+  use. A graph keeps its own memory pool for the whole run, and while a capture is under way the allocator cannot
+  hand cached blocks back, so a run whose peak is near the card's limit stays eager rather than risk running out of
+  memory at capture. The margin comes from an H200 capped to a 24 GB card's 22.5 GiB (BENCHMARKS.md, sessions 10
+  and 11): predictions of 19.9 and 20.6 GiB captured and trained (reserved 20.9 and 21.5 GiB), 22.7 ran out of
+  memory at capture.
 
 ``cuda_graphs: true`` forces graphs (and refuses a setting that clashes); ``false`` never captures.
 """
@@ -32,8 +36,23 @@ from torch import nn
 from slimtune.train.config import TrainConfig
 from slimtune.train.cuda_graph import graph_step_problems
 
-HEADROOM = 0.75
-"""Auto captures only when the predicted peak is at most this share of the GPU's memory."""
+MARGIN_GIB, MARGIN_SHARE = 1.5, 0.07
+"""Auto captures only when the predicted peak plus max(MARGIN_GIB, MARGIN_SHARE of it) fits the usable memory."""
+
+
+def margin_gib(peak_gib: float) -> float:
+    """Room kept beside the predicted peak: the graph pool's and the allocator's rounding grow with the step."""
+    return max(MARGIN_GIB, MARGIN_SHARE * peak_gib)
+
+
+def usable_gib(device: torch.device) -> float:
+    """GiB this process can allocate on `device`: what is free plus what it already holds, within its memory
+    fraction (torch.cuda.set_per_process_memory_fraction caps the allocator, e.g. to emulate a smaller card). The
+    CUDA context, a display and other processes are not ours to use, so the card's size alone overstates it."""
+    free, _ = torch.cuda.mem_get_info(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _d: 1.0)(device)
+    return min(free + torch.cuda.memory_reserved(device), fraction * total) / 2**30
 
 
 def config_blockers(cfg: TrainConfig, *, cuda: bool, single_process: bool) -> list[str]:
@@ -43,9 +62,6 @@ def config_blockers(cfg: TrainConfig, *, cuda: bool, single_process: bool) -> li
         reasons.append("no CUDA device")
     if not single_process:
         reasons.append("several processes (gradient reduction is not captured)")
-    if cfg.optimizer == "adamw8bit":  # until its GPU check (pending_checks.sh Y) has run
-        reasons.append("optimizer adamw8bit (its graphed step, replayed forward and backward with the 8-bit update "
-                       "after them, is not yet checked on a GPU; --cuda-graphs forces it)")
     if cfg.lora_dropout:
         reasons.append("lora_dropout > 0 (recomputation would draw new dropout masks)")
     if cfg.activation_offload is True:
@@ -68,18 +84,18 @@ def predicted_peak_gib(cfg: TrainConfig) -> float | None:
 def decide(cfg: TrainConfig, model: nn.Module, *, dtype: torch.dtype, device: torch.device,
            single_process: bool, peak_gib=predicted_peak_gib) -> tuple[bool, str]:
     """(capture?, why) for ``cuda_graphs: auto``. `peak_gib(cfg)` is the planner's prediction (a parameter so
-    tests can give one); the card's size comes from `device`."""
+    tests can give one); the usable memory is read from `device`."""
     reasons = (config_blockers(cfg, cuda=device.type == "cuda", single_process=single_process)
                or graph_step_problems(model, dtype=dtype, capture=False, device=device)
                or ([f"the model runs in {dtype} (a captured step needs bfloat16)"] if dtype != torch.bfloat16 else []))
     if reasons:
         return False, "; ".join(reasons)
-    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     peak = peak_gib(cfg)
     if peak is None:
         return False, "no memory prediction for this model, so no headroom check"
-    if peak > HEADROOM * total_gib:
-        return False, (f"predicted peak {peak:.1f} GiB is over {HEADROOM:.0%} of the GPU's {total_gib:.1f} GiB "
-                       "(a graph's memory pool cannot be handed back; --cuda-graphs forces it)")
+    usable, margin = usable_gib(device), margin_gib(peak)
+    if peak + margin > usable:
+        return False, (f"predicted peak {peak:.1f} GiB plus a {margin:.1f} GiB margin is over the {usable:.1f} GiB "
+                       "this process can use (a graph's memory pool cannot be handed back; --cuda-graphs forces it)")
     shapes = "packed fixed-shape batches" if cfg.packing else "one captured step per length bucket"
-    return True, f"{shapes}, predicted peak {peak:.1f} of {total_gib:.1f} GiB"
+    return True, f"{shapes}, predicted peak {peak:.1f} of {usable:.1f} GiB usable"

@@ -90,7 +90,7 @@ class TrainConfig:
     bucket (slimtune.train.graph_buckets). With optimizer adamw8bit the update runs eagerly after each replayed
     forward and backward. Needs CUDA, bf16, lora_dropout 0, no
     activation_offload, one process, text batches. "auto": on when all that holds and the
-    predicted peak leaves a quarter of the GPU free (slimtune.train.auto_graphs; the run log says which and
+    predicted peak plus a margin fits the memory the process can use (slimtune.train.auto_graphs; the run log says which and
     why); true forces it, false never."""
     mlp_chunk_size: int = 0
     """Run each decoder MLP over chunks of this many tokens, recomputing them in backward (0 = off)."""

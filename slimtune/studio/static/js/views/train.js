@@ -110,7 +110,7 @@ export async function render(root) {
       switchField("activation_offload"), switchField("recompute_norms"),
       switchField("compile_layers"), switchField("packing"),
       h("div", { class: "form-grid", style: "margin-top:10px" },
-        field("CUDA graphs", graphs, "Replays each step as one captured graph: several times faster at 2K tokens. Auto = on when the run allows it (adamw, no activation offload, text, one GPU; 8-bit AdamW only when set to on) and fits with a quarter of the GPU to spare. Unpacked batches are padded to a length bucket (one captured step each)."))),
+        field("CUDA graphs", graphs, "Replays each step as one captured graph: several times faster at 2K tokens. Auto = on when the run allows it (no activation offload, text, one GPU) and its predicted peak plus a margin (1.5 GiB or 7 %) fits the GPU's free memory. Unpacked batches are padded to a length bucket (one captured step each)."))),
     h("details", { class: "params", id: "multimodal", style: "margin-top:10px" }, h("summary", {}, "Multimodal"),
       switchField("text_only"), switchField("finetune_multimodal_embedders")),
     h("div", { class: "row", style: "margin-top:18px" }, submit, formError));
