@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import importlib
 
+from slimtune.utils.cuda_alloc import use_expandable_segments
+
+use_expandable_segments()  # before torch starts CUDA's allocator; see slimtune/utils/cuda_alloc.py for why
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
