@@ -199,11 +199,14 @@ Y2)  # after Y (session 11): 31B with graphs and 8-bit AdamW ran out of memory a
 B2)  # after session 11: slimtune now imports with expandable segments (slimtune/utils/cuda_alloc.py) and auto's
     # headroom is peak + max(1.5 GiB, 7 %) <= usable memory (free + own, read on the device). Checks: the bucketed
     # graphs (several graphs, one pool) under expandable segments, and auto's usable-memory reading on a real GPU.
-    # Predicted before measuring: tests pass; unpacked auto ~14K real tok/s (T: 14,394), its log "auto: on".
+    # The training loop now reads each captured step's loss after launching the next (slimtune/train/
+    # step_readback.py): the host's batch work and graph launch overlap the GPU (T's profile: 14 of 126 ms idle).
+    # Predicted before measuring: tests pass; unpacked auto 15-16K real tok/s (T, synchronous: 14,394), its log
+    # "auto: on"; packed auto ~17.5-18.5K (S, synchronous: 17,018; GPU busy 111 ms for 1,981 real tokens ~17.8K).
   timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_graph_buckets.py \
     tests/train/test_auto_graphs.py tests/train/test_graph_eager_update.py 2>&1 | tail -3
-  timeout 150 python3 benchmarks/gpu/unpacked_run.py --model random:e2b --seq 2048 --steps 150 --variants auto \
-    --json "$OUT/unpacked.jsonl" 2>&1 | cut -c1-400 ;;
+  timeout 240 python3 benchmarks/gpu/unpacked_run.py --model random:e2b --seq 2048 --steps 300 \
+    --variants auto,packed --json "$OUT/unpacked.jsonl" 2>&1 | cut -c1-400 ;;
 N2)  # Unsloth's E4B LoRA 16-bit 8K alone (the final table's last Unsloth cell at 8K), ours after it
   ( unsloth_cache; timeout 420 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe unsloth \
       --runs lora16:8192 > "$OUT/unsloth_e4b_lora16_8k.log" 2>&1 ) ; show < "$OUT/unsloth_e4b_lora16_8k.log"

@@ -29,8 +29,9 @@ from slimtune.train.guard import NonFiniteGuard
 from slimtune.train.evaluate import EvalTracker, evaluate, save_best
 from slimtune.train.metrics import MetricsWriter, TensorBoardLogger, read_metrics, truncate_metrics
 from slimtune.train.optimizer import make_optimizer
-from slimtune.train.schedule import make_scheduler
+from slimtune.train.schedule import host_lr, make_scheduler
 from slimtune.train.step import accumulate_gradients, clip_and_step
+from slimtune.train.step_readback import StepValues, read_back
 
 __all__ = ["DataStream", "FitResult", "MetricsWriter", "epoch_order", "fit", "parallel_kind", "save_checkpoint",
            "steps_per_epoch"]
@@ -45,6 +46,19 @@ class FitResult:
     best_step: int | None = None
     best_eval_loss: float | None = None
     stopped_early: bool = False
+
+
+@dataclass
+class _Launched:
+    """A step whose work is queued: what its metrics record needs besides the numbers still on the device."""
+
+    step: int
+    epoch: float
+    lr: float
+    n_tokens: int
+    n_targets: int
+    t0: float
+    values: StepValues
 
 
 class _Silent:
@@ -151,13 +165,47 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter() - elapsed_before
     stopped_early = False
+    base_lr = float(scheduler.base_lrs[0])  # once: with a captured step it is a device tensor
+    last_ready = [0.0]  # when the previous step's numbers reached the host (its steps' times run between these)
+
+    def finish(item: _Launched) -> dict:
+        """Wait for a launched step's numbers; its metrics record (non-finite steps counted by the guard)."""
+        loss, grad_norm = item.values.wait()
+        ready = time.perf_counter()
+        dt = ready - max(item.t0, last_ready[0])  # one step ahead, the next step's launch overlaps this one
+        last_ready[0] = ready
+        record = {"step": item.step, "epoch": item.epoch, "loss": loss, "lr": item.lr, "grad_norm": grad_norm,
+                  "tokens_per_s": item.n_tokens / dt, "tokens": item.n_tokens, "target_tokens": item.n_targets,
+                  "step_s": dt, "elapsed_s": ready - start}
+        if device.type == "cuda":
+            record["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if guard.update(item.step, loss, grad_norm):  # raises when it keeps happening
+            record["skipped"] = True
+            log(f"step {item.step}: loss {loss} / grad norm {grad_norm} is not finite; the update was skipped")
+        return record
+
+    def publish(record: dict) -> None:
+        writer.write(record)
+        tb.write(record)
+        history.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        step = record["step"]
+        if step % cfg.log_every == 0 or step == total or "eval_loss" in record:
+            extra = f"  eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+            log(f"step {step:>5}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  grad_norm "
+                f"{record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:.0f}{extra}")
+        if on_step is not None and main:
+            on_step(record)
+
+    pending: _Launched | None = None  # a captured step launched, its numbers not yet read (the host runs ahead)
     try:
         for step in range(first_step, total + 1):
             t0 = time.perf_counter()
             window = [stream.next() for _ in range(cfg.grad_accum)]
             epoch = window[-1][0]
             batches = [collate_share(share, pad_id) for _, share in window]  # empty share → dummy batch
-            lr = float(scheduler.get_last_lr()[0])  # a device tensor with cuda_graphs' capturable AdamW
+            lr = host_lr(scheduler, base_lr)
             if graphs:
                 # one shape per captured step: max_seq_length when packed, else the batch's length bucket
                 if graphed is None:
@@ -175,25 +223,25 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
                             f"batch is padded to {padded_to}); --packing or a lower --max-seq-length would spend "
                             "that compute on real tokens")
                 scheduler.step()
-                loss, grad_norm = float(loss_t), float(norm_t)
+                values = read_back(loss_t, norm_t, device)
             else:
                 loss, n_targets = accumulate_gradients(model, [b for b, _ in batches], device=device, dtype=dtype,
                                                        scaler=scaler, parallel=parallel)
                 grad_norm = clip_and_step(params, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
                                           scaler=scaler)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+                values = read_back(loss, grad_norm, device)
             n_tokens = int(all_reduce_sum([sum(count_real_tokens(b) for b, n in batches if n)], device)[0])
-            dt = time.perf_counter() - t0
-            record = {"step": step, "epoch": round(epoch + 1, 3), "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": n_tokens / dt, "tokens": n_tokens, "target_tokens": n_targets,
-                      "step_s": dt, "elapsed_s": time.perf_counter() - start}
-            if device.type == "cuda":
-                record["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if guard.update(step, loss, grad_norm):  # raises when it keeps happening
-                record["skipped"] = True
-                log(f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; the update was skipped")
-            if eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total):
+            launched = _Launched(step, round(epoch + 1, 3), lr, n_tokens, n_targets, t0, values)
+            if pending is not None:  # the previous step, read now that this one is queued behind it
+                publish(finish(pending))
+                pending = None
+            evaluating = bool(eval_examples) and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total)
+            saving = bool(cfg.save_steps) and step % cfg.save_steps == 0 and step < total
+            if graphs and not (evaluating or saving or step == total):
+                pending = launched  # nothing at this step needs the weights as they are now: run one step ahead
+                continue
+            record = finish(launched)
+            if evaluating:
                 with graphed.paused() if graphed is not None else contextlib.nullcontext():
                     record["eval_loss"], _ = evaluate(model, eval_examples, pad_id=pad_id, device=device,
                                                       dtype=dtype, batch_size=cfg.batch_size, parallel=parallel)
@@ -201,23 +249,13 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
                     best_state = parallel.adapter_state()  # a collective under FSDP2: every rank gathers
                     if main:
                         save_best(model, run_dir, step, record["eval_loss"], state=best_state)
-            writer.write(record)
-            tb.write(record)
-            history.append(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            if step % cfg.log_every == 0 or step == total or "eval_loss" in record:
-                extra = f"  eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
-                log(f"step {step:>5}/{total}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {grad_norm:.3f}  "
-                    f"tok/s {record['tokens_per_s']:.0f}{extra}")
-            if on_step is not None and main:
-                on_step(record)
+            publish(record)
             if tracker.should_stop and step < total:
                 log(f"early stopping at step {step}: eval loss has not improved for {tracker.bad_evals} "
                     f"evaluations (best {tracker.best_loss:.4f} at step {tracker.best_step})")
                 stopped_early = True
                 break
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
+            if saving:
                 _checkpoint(parallel, optimizer, scheduler, scaler, run_dir, step, extra={
                     "data": stream.state_dict(), "eval": tracker.state_dict(), "config": cfg.to_dict(),
                     "elapsed_s": time.perf_counter() - start, "rank_rng": rank_rng_states(info, device)})

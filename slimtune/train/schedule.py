@@ -23,3 +23,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int,
     """A LambdaLR implementing `lr_lambda` (state_dict-able, so resume is exact)."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, warmup=warmup, total=total, kind=kind))
+
+
+def host_lr(scheduler, base_lr: float) -> float:
+    """The lr the scheduler's current step uses, computed on the host (what LambdaLR.get_last_lr holds). With a
+    captured step the optimizer's lr is a device tensor, and reading it would wait for the GPU."""
+    return base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
