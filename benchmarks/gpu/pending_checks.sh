@@ -204,7 +204,8 @@ B2)  # after session 11: slimtune now imports with expandable segments (slimtune
     # Predicted before measuring: tests pass; unpacked auto 15-16K real tok/s (T, synchronous: 14,394), its log
     # "auto: on"; packed auto ~17.5-18.5K (S, synchronous: 17,018; GPU busy 111 ms for 1,981 real tokens ~17.8K).
   timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_graph_buckets.py \
-    tests/train/test_auto_graphs.py tests/train/test_graph_eager_update.py 2>&1 | tail -3
+    tests/train/test_auto_graphs.py tests/train/test_graph_eager_update.py tests/train/test_step_readback.py \
+    2>&1 | tail -3
   timeout 240 python3 benchmarks/gpu/unpacked_run.py --model random:e2b --seq 2048 --steps 300 \
     --variants auto,packed --json "$OUT/unpacked.jsonl" 2>&1 | cut -c1-400 ;;
 N2)  # Unsloth's E4B LoRA 16-bit 8K alone (the final table's last Unsloth cell at 8K), ours after it

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import slimtune
@@ -66,3 +67,37 @@ def test_host_lr_is_the_schedulers_lr_without_reading_the_device():
 def test_off_cuda_the_numbers_are_read_at_once():
     values = read_back(torch.tensor(2.5), torch.tensor(0.75), torch.device("cpu"))
     assert values.ready is None and values.wait() == (2.5, 0.75)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])  # one graph; micro-batch graph + eager update
+def test_a_captured_steps_numbers_survive_the_next_replay_on_gpu(tiny_dir, optimizer):
+    """The graph's loss and norm tensors are overwritten by the next replay: what read_back returns for a step, read
+    only after later steps ran, must be that step's (as a copy taken right after the step says)."""
+    from slimtune.adapt.attention import enable_slimtune_attention
+    from slimtune.adapt.inject import trainable_parameters
+    from slimtune.train.cuda_graph import GraphedTrainStep
+    from slimtune.train.optimizer import make_optimizer
+
+    from graph_models import tiny_lora_model
+    from test_cuda_graph import _batches
+
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    batches = _batches(tiny_lora_model(tiny_dir, "cpu", torch.float32), 6)
+    model = tiny_lora_model(tiny_dir, dev, dtype)
+    enable_slimtune_attention(model)
+    params = trainable_parameters(model)
+    opt = make_optimizer(params, name=optimizer, lr=1e-2, fused=True, capturable=True)
+    step = GraphedTrainStep(model, params, opt, batches[0], device=dev, dtype=dtype, max_grad_norm=1.0, warmup=2)
+    late, now = [], []
+    for b in batches:
+        loss, norm, _ = step(b)
+        late.append(read_back(loss, norm, dev))
+        now.append((loss.detach().float().clone(), norm.detach().float().clone()))  # queued right behind the step
+    assert step.graphs  # the last steps were replays
+    got = [v.wait() for v in late]
+    want = [(float(a), float(b)) for a, b in now]
+    step.close()
+    assert got == want
+    assert len({loss for loss, _ in got}) == len(got)  # the steps' numbers differ, so a mix-up would show
