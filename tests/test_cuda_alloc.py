@@ -9,11 +9,13 @@ from slimtune.utils.cuda_alloc import SETTING, use_expandable_segments
 
 def test_set_only_when_the_user_has_not_configured_the_allocator():
     env = {}
-    assert use_expandable_segments(env) and env == {"PYTORCH_CUDA_ALLOC_CONF": SETTING}
+    assert use_expandable_segments(env, "linux") and env == {"PYTORCH_CUDA_ALLOC_CONF": SETTING}
+    env = {}
+    assert not use_expandable_segments(env, "win32") and env == {}  # torch supports them on Linux only
     for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         for value in ("expandable_segments:False", ""):  # any value, even empty, is the user's choice
             env = {name: value}
-            assert not use_expandable_segments(env) and env == {name: value}
+            assert not use_expandable_segments(env, "linux") and env == {name: value}
 
 
 def test_importing_slimtune_sets_it_before_torch_reads_it():

@@ -15,16 +15,18 @@ before any CUDA work (the CLI, Studio and torchrun workers always do, since they
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import MutableMapping
 
 ENV_NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.9 reads either; older ones the second
 SETTING = "expandable_segments:True"
 
 
-def use_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> bool:
+def use_expandable_segments(environ: MutableMapping[str, str] = os.environ, platform: str = sys.platform) -> bool:
     """Set PYTORCH_CUDA_ALLOC_CONF to expandable segments unless either allocator variable is already set (any
-    value, even empty, is the user's choice). Returns whether it set it."""
-    if any(name in environ for name in ENV_NAMES):
+    value, even empty, is the user's choice). Linux only: elsewhere torch does not support them and would warn.
+    Returns whether it set it."""
+    if platform != "linux" or any(name in environ for name in ENV_NAMES):
         return False
     environ["PYTORCH_CUDA_ALLOC_CONF"] = SETTING
     return True
