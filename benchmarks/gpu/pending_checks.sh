@@ -207,7 +207,10 @@ B2)  # after session 11: slimtune now imports with expandable segments (slimtune
     tests/train/test_auto_graphs.py tests/train/test_graph_eager_update.py tests/train/test_step_readback.py \
     2>&1 | tail -3
   timeout 240 python3 benchmarks/gpu/unpacked_run.py --model random:e2b --seq 2048 --steps 300 \
-    --variants auto,packed --json "$OUT/unpacked.jsonl" 2>&1 | cut -c1-400 ;;
+    --variants auto,packed --json "$OUT/unpacked.jsonl" 2>&1 | cut -c1-400
+  # compiled layers on top of graphs at 2K, never measured since the fused norms (s5: 19,665 when graphs alone
+  # gave ~13K). Predicted: 19-21K (graphs alone today: 17,500), +0.1 GiB. If so, compile belongs in auto's choice.
+  timeout 100 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs --compile 2>&1 | show ;;
 N2)  # Unsloth's E4B LoRA 16-bit 8K alone (the final table's last Unsloth cell at 8K), ours after it
   ( unsloth_cache; timeout 420 python3 benchmarks/gpu/anchors_geometry.py --geometry e4b --probe unsloth \
       --runs lora16:8192 > "$OUT/unsloth_e4b_lora16_8k.log" 2>&1 ) ; show < "$OUT/unsloth_e4b_lora16_8k.log"
