@@ -26,6 +26,11 @@ def explain_oom(cfg, exc: BaseException, gpu_total_bytes: int | None = None) -> 
     except Exception:  # the estimate is a hint; a model we cannot read must not hide the real message
         pass
     tips = []
+    saving = _adamw8bit_saving(cfg)
+    if saving >= 0.5 * 2**30:  # first when it is large: unlike dropping the graphs, it costs no speed
+        # 26B-A4B with graphs ran out of memory at a 24 GB card's cap with AdamW and trained with 8-bit AdamW at
+        # 5,012 tok/s, against 2,465 eager (BENCHMARKS.md, session 11)
+        tips.append(f"--optimizer adamw8bit (~{format_gib(saving)} less optimizer state; CUDA graphs keep working)")
     if cfg.cuda_graphs is True or (cfg.cuda_graphs == "auto" and torch.cuda.is_available()):
         # a graph's memory pool is held for the whole run: 26B-A4B's captured step did not fit a 22.5 GiB cap
         # that its eager step fitted with 3 GiB to spare (BENCHMARKS.md, session 10)
@@ -45,7 +50,7 @@ def explain_oom(cfg, exc: BaseException, gpu_total_bytes: int | None = None) -> 
 def _prediction_and_plan(cfg, gpu_total_bytes: int | None) -> str:
     from slimtune.memory.planner import MemoryBudgetError, plan_memory  # noqa: PLC0415
     from slimtune.memory.sizes import parse_memory_size  # noqa: PLC0415
-    from slimtune.memory.train_plan import model_ref, plan_for_config  # noqa: PLC0415
+    from slimtune.memory.train_plan import model_ref, plan_changes, plan_for_config  # noqa: PLC0415
 
     current = plan_for_config(_without_budget(cfg))
     terms = ", ".join(f"{name} {gib:.2f} GiB" for name, gib in current.main_terms(2))
@@ -56,19 +61,40 @@ def _prediction_and_plan(cfg, gpu_total_bytes: int | None) -> str:
         budget = int(gpu_total_bytes * _CONTEXT_RESERVE)
     else:
         return text
-    # Advice, so nothing is held fixed except what defines the run: the effective batch and the LoRA rank.
+    # Advice, so nothing is held fixed except what defines the run: the effective batch, the LoRA rank and what
+    # it adapts (a 26B-A4B plan without its expert LoRA would fit where the run cannot), and whether it captures.
     context = {k: current.settings[k] for k in ("lora_r", "attention", "activation_bytes", "world_size",
-                                                 "distributed")}
+                                                 "distributed", "multimodal", "text_only", "finetune_experts",
+                                                 "cuda_graphs")}
+    if context["cuda_graphs"]:
+        context["activation_offload"] = False  # a captured step cannot offload activations
     try:
         plan = plan_memory(model_ref(cfg.model), cfg.max_seq_length, budget,
                            batch_size=cfg.batch_size * cfg.grad_accum, **context)
     except MemoryBudgetError as err:
         return (f"{text} The memory planner finds nothing that fits {format_gib(budget)} at max_seq_length "
                 f"{cfg.max_seq_length}; the longest that fits is {err.longest_seq}.")
-    flags = ", ".join(f"{k}={v[1]}" for k, v in plan.changes.items()) or "the current settings"
+    # what would change in this run (plan.changes compares with the planner's fastest start instead)
+    flags = ", ".join(f"{k}={v}" for k, v in plan_changes(cfg, plan).items()) or "the current settings"
     return (f"{text} The memory planner's suggestion for {format_gib(budget)}: {flags} "
             f"(predicted {format_gib(plan.predicted_bytes)}); or pass --max-memory {budget / 2**30:.1f}GiB "
             "to apply it.")
+
+
+def _adamw8bit_saving(cfg) -> int:
+    """Predicted bytes 8-bit AdamW would save for cfg (0 when it already uses it or the model cannot be read)."""
+    if cfg.optimizer != "adamw":
+        return 0
+    import dataclasses  # noqa: PLC0415
+
+    from slimtune.memory.train_plan import plan_for_config  # noqa: PLC0415
+
+    try:
+        base = _without_budget(cfg)
+        return max(0, plan_for_config(base).predicted_bytes
+                   - plan_for_config(dataclasses.replace(base, optimizer="adamw8bit")).predicted_bytes)
+    except Exception:  # a hint only: a model we cannot read must not hide the real message
+        return 0
 
 
 def _without_budget(cfg):

@@ -304,6 +304,8 @@ class GraphedTrainStep:
                 with torch.cuda.graph(graph, pool=self.pool):
                     self.graph_outputs[name] = fn()
                 self.kept[name] = getattr(self.optimizer, "found_inf", None)
+            except torch.OutOfMemoryError as exc:  # the trainer's out-of-memory advice applies (train.run)
+                raise torch.OutOfMemoryError(f"while capturing the training step as a CUDA graph: {exc}") from exc
             except RuntimeError as exc:  # an op this GPU/driver/torch cannot capture: say how to train anyway
                 raise RuntimeError(f"capturing the training step as a CUDA graph failed ({exc}). Train with "
                                    "--no-cuda-graphs (cuda_graphs: false): the eager step computes the same run. "

@@ -48,3 +48,16 @@ def test_oom_during_training_reads_the_gpu_size(tiny_dir, tmp_path, monkeypatch)
         run_mod.train(cfg, log=lambda *_: None)
     msg = str(err.value)
     assert "0.0 GiB free of 0.0 GiB" in msg and "finds nothing that fits" in msg
+
+
+def test_8bit_adamw_comes_first_where_its_saving_is_large():
+    exc = torch.OutOfMemoryError("while capturing the training step as a CUDA graph: CUDA out of memory.")
+    big = explain_oom(_cfg(model="26b-a4b", max_seq_length=2048, load_in_4bit=True, text_only=True,
+                           finetune_experts=True, cuda_graphs=True), exc, gpu_total_bytes=24 * GIB)
+    tips = big.split("Try, in this order: ")[1]
+    assert tips.startswith("--optimizer adamw8bit (~") and "--no-cuda-graphs" in tips
+    small = explain_oom(_cfg(max_seq_length=2048, load_in_4bit=True), exc, gpu_total_bytes=24 * GIB)
+    assert "--optimizer adamw8bit" not in small.split("Try, in this order: ")[1]  # E2B's LoRA state is ~0.3 GiB
+    already = explain_oom(_cfg(model="26b-a4b", max_seq_length=2048, load_in_4bit=True, text_only=True,
+                               finetune_experts=True, optimizer="adamw8bit"), exc, gpu_total_bytes=24 * GIB)
+    assert "--optimizer adamw8bit (" not in already

@@ -311,3 +311,29 @@ def test_cuda_graph_run_resumes_exactly(tiny_dir, tmp_path, one_thread):
     eager = train(TrainConfig(output=str(tmp_path / "eager"), resume=True, **{**base, "cuda_graphs": False}),
                   log=lambda *_: None)
     assert [r["loss"] for r in eager.history] == pytest.approx([r["loss"] for r in full.history[2:]], rel=1e-5)
+
+
+def test_capture_failures_say_what_to_do(monkeypatch):
+    """Out of memory at capture stays an out-of-memory error (the trainer turns it into its memory advice); any
+    other capture failure names --no-cuda-graphs. Capture itself is faked: only the error handling is under test."""
+    import contextlib
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: SimpleNamespace(replay=lambda: None))
+    monkeypatch.setattr(torch.cuda, "graph", lambda *_a, **_k: contextlib.nullcontext())
+    step = GraphedTrainStep.__new__(GraphedTrainStep)
+    step.graphs, step.graph_outputs, step.kept, step.pool, step.optimizer = {}, {}, {}, None, object()
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+
+    with pytest.raises(torch.OutOfMemoryError, match="while capturing the training step as a CUDA graph: CUDA out"):
+        step._run("step", oom, eager=False)
+
+    def unsupported():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError, match="--no-cuda-graphs") as err:
+        step._run("step", unsupported, eager=False)
+    assert not isinstance(err.value, torch.OutOfMemoryError)
+    assert step._run("step", lambda: 7, eager=False) == 7 and "step" in step.graphs
