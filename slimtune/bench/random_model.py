@@ -20,25 +20,26 @@ from slimtune.models.loader import attention_plan
 from slimtune.models.registry import family_of
 
 
-def _random(shape, dtype, device, gen, rows_per_slice: int = 16384) -> torch.Tensor:
-    """0.02-scaled normal weights drawn in float32 a slice of rows at a time: a 262K-row vocabulary table drawn
-    whole would need a float32 temporary twice its own size (5.25 GiB for 31B), more than a 24 GB card has left."""
-    if len(shape) == 1:  # norm weights / scales: ones keep activations in a realistic range
-        return torch.ones(shape, dtype=dtype, device=device)
-    out = torch.empty(shape, dtype=dtype, device=device)
-    for start in range(0, shape[0], rows_per_slice):
-        stop = min(shape[0], start + rows_per_slice)
-        out[start:stop] = torch.randn((stop - start, *shape[1:]), dtype=torch.float32, device=device,
+def _fill_random(out: torch.Tensor, device, gen, rows_per_slice: int = 16384) -> torch.Tensor:
+    """Fill `out` (on `device`, or in host memory) with 0.02-scaled normal values drawn on `device` in float32, a
+    slice of rows at a time: a 262K-row vocabulary table drawn whole would need a float32 temporary twice its own
+    size (5.25 GiB for 31B), more than a 24 GB card has left."""
+    for start in range(0, out.shape[0], rows_per_slice):
+        stop = min(out.shape[0], start + rows_per_slice)
+        out[start:stop] = torch.randn((stop - start, *out.shape[1:]), dtype=torch.float32, device=device,
                                       generator=gen) * 0.02
     return out
 
 
-def _host_table(shape, dtype, device, gen, rows_per_slice: int = 16384) -> torch.Tensor:
-    host = torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
-    for start in range(0, shape[0], rows_per_slice):
-        stop = min(shape[0], start + rows_per_slice)
-        host[start:stop].copy_(_random((stop - start, shape[1]), dtype, device, gen))
-    return host
+def _random(shape, dtype, device, gen) -> torch.Tensor:
+    if len(shape) == 1:  # norm weights / scales: ones keep activations in a realistic range
+        return torch.ones(shape, dtype=dtype, device=device)
+    return _fill_random(torch.empty(shape, dtype=dtype, device=device), device, gen)
+
+
+def _host_table(shape, dtype, device, gen) -> torch.Tensor:
+    """A table in pinned host memory (offloaded embeddings), drawn on `device` like every other weight."""
+    return _fill_random(torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available()), device, gen)
 
 
 def build_random_model(variant: str, *, mode: str = "qlora", multimodal: bool = False,

@@ -38,14 +38,14 @@ def _build_recording_draws(monkeypatch, variant: str):
 
 
 def test_the_tied_output_table_is_drawn_once_and_big_tables_in_slices(monkeypatch):
-    from slimtune.bench.random_model import _random
+    from slimtune.bench.random_model import _fill_random
 
     model, drawn = _build_recording_draws(monkeypatch, "31b")
     table = tuple(model.get_input_embeddings().weight.shape)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert drawn.count(table) == 1  # the lm_head it is tied to was once drawn as a second random table
     gen = torch.Generator().manual_seed(0)
-    sliced = _random((10, 3), torch.float32, "cpu", gen, 4)
+    sliced = _fill_random(torch.empty(10, 3), "cpu", gen, rows_per_slice=4)
     assert sliced.shape == (10, 3) and len({tuple(row.tolist()) for row in sliced}) == 10  # every slice drawn anew
     assert 0.005 < sliced.std() < 0.05
 
