@@ -21,12 +21,16 @@ def explain_oom(cfg, exc: BaseException, gpu_total_bytes: int | None = None) -> 
     if gpu_total_bytes is None and torch.cuda.is_available():
         free, gpu_total_bytes = torch.cuda.mem_get_info()
         lines.append(f"GPU: {free / 2**30:.1f} GiB free of {gpu_total_bytes / 2**30:.1f} GiB.")
+    from slimtune.memory.train_plan import plan_for_config  # noqa: PLC0415
+
+    current = None  # the prediction for these settings, made once for the text and the 8-bit tip
     try:
-        lines.append(_prediction_and_plan(cfg, gpu_total_bytes))
+        current = plan_for_config(_without_budget(cfg))
+        lines.append(_prediction_and_plan(cfg, current, gpu_total_bytes))
     except Exception:  # the estimate is a hint; a model we cannot read must not hide the real message
         pass
     tips = []
-    saving = _adamw8bit_saving(cfg)
+    saving = _adamw8bit_saving(cfg, current)
     if saving >= 0.5 * 2**30:  # first when it is large: unlike dropping the graphs, it costs no speed
         # 26B-A4B with graphs ran out of memory at a 24 GB card's cap with AdamW and trained with 8-bit AdamW at
         # 5,012 tok/s, against 2,465 eager (BENCHMARKS.md, session 11)
@@ -47,12 +51,11 @@ def explain_oom(cfg, exc: BaseException, gpu_total_bytes: int | None = None) -> 
     return " ".join(lines)
 
 
-def _prediction_and_plan(cfg, gpu_total_bytes: int | None) -> str:
+def _prediction_and_plan(cfg, current, gpu_total_bytes: int | None) -> str:
     from slimtune.memory.planner import MemoryBudgetError, plan_memory  # noqa: PLC0415
     from slimtune.memory.sizes import parse_memory_size  # noqa: PLC0415
-    from slimtune.memory.train_plan import model_ref, plan_changes, plan_for_config  # noqa: PLC0415
+    from slimtune.memory.train_plan import graph_fixed_settings, model_ref, plan_changes  # noqa: PLC0415
 
-    current = plan_for_config(_without_budget(cfg))
     terms = ", ".join(f"{name} {gib:.2f} GiB" for name, gib in current.main_terms(2))
     text = f"Predicted peak for these settings: {format_gib(current.predicted_bytes)} (largest: {terms})."
     if cfg.max_memory is not None:
@@ -66,8 +69,7 @@ def _prediction_and_plan(cfg, gpu_total_bytes: int | None) -> str:
     context = {k: current.settings[k] for k in ("lora_r", "attention", "activation_bytes", "world_size",
                                                  "distributed", "multimodal", "text_only", "finetune_experts",
                                                  "cuda_graphs")}
-    if context["cuda_graphs"]:
-        context["activation_offload"] = False  # a captured step cannot offload activations
+    context.update(graph_fixed_settings(cfg))
     try:
         plan = plan_memory(model_ref(cfg.model), cfg.max_seq_length, budget,
                            batch_size=cfg.batch_size * cfg.grad_accum, **context)
@@ -81,20 +83,20 @@ def _prediction_and_plan(cfg, gpu_total_bytes: int | None) -> str:
             "to apply it.")
 
 
-def _adamw8bit_saving(cfg) -> int:
-    """Predicted bytes 8-bit AdamW would save for cfg (0 when it already uses it or the model cannot be read)."""
-    if cfg.optimizer != "adamw":
+def _adamw8bit_saving(cfg, current) -> int:
+    """Predicted bytes 8-bit AdamW would save against `current`, cfg's own prediction (0 when cfg already uses it
+    or there is no prediction)."""
+    if cfg.optimizer != "adamw" or current is None:
         return 0
     import dataclasses  # noqa: PLC0415
 
     from slimtune.memory.train_plan import plan_for_config  # noqa: PLC0415
 
     try:
-        base = _without_budget(cfg)
-        return max(0, plan_for_config(base).predicted_bytes
-                   - plan_for_config(dataclasses.replace(base, optimizer="adamw8bit")).predicted_bytes)
-    except Exception:  # a hint only: a model we cannot read must not hide the real message
+        eight_bit = plan_for_config(dataclasses.replace(_without_budget(cfg), optimizer="adamw8bit"))
+    except Exception:  # a hint only: it must not hide the real message
         return 0
+    return max(0, current.predicted_bytes - eight_bit.predicted_bytes)
 
 
 def _without_budget(cfg):

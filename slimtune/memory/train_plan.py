@@ -77,6 +77,12 @@ def _graphs_likely(cfg, cuda: bool, world_size: int) -> bool:
     return cfg.cuda_graphs is True
 
 
+def graph_fixed_settings(cfg) -> dict:
+    """Planner settings that cuda_graphs forced on fixes: a captured step cannot offload activations. (Under
+    "auto" the planner may still offload; auto then stays eager.)"""
+    return {"activation_offload": False} if cfg.cuda_graphs is True else {}
+
+
 def plan_for_config(cfg, world_size: int | None = None) -> Plan:
     """The plan for cfg.max_memory (or, without one, the prediction of cfg's own settings), per GPU of
     `world_size` processes (None: torchrun's WORLD_SIZE; max_memory is then each GPU's budget).
@@ -93,8 +99,7 @@ def plan_for_config(cfg, world_size: int | None = None) -> Plan:
     user = {k: getattr(cfg, k) for k in _PLANNED_FIELDS if k in explicit}
     if "grad_accum" in explicit:
         user["grad_accum"] = cfg.grad_accum
-    if cfg.cuda_graphs is True:  # a captured step cannot offload activations
-        user.update(activation_offload=False)
+    user.update(graph_fixed_settings(cfg))
     return plan_memory(ref, cfg.max_seq_length, parse_memory_size(cfg.max_memory), **user,
                        **_context(cfg, world_size))
 
