@@ -10,9 +10,9 @@ When auto turns graphs on — all of these, else it stays eager and says why:
 * packed or not: packed batches are one shape; unpacked ones capture one step per length bucket
   (slimtune.train.graph_buckets; H200, E2B QLoRA on samples of every length up to 2K: ~4x the eager run's real
   tokens per second, same peak, same losses; BENCHMARKS.md session 10);
-* what the captured step cannot do is off: lora_dropout 0, activation_offload off, bf16 (fp16's loss scaler syncs with the host), a text-only model (media inputs change
-  shape) whose MoE blocks, if any, are slimtune's grouped ones on a Hopper GPU (other routing reads sizes on the
-  host);
+* what the captured step cannot do is off: lora_dropout 0, activation_offload off, bf16 (fp16's loss scaler
+  syncs with the host), a text-only model (media inputs change shape) whose MoE blocks, if any, are slimtune's
+  grouped ones on a Hopper GPU (other routing reads sizes on the host);
 * any optimizer: torch's fused AdamW steps inside the graph; 8-bit AdamW steps eagerly after the replayed forward
   and backward (H200, 26B-A4B expert LoRA at 2K capped to a 24 GB card: 19.73 GiB, 5,012 tok/s against the eager
   8-bit step's 1,667-2,227; BENCHMARKS.md session 11);

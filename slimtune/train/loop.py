@@ -166,14 +166,15 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
     start = time.perf_counter() - elapsed_before
     stopped_early = False
     base_lr = float(scheduler.base_lrs[0])  # once: with a captured step it is a device tensor
-    last_ready = [0.0]  # when the previous step's numbers reached the host (its steps' times run between these)
+    last_ready = 0.0  # when the previous step's numbers reached the host (step times run between these)
 
     def finish(item: _Launched) -> dict:
         """Wait for a launched step's numbers; its metrics record (non-finite steps counted by the guard)."""
+        nonlocal last_ready
         loss, grad_norm = item.values.wait()
         ready = time.perf_counter()
-        dt = ready - max(item.t0, last_ready[0])  # one step ahead, the next step's launch overlaps this one
-        last_ready[0] = ready
+        dt = ready - max(item.t0, last_ready)  # one step ahead, the next step's launch overlaps this one
+        last_ready = ready
         record = {"step": item.step, "epoch": item.epoch, "loss": loss, "lr": item.lr, "grad_norm": grad_norm,
                   "tokens_per_s": item.n_tokens / dt, "tokens": item.n_tokens, "target_tokens": item.n_targets,
                   "step_s": dt, "elapsed_s": ready - start}
