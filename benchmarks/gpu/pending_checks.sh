@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6, H, I and G in session 7 (BENCHMARKS.md); still to
 # run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26; session 10 P, Q, R, S, M;
-# session 11 T, X, Y, N, W2, Y2): B2, N2, V, Z, E, F.
+# session 11 T, X, Y, N, W2, Y2; session 12 B2, N2, V, Z, E): E2 (two GPUs) or B3 (one), F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -39,7 +39,7 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 python3 -c "import torch, transformers, triton, peft; print(torch.__version__, transformers.__version__, triton.__version__, peft.__version__)" | tee "$OUT/env.txt"
-case "${1:?which call: A B C C2 I H G J K L O P Q R U26 M N D D2 E F T X Y W2 Y2 B2 N2 V W Z}" in
+case "${1:?which call: A B C C2 I H G J K L O P Q R U26 M N D D2 E E2 B3 F T X Y W2 Y2 B2 N2 V W Z}" in
 J)
   timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/kernels/test_flash_attention_gpu.py \
     tests/kernels/test_rms_norm_kernel.py tests/kernels/test_flash_attention_fit.py 2>&1 | tail -3
@@ -339,6 +339,22 @@ E)  # Predicted before measuring (session 12, first time NCCL runs it): 2 GPUs g
   timeout 170 $S --geometry e4b --nproc 1,2 --seq 8192 --steps 8 2>&1 | show
   timeout 130 $S --geometry 26b-a4b --mode lora16 --distributed fsdp --nproc 2 --seq 2048 --steps 6 2>&1 | show
   timeout 120 $S --geometry 31b --nproc 1,2 --seq 8192 --steps 6 2>&1 | show ;;
+E2)  # (nvidia-h200-x2) after session 12's E: eager DDP gave E4B QLoRA 8K only 1.34x one graphed GPU (12,603 ->
+    # 16,897; each step ~0.3 s longer, 31B the same 0.3 s: 1.85x). Captured steps now run under DDP (no DDP
+    # wrapper; the graph all-reduces one flat fp32 gradient buffer through NCCL; slimtune/train/cuda_graph.py).
+    # Predicted before measuring: the 2-GPU tests pass (auto captures under --nproc 2; losses = one GPU on the
+    # same global batches); E4B QLoRA 8K on 2 GPUs 1.9-1.97x one GPU (~24,000-24,800 tok/s), rank 0's peak
+    # = one GPU's + ~0.13 GiB (the flat buffer); 31B QLoRA 8K 1.9-1.97x (~4,400-4,570; eager DDP: 4,285).
+  timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_ddp_graphs_gpu.py \
+    tests/train/test_cuda_graph.py tests/train/test_graph_buckets.py tests/train/test_step_readback.py 2>&1 | tail -3
+  S="python3 benchmarks/gpu/scaleout.py --random-weights --json $OUT/scaleout.jsonl"
+  timeout 170 $S --geometry e4b --nproc 1,2 --seq 8192 --steps 8 2>&1 | show
+  timeout 150 $S --geometry 31b --nproc 1,2 --seq 8192 --steps 6 2>&1 | show ;;
+B3)  # (one H200) if only one GPU is lent: session 12's DDP-capture change must leave one-GPU steps as they were.
+    # Predicted: the graph tests pass; E2B QLoRA 2K graphed ~17,500 tok/s at 3.1 GiB (B2: 19,202 with --compile).
+  timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_cuda_graph.py \
+    tests/train/test_graph_buckets.py tests/train/test_step_readback.py tests/train/test_auto_graphs.py 2>&1 | tail -3
+  timeout 60 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs 2>&1 | show ;;
 F)
   unsloth_cache
   timeout 540 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe unsloth \

@@ -9,7 +9,8 @@ DDP (``DistributedDataParallel(find_unused_parameters=True)``, bucket_cap_mb and
 their defaults): every GPU keeps the whole single-GPU footprint. The reducer also allocates, at construction and
 for the whole run, one flat fp32 bucket per ~25 MiB of trainable parameters: together a second copy of every LoRA
 gradient (``ddp_grad_buckets``, 4 B per LoRA parameter), because without gradient_as_bucket_view the ``.grad``
-tensors are separate and are copied into the buckets for the all-reduce.
+tensors are separate and are copied into the buckets for the all-reduce. Captured DDP steps (cuda_graphs, no
+DDP wrapper) hold the same amount in their graph's pool: the flat fp32 buffer they all-reduce.
 
 FSDP2 (``_fully_shard``: one unit per decoder layer, the rest (embeddings, final norm, towers, the PLE projection)
 in the root unit):
@@ -75,9 +76,9 @@ def check_distributed(world_size, distributed, cuda_graphs: bool = False) -> Non
         raise ValueError(f"memory estimate: world_size must be an integer >= 1 (got {world_size!r})")
     if distributed not in DISTRIBUTED_KINDS:
         raise ValueError(f"memory estimate: distributed must be one of {DISTRIBUTED_KINDS} (got {distributed!r})")
-    if world_size > 1 and cuda_graphs:
-        raise ValueError("memory estimate: cuda_graphs runs in one process only; it cannot be combined with "
-                         f"world_size={world_size}")
+    if world_size > 1 and cuda_graphs and distributed == "fsdp":
+        raise ValueError("memory estimate: cuda_graphs cannot capture FSDP2's sharded steps (world_size="
+                         f"{world_size}); use distributed ddp or cuda_graphs off")
 
 
 def per_gpu_terms(terms: dict, model: str, *, world_size: int, distributed: str, grad_accum: int, multimodal: bool,

@@ -73,7 +73,7 @@ def _graphs_likely(cfg, cuda: bool, world_size: int) -> bool:
     if cfg.cuda_graphs == "auto":
         from slimtune.train.auto_graphs import config_blockers  # noqa: PLC0415
 
-        return not config_blockers(cfg, cuda=cuda, single_process=world_size == 1)
+        return not config_blockers(cfg, cuda=cuda, sharded=world_size > 1 and cfg.distributed == "fsdp")
     return cfg.cuda_graphs is True
 
 

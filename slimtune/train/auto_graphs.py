@@ -6,7 +6,8 @@ should still get the fast path when nothing speaks against it.
 
 When auto turns graphs on — all of these, else it stays eager and says why:
 
-* a CUDA device and one process (gradient reduction is not captured);
+* a CUDA device; one process, or data parallelism with whole models (DDP: the graph sums the gradients over ranks
+  itself), not FSDP2's sharded steps;
 * packed or not: packed batches are one shape; unpacked ones capture one step per length bucket
   (slimtune.train.graph_buckets; H200, E2B QLoRA on samples of every length up to 2K: ~4x the eager run's real
   tokens per second, same peak, same losses; BENCHMARKS.md session 10);
@@ -55,13 +56,14 @@ def usable_gib(device: torch.device) -> float:
     return min(free + torch.cuda.memory_reserved(device), fraction * total) / 2**30
 
 
-def config_blockers(cfg: TrainConfig, *, cuda: bool, single_process: bool) -> list[str]:
-    """Reasons in the settings alone (no model needed) why auto stays eager; empty when none."""
+def config_blockers(cfg: TrainConfig, *, cuda: bool, sharded: bool) -> list[str]:
+    """Reasons in the settings alone (no model needed) why auto stays eager; empty when none. `sharded`: FSDP2
+    across several processes."""
     reasons = []
     if not cuda:
         reasons.append("no CUDA device")
-    if not single_process:
-        reasons.append("several processes (gradient reduction is not captured)")
+    if sharded:
+        reasons.append("FSDP2 shards the model (its gradient reduce-scatter is not captured; DDP steps are)")
     if cfg.lora_dropout:
         reasons.append("lora_dropout > 0 (recomputation would draw new dropout masks)")
     if cfg.activation_offload is True:
@@ -82,10 +84,10 @@ def predicted_peak_gib(cfg: TrainConfig) -> float | None:
 
 
 def decide(cfg: TrainConfig, model: nn.Module, *, dtype: torch.dtype, device: torch.device,
-           single_process: bool, peak_gib=predicted_peak_gib) -> tuple[bool, str]:
+           sharded: bool, peak_gib=predicted_peak_gib) -> tuple[bool, str]:
     """(capture?, why) for ``cuda_graphs: auto``. `peak_gib(cfg)` is the planner's prediction (a parameter so
     tests can give one); the usable memory is read from `device`."""
-    reasons = (config_blockers(cfg, cuda=device.type == "cuda", single_process=single_process)
+    reasons = (config_blockers(cfg, cuda=device.type == "cuda", sharded=sharded)
                or graph_step_problems(model, dtype=dtype, capture=False, device=device)
                or ([f"the model runs in {dtype} (a captured step needs bfloat16)"] if dtype != torch.bfloat16 else []))
     if reasons:

@@ -29,6 +29,11 @@ What capture requires, and how it is provided here:
   the ~20 K of the forward and backward). Why: 8-bit AdamW is what fits 26B-A4B and 31B on a 24 GB card, and their
   eager steps leave the GPU idle most of the time (26B-A4B: busy 31 %).
 
+* Data parallelism (DDP; the model fits each GPU): no DistributedDataParallel wrapper, whose reducer is driven
+  by Python hooks. Each rank scales its loss by 1/N_global (the window's target tokens summed over ranks on the
+  host), and the graph sums the gradients and the loss over ranks with one all-reduce of a flat buffer before
+  the clip (``rank_sum``; NCCL collectives can be captured), so every rank applies the same update.
+
 The first ``warmup`` steps run eagerly (Triton/cuBLAS/bitsandbytes initialise, kernels compile), on a side stream as
 capture requires; they are real training steps. ``capture=False`` runs every step that eager way, with the same
 static-buffer plumbing, so CPU tests check the plumbing against the standard step.
@@ -59,6 +64,7 @@ def graph_step_problems(model: nn.Module, *, dtype: torch.dtype, scaler=None,
                         capture: bool = True, device: torch.device | str | None = None) -> list[str]:
     """Why this configuration cannot run as a captured CUDA graph (empty list: it can).
 
+    `distributed`: the run shards the model (FSDP2); data parallelism with whole models is captured.
     `device`: where the step runs (default: where the model's first parameter is); MoE blocks are checked for it.
     """
     problems = []
@@ -67,7 +73,8 @@ def graph_step_problems(model: nn.Module, *, dtype: torch.dtype, scaler=None,
     if activation_offload:
         problems.append("activation_offload copies on side streams with host events: turn one of them off")
     if distributed:
-        problems.append("multi-process runs: gradient reduction is not captured yet")
+        problems.append("FSDP2 (sharded) runs: their gradient reduce-scatter is not captured; use distributed: "
+                        "ddp")
     dropouts = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
     if dropouts:
         problems.append(f"dropout is active ({dropouts[0]} p>0; e.g. lora_dropout): set it to 0")
@@ -129,18 +136,21 @@ class GraphedTrainStep:
         shared_grads: several steps train the same parameters (slimtune.train.graph_buckets): gradients are never
             set to None (another step's graph writes into them) and every step zeroes them in place when done, so
             each graph's backward adds onto zeros whichever step ran before.
+        rank_sum: a slimtune.train.distributed.RankSum under data parallelism: target counts and gradients are
+            summed over ranks (module docstring); None in one process.
     """
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], optimizer, example: dict, *,
                  device: torch.device, dtype: torch.dtype, max_grad_norm: float = 0.0, warmup: int = 2,
                  capture: bool = True, pool=None, shared_grads: bool = False, warmup_stream=None,
-                 eager_update: bool | None = None) -> None:
+                 eager_update: bool | None = None, rank_sum=None) -> None:
         require_graph_step(model, dtype=dtype, capture=capture, device=device)
         self.model, self.params, self.optimizer = model, params, optimizer
         self.device, self.dtype = torch.device(device), dtype
         self.limit = max_grad_norm if max_grad_norm > 0 else math.inf
         self.warmup, self.capture = max(1, warmup), capture
         self.pool, self.shared_grads, self.warmup_stream = pool, shared_grads, warmup_stream
+        self.rank_sum = rank_sum
         if eager_update is None:  # uncaptured (CPU tests): the one-graph structure unless asked otherwise
             eager_update = capture and not captures_update(optimizer)
         self.update_captured = not eager_update
@@ -235,8 +245,30 @@ class GraphedTrainStep:
 
     def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
         loss = self._micro(accumulate=False)
+        self._sum_over_ranks(loss)
         # alone, grads are None at capture and each replay overwrites them; shared, they are zeroed for the next step
         return loss, self._update(zero=self.shared_grads)
+
+    def _window_update(self) -> torch.Tensor:
+        self._sum_over_ranks(self.window_loss)
+        return self._update()
+
+    def _sum_over_ranks(self, loss: torch.Tensor) -> None:
+        """Data parallel: sum the gradients and the loss over ranks in place, in one all-reduce of a flat buffer.
+        Each rank's loss was scaled by 1/N_global, so the sums are the whole window's mean gradient and loss.
+        Parameters without a gradient (not used by the model) stay without one, as in one process."""
+        if self.rank_sum is None:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not self.rank_sum.checked:  # the run's first step, eager on every rank: a host collective is safe
+            self.rank_sum.check_same(len(grads), sum(g.numel() for g in grads))
+        wide = torch.float64 if loss.dtype == torch.float64 else torch.float32
+        flat = torch.cat([g.reshape(-1).to(wide) for g in grads] + [loss.reshape(1).to(wide)])
+        self.rank_sum.device_(flat)
+        parts = flat.split([g.numel() for g in grads] + [1])
+        for g, part in zip(grads, parts):
+            g.copy_(part.view_as(g))
+        loss.copy_(parts[-1].view_as(loss))
 
     def _micro(self, accumulate: bool = True) -> torch.Tensor:
         """Forward and backward of the micro-batch in the static buffers; gradients accumulate."""
@@ -276,6 +308,8 @@ class GraphedTrainStep:
         if accumulating and not self.accumulating:
             raise ConfigError("cuda_graphs: this step was captured for one micro-batch per step, not a window")
         n = sum(count_targets(b) for b in window)
+        if self.rank_sum is not None:  # every rank's loss is scaled by the window's targets on ALL ranks
+            n = int(self.rank_sum.host([n])[0])
         self.loss_scale.fill_(1.0 / max(n, 1))
         eager = not self.capture or self.steps < self.warmup
         with self._side_stream() if eager and self.capture else contextlib.nullcontext():
@@ -284,7 +318,8 @@ class GraphedTrainStep:
                 for batch in window:
                     self._load(batch)
                     self._run("micro", self._micro, eager)
-                loss, norm = self.window_loss, self._run("update", self._update, eager or not self.update_captured)
+                loss, norm = self.window_loss, self._run("update", self._window_update,
+                                                         eager or not self.update_captured)
             else:
                 self._load(window[0])
                 loss, norm = self._run("step", self._body, eager)
@@ -301,7 +336,9 @@ class GraphedTrainStep:
         if name not in self.graphs:
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, pool=self.pool):
+                # thread_local: NCCL's watchdog thread polls its events while this thread captures
+                mode = "thread_local" if self.rank_sum is not None else "global"
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
                     self.graph_outputs[name] = fn()
                 self.kept[name] = getattr(self.optimizer, "found_inf", None)
             except torch.OutOfMemoryError as exc:  # the trainer's out-of-memory advice applies (train.run)

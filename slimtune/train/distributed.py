@@ -12,6 +12,12 @@ Gradient sync happens once per optimizer window: DDP's `no_sync` and FSDP2's `se
 on every micro-batch but the last. Both then AVERAGE over ranks; step.py multiplies each rank's loss by the world
 size and divides by the all-reduced target-token count, so the result is the gradient of
 sum_CE(all ranks, all micro-batches) / N_global exactly.
+
+Captured steps (CUDA graphs) under data parallelism do not use the DDP wrapper: its reducer runs from Python
+hooks a graph cannot replay. The captured step SUMS the gradients over ranks itself with one all-reduce of a flat
+buffer inside the graph (`RankSum`), each rank's loss scaled by 1/N_global: the same gradient, and the step replays
+as on one GPU. Why: eager DDP steps ran E4B QLoRA 8K on two H200s at 1.34x one graphed GPU (BENCHMARKS.md,
+session 12), each step ~0.3 s longer than one GPU's.
 """
 
 from __future__ import annotations
@@ -125,12 +131,23 @@ class ParallelModel:
         kind: "single", "ddp" or "fsdp".
     """
 
-    def __init__(self, model: nn.Module, kind: str, info: DistInfo, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, kind: str, info: DistInfo, device: torch.device, *,
+                 captured: bool = False) -> None:
+        """captured: the steps run as CUDA graphs that sum gradients themselves (`rank_sum`), so "ddp" does not
+        wrap the model in DistributedDataParallel; the trainable parameters are broadcast from rank 0 instead."""
         if kind not in ("single", "ddp", "fsdp"):
             raise ConfigError(f"unknown parallel kind {kind!r}; use 'single', 'ddp' or 'fsdp'.")
+        if captured and kind == "fsdp":
+            raise ConfigError("cuda_graphs cannot capture FSDP2's sharded steps; use distributed: ddp (the model "
+                              "must fit one GPU) or cuda_graphs: false.")
         self.model, self.kind, self.info = model, kind, info
+        # host-side sums (token counts) over ranks; a collective, so every rank builds it here
+        self.rank_sum = RankSum() if kind != "single" else None
         wrapper = _LossModule(model)
-        if kind == "ddp":
+        if kind == "ddp" and captured:
+            self.wrapped = wrapper
+            self.rank_sum.broadcast_from_first([p.data for p in self.parameters()])
+        elif kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
 
             # find_unused_parameters: LoRA layers that get no gradient on some rank (a vision tower on a
@@ -150,6 +167,10 @@ class ParallelModel:
 
     def loss(self, batch: dict) -> torch.Tensor:
         return self.wrapped(batch)
+
+    def host_sum(self, values: list[float]) -> list[float]:
+        """Numbers summed over ranks on the host (no wait for the GPU); as given in one process."""
+        return self.rank_sum.host(values) if self.rank_sum is not None else [float(v) for v in values]
 
     def eval_loss(self, batch: dict) -> torch.Tensor:
         """Summed CE without gradients: through FSDP2's forward (it all-gathers), else the plain model (no
@@ -297,6 +318,48 @@ def restore_rank_rng(states: list | None, info: DistInfo, device: torch.device, 
 def grad_norm_value(norm) -> float:
     """clip_grad_norm_'s result as a float (a DTensor under FSDP2: reduced over the shards first)."""
     return float(norm.full_tensor() if _is_dtensor(norm) else norm)
+
+
+class RankSum:
+    """Sums over the ranks of a data-parallel job for the captured step (module docstring).
+
+    `device_(t)` sums a device tensor in place through the default group (NCCL on GPUs, whose all-reduce a CUDA
+    graph can capture); `host(values)` sums numbers through a CPU (gloo) group, so counting a step's tokens does
+    not wait for the GPU. Built on every rank at the same point (creating a group is a collective).
+    """
+
+    def __init__(self) -> None:
+        self.world_size = dist.get_world_size()
+        self.host_group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None
+        self.checked = False
+
+    def device_(self, t: torch.Tensor) -> None:
+        dist.all_reduce(t)
+
+    def host(self, values: list[float]) -> list[float]:
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(t, group=self.host_group)
+        return t.tolist()
+
+    def broadcast_from_first(self, tensors: list[torch.Tensor]) -> None:
+        """Give every rank rank 0's values (one flat broadcast): what DDP does when it wraps a model."""
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).to(torch.float64 if t.device.type == "cpu" else torch.float32)
+                          for t in tensors])
+        dist.broadcast(flat, src=0)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
+
+    def check_same(self, n_tensors: int, n_values: int) -> None:
+        """Raise unless every rank reduces the same number of gradients and values (else the flat all-reduce
+        would mix up tensors or hang). Call at the same step on every rank."""
+        total = self.host([n_tensors, n_values])
+        if total != [float(self.world_size * n_tensors), float(self.world_size * n_values)]:
+            raise RuntimeError(f"ranks disagree on which LoRA parameters got gradients (this rank: {n_tensors} "
+                               f"tensors, {n_values} values; summed over ranks: {total}). Train with "
+                               "cuda_graphs: false, where DDP handles parameters a rank did not use.")
+        self.checked = True
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -67,16 +67,17 @@ class GraphSteps:
         pad_id: token id of the padding.
         packed: every batch is padded to max_seq_length (packed runs: one step, as before buckets existed).
         batch_size: rows every batch is padded to (the run's batch_size: an epoch's last batch may be smaller).
-        The rest: as `GraphedTrainStep`.
+        The rest: as `GraphedTrainStep` (rank_sum: data parallelism; ranks may replay different buckets' graphs
+        in one step, since each holds the same one all-reduce of every gradient).
     """
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], optimizer, *, device: torch.device,
                  dtype: torch.dtype, max_grad_norm: float, capture: bool, max_seq_length: int, pad_id: int,
-                 packed: bool, batch_size: int) -> None:
+                 packed: bool, batch_size: int, rank_sum=None) -> None:
         self.model, self.params, self.optimizer = model, params, optimizer
         self.device, self.dtype, self.max_grad_norm, self.capture = device, dtype, max_grad_norm, capture
         self.max_seq_length, self.pad_id, self.packed = max_seq_length, pad_id, packed
-        self.rows = batch_size
+        self.rows, self.rank_sum = batch_size, rank_sum
         self.pool = torch.cuda.graph_pool_handle() if capture and not packed else None
         self.warmup_stream = torch.cuda.Stream(device) if capture else None  # one for every bucket's warm-up
         self.steps: dict[int, GraphedTrainStep] = {}
@@ -95,7 +96,8 @@ class GraphSteps:
             step = GraphedTrainStep(self.model, self.params, self.optimizer, fixed[0], device=self.device,
                                     dtype=self.dtype, max_grad_norm=self.max_grad_norm, capture=self.capture,
                                     warmup=1 if self.steps else 2,
-                                    pool=self.pool, shared_grads=not self.packed, warmup_stream=self.warmup_stream)
+                                    pool=self.pool, shared_grads=not self.packed, warmup_stream=self.warmup_stream,
+                                    rank_sum=self.rank_sum)
             self.steps[width] = step
         self._last = step
         loss, norm, n_targets = step(fixed if len(fixed) > 1 else fixed[0])

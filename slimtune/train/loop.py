@@ -22,7 +22,7 @@ from slimtune.train.checkpoint import ResumePoint, restore_adapter, restore_rng,
 from slimtune.train.config import TrainConfig
 from slimtune.train.cuda_graph import require_graph_step
 from slimtune.train.data_stream import DataStream, collate_share, epoch_order, steps_per_epoch
-from slimtune.train.distributed import (DistInfo, ParallelModel, all_reduce_sum, rank_rng_states,
+from slimtune.train.distributed import (DistInfo, ParallelModel, rank_rng_states,
                                         restore_rank_rng)
 from slimtune.train.graph_buckets import GraphSteps
 from slimtune.train.guard import NonFiniteGuard
@@ -99,25 +99,26 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
     torch.manual_seed(cfg.seed + info.rank)  # ranks draw different dropout masks; rank 0 matches 1 process
     if resume is not None:
         restore_adapter(model, resume.path / "adapter")  # before wrapping: FSDP2 then shards these values
-    parallel = ParallelModel(model, parallel_kind(cfg, info), info, device)
-    if parallel.kind == "fsdp" and dtype == torch.float16:
+    kind = parallel_kind(cfg, info)
+    if kind == "fsdp" and dtype == torch.float16:
         raise ConfigError("distributed=fsdp with float16 is not supported: the loss scaler would skip steps "
                           "on some ranks and not others (each sees only its gradient shards). Use dtype "
                           "bfloat16, or distributed: ddp.")
-    params = parallel.parameters()
     graphs = cfg.cuda_graphs is True
     if cfg.cuda_graphs == "auto":
-        graphs, why = auto_graphs.decide(cfg, model, dtype=dtype, device=device,
-                                         single_process=parallel.kind == "single")
+        graphs, why = auto_graphs.decide(cfg, model, dtype=dtype, device=device, sharded=kind == "fsdp")
         if device.type == "cuda":
             log(f"cuda_graphs auto: {'on' if graphs else 'off'} ({why})")
-    if graphs and parallel.kind != "single":
-        raise ConfigError("cuda_graphs=true runs in one process (gradient reduction is not captured yet): "
-                          "train without torchrun/--nproc, or turn cuda_graphs off.")
+    if graphs and kind == "fsdp":
+        raise ConfigError("cuda_graphs=true cannot capture FSDP2's sharded steps: use distributed: ddp (the "
+                          "model must fit each GPU), or turn cuda_graphs off.")
+    # captured data-parallel steps sum their gradients in the graph: no DDP wrapper (slimtune.train.cuda_graph)
+    parallel = ParallelModel(model, kind, info, device, captured=graphs)
+    params = parallel.parameters()
     capture = graphs and device.type == "cuda"  # elsewhere the same fixed-shape step runs eagerly (tests, CPU)
     if graphs and not capture:
         log("cuda_graphs: no CUDA device, so steps run eagerly (same fixed-shape inputs, no capture)")
-    if device.type == "cuda" and not graphs and parallel.kind == "single" and cfg.max_seq_length <= 8192:
+    if device.type == "cuda" and not graphs and parallel.kind != "fsdp" and cfg.max_seq_length <= 8192:
         log("speed note: eager steps launch ~20K kernels from Python, so short sequences leave the GPU waiting; "
             "captured steps (cuda_graphs auto, when the line above allows it; --cuda-graphs forces them) ran E2B QLoRA "
             "at 2K tokens 3.5-5x faster on an H200")
@@ -213,7 +214,7 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
                     graphed = GraphSteps(model, params, optimizer, device=device, dtype=dtype,
                                          max_grad_norm=cfg.max_grad_norm, capture=capture,
                                          max_seq_length=cfg.max_seq_length, pad_id=pad_id, packed=cfg.packing,
-                                         batch_size=cfg.batch_size)
+                                         batch_size=cfg.batch_size, rank_sum=parallel.rank_sum)
                 loss_t, norm_t, n_targets, padded = graphed([b for b, _ in batches])
                 if len(padding) < 20:
                     padding.append(1 - sum(count_real_tokens(b) for b, _ in batches) / padded)
@@ -231,7 +232,7 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
                 grad_norm = clip_and_step(params, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
                                           scaler=scaler)
                 values = read_back(loss, grad_norm, device)
-            n_tokens = int(all_reduce_sum([sum(count_real_tokens(b) for b, n in batches if n)], device)[0])
+            n_tokens = int(parallel.host_sum([sum(count_real_tokens(b) for b, n in batches if n)])[0])
             launched = _Launched(step, round(epoch + 1, 3), lr, n_tokens, n_targets, t0, values)
             if pending is not None:  # the previous step, read now that this one is queued behind it
                 publish(finish(pending))

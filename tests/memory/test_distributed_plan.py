@@ -170,8 +170,19 @@ def test_world_size_comes_from_torchrun_when_not_given(monkeypatch):
     ({"world_size": 0}, "world_size must be an integer >= 1"),
     ({"world_size": 2.0}, "world_size must be an integer >= 1"),
     ({"world_size": 2, "distributed": "zero3"}, "distributed must be one of"),
-    ({"world_size": 2, "cuda_graphs": True}, "cuda_graphs runs in one process only"),
+    ({"world_size": 2, "cuda_graphs": True, "distributed": "fsdp"}, "cannot capture FSDP2's sharded steps"),
 ])
 def test_bad_distributed_settings_are_refused_clearly(settings, message):
     with pytest.raises(ValueError, match=message):
         predict("e2b", 2048, **settings)
+
+
+def test_captured_ddp_counts_its_flat_gradient_buffer():
+    """Captured DDP steps keep the whole one-GPU footprint plus the flat fp32 buffer they all-reduce (4 B per
+    LoRA parameter), like the eager DDP reducer's buckets."""
+    one = predict("e4b", 8192, cuda_graphs=True)
+    two = predict("e4b", 8192, cuda_graphs=True, world_size=2, distributed="ddp")
+    buffer = two.breakdown["ddp_grad_buckets"]
+    assert "ddp_grad_buckets" not in one.breakdown
+    assert buffer == pytest.approx(one.breakdown["lora_and_optimizer"] * 4 / (4 + 8), rel=1e-3)  # fp32 + AdamW
+    assert two.predicted_gib - one.predicted_gib == pytest.approx(buffer, abs=2e-3)

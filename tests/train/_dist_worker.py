@@ -165,6 +165,39 @@ def record_writes(run_dir: Path, log_path: Path) -> None:
     log_path.write_text("[]")
 
 
+def graph_run(train_kwargs: dict, out_dir: Path, world: int = 2) -> dict:
+    """A short DDP run through the training loop with cuda_graphs (on CPU the fixed-shape step runs eagerly,
+    with the same gradient sum over ranks as on GPUs): length buckets and gradient accumulation, bfloat16 as
+    cuda_graphs requires. world=1: the one-process reference (batch_size × 2)."""
+    return {**train_kwargs, "distributed": "ddp", "cuda_graphs": True, "max_steps": 2, "save_steps": 0,
+            "eval_fraction": 0.0, "dtype": "bfloat16", "batch_size": train_kwargs["batch_size"] * (2 // world),
+            "output": str(out_dir / f"graphs-world{world}")}
+
+
+def graph_steps(model_dir: str, rank: int, world: int, *, packed: bool, rank_sum=None) -> dict:
+    """Two captured-structure steps (GraphSteps, eager on CPU) of the fp64 model with SGD, on this rank's shares
+    of the first global micro-batches; returns the reported loss/norm/targets per step and the final LoRA values.
+    packed: one micro-batch per step padded to 64 (the single-graph step); else two micro-batches per step in
+    length buckets (the window structure; ranks may pad to different widths)."""
+    from slimtune.train.graph_buckets import GraphSteps  # noqa: PLC0415
+
+    model = make_model(model_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if rank_sum is not None:  # what ParallelModel(captured=True) does: start from rank 0's values
+        rank_sum.broadcast_from_first([p.data for p in params])
+    steps = GraphSteps(model, params, torch.optim.SGD(params, lr=0.5), device=torch.device("cpu"),
+                       dtype=torch.float32, max_grad_norm=0.05, capture=False, max_seq_length=64, pad_id=0,
+                       packed=packed, batch_size=BATCH * (2 // world), rank_sum=rank_sum)
+    stream = DataStream(make_examples(model.config.get_text_config().vocab_size), BATCH * (2 // world), seed=0,
+                        rank=rank, world_size=world)
+    reported = []
+    for _ in range(2):
+        window = [collate_share(stream.next()[1], pad_id=0)[0] for _ in range(1 if packed else ACCUM)]
+        loss, norm, n, _ = steps(window)
+        reported.append((float(loss), float(norm), n))
+    return {"reported": reported, "lora": [p.detach().clone() for p in params]}
+
+
 def entry(rank: int, world: int, port: int, model_dir: str, out_dir: str, train_kwargs: dict) -> None:
     """torch.multiprocessing.spawn target: set torchrun's variables, then run every distributed scenario."""
     os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
@@ -178,6 +211,12 @@ def entry(rank: int, world: int, port: int, model_dir: str, out_dir: str, train_
                 sync_worker(rank, world, model_dir, out_dir, kind, always)
             grads_worker(rank, world, model_dir, out_dir, kind, qlora=True)
         grads_worker(rank, world, model_dir, out_dir, "fsdp", qlora=True, partial=True)
+        parallel = ParallelModel(make_model(model_dir), "ddp", DistInfo(rank=rank, world_size=world),
+                                 torch.device("cpu"), captured=True)
+        assert not hasattr(parallel.wrapped, "no_sync")  # no DDP wrapper: the captured step sums itself
+        for packed in (True, False):
+            got = graph_steps(model_dir, rank, world, packed=packed, rank_sum=parallel.rank_sum)
+            torch.save(got, Path(out_dir) / f"graph-steps-{'packed' if packed else 'window'}-rank{rank}.pt")
         if train_kwargs:
             from slimtune.train.config import TrainConfig  # noqa: PLC0415
             from slimtune.train.run import train  # noqa: PLC0415
@@ -187,5 +226,7 @@ def entry(rank: int, world: int, port: int, model_dir: str, out_dir: str, train_
             result = train(TrainConfig(**train_kwargs), log=printed.append)
             (Path(out_dir) / f"history-rank{rank}.json").write_text(json.dumps(result.history))
             (Path(out_dir) / f"printed-rank{rank}.json").write_text(json.dumps(printed))
+            result = train(TrainConfig(**graph_run(train_kwargs, Path(out_dir))), log=lambda _line: None)
+            (Path(out_dir) / f"graphs-history-rank{rank}.json").write_text(json.dumps(result.history))
     finally:
         dist.destroy_process_group()

@@ -55,36 +55,46 @@ def test_default_is_auto_and_the_values_are_checked(tmp_path):
     ({"dtype": "float16"}, "dtype float16"),
 ])
 def test_each_blocking_setting_is_named(tmp_path, setting, reason):
-    assert auto_graphs.config_blockers(_cfg(tmp_path), cuda=True, single_process=True) == []
-    blockers = auto_graphs.config_blockers(_cfg(tmp_path, **setting), cuda=True, single_process=True)
+    assert auto_graphs.config_blockers(_cfg(tmp_path), cuda=True, sharded=False) == []
+    blockers = auto_graphs.config_blockers(_cfg(tmp_path, **setting), cuda=True, sharded=False)
     assert len(blockers) == 1 and reason in blockers[0]
 
 
 def test_8bit_adamw_is_no_blocker(tmp_path):
     # its graphed step (replayed forward and backward, eager 8-bit update) passed its GPU check in session 11
-    assert auto_graphs.config_blockers(_cfg(tmp_path, optimizer="adamw8bit"), cuda=True, single_process=True) == []
+    assert auto_graphs.config_blockers(_cfg(tmp_path, optimizer="adamw8bit"), cuda=True, sharded=False) == []
 
 
-def test_no_gpu_or_several_processes_stay_eager(tmp_path):
-    assert "no CUDA device" in auto_graphs.config_blockers(_cfg(tmp_path), cuda=False, single_process=True)[0]
-    assert "processes" in auto_graphs.config_blockers(_cfg(tmp_path), cuda=True, single_process=False)[0]
+def test_no_gpu_or_sharded_runs_stay_eager(tmp_path):
+    assert "no CUDA device" in auto_graphs.config_blockers(_cfg(tmp_path), cuda=False, sharded=False)[0]
+    assert "FSDP2" in auto_graphs.config_blockers(_cfg(tmp_path), cuda=True, sharded=True)[0]
+
+
+def test_the_planner_counts_graphs_for_ddp_but_not_for_fsdp(tmp_path):
+    """Data-parallel steps are captured (their gradient sum is in the graph), FSDP2's sharded ones are not."""
+    from slimtune.memory.train_plan import _graphs_likely
+
+    assert _graphs_likely(_cfg(tmp_path, distributed="ddp"), cuda=True, world_size=2)
+    assert _graphs_likely(_cfg(tmp_path, distributed="auto"), cuda=True, world_size=2)
+    assert not _graphs_likely(_cfg(tmp_path, distributed="fsdp"), cuda=True, world_size=2)
+    assert _graphs_likely(_cfg(tmp_path, distributed="fsdp"), cuda=True, world_size=1)
 
 
 def test_headroom_decides_on_a_fitting_model(tmp_path, text_model, card_of):
     card_of(8)
     cfg = _cfg(tmp_path)
-    on, why = auto_graphs.decide(cfg, text_model, dtype=torch.bfloat16, device=CUDA, single_process=True,
+    on, why = auto_graphs.decide(cfg, text_model, dtype=torch.bfloat16, device=CUDA, sharded=False,
                                  peak_gib=lambda _c: 5.9)
     assert on and "5.9 of 8.0 GiB usable" in why and "packed" in why
     # unpacked runs capture too, one step per length bucket (their blocker went after the H200 measured them)
-    assert auto_graphs.config_blockers(_cfg(tmp_path, packing=False), cuda=True, single_process=True) == []
+    assert auto_graphs.config_blockers(_cfg(tmp_path, packing=False), cuda=True, sharded=False) == []
     on, why = auto_graphs.decide(_cfg(tmp_path, packing=False), text_model, dtype=torch.bfloat16, device=CUDA,
-                                 single_process=True, peak_gib=lambda _c: 5.9)
+                                 sharded=False, peak_gib=lambda _c: 5.9)
     assert on and "length bucket" in why
-    off, why = auto_graphs.decide(cfg, text_model, dtype=torch.bfloat16, device=CUDA, single_process=True,
+    off, why = auto_graphs.decide(cfg, text_model, dtype=torch.bfloat16, device=CUDA, sharded=False,
                                   peak_gib=lambda _c: 6.6)  # 6.6 + the 1.5 GiB margin > 8: a pool could not shrink
     assert not off and "6.6 GiB plus a 1.5 GiB margin is over the 8.0 GiB" in why
-    unknown, why = auto_graphs.decide(cfg, text_model, dtype=torch.bfloat16, device=CUDA, single_process=True,
+    unknown, why = auto_graphs.decide(cfg, text_model, dtype=torch.bfloat16, device=CUDA, sharded=False,
                                       peak_gib=lambda _c: None)
     assert not unknown and "no memory prediction" in why
 
@@ -105,14 +115,14 @@ def test_usable_memory_is_what_is_free_plus_ours_within_the_fraction(card_of):
 def test_the_margin_matches_the_capped_h200_runs(tmp_path, text_model, card_of, peak, fits):
     card_of(139.8, free=139.0, ours=0.0, fraction=22.5 / 139.8)
     on, why = auto_graphs.decide(_cfg(tmp_path), text_model, dtype=torch.bfloat16, device=CUDA,
-                                 single_process=True, peak_gib=lambda _c: peak)
+                                 sharded=False, peak_gib=lambda _c: peak)
     assert on == fits, why
 
 
 def test_models_a_graph_cannot_capture_stay_eager(tmp_path, tiny_dir, text_model, card_of, monkeypatch):
     card_of(80)
     cfg = _cfg(tmp_path)
-    roomy = dict(device=CUDA, single_process=True, peak_gib=lambda _c: 1.0)
+    roomy = dict(device=CUDA, sharded=False, peak_gib=lambda _c: 1.0)
     off, why = auto_graphs.decide(cfg, text_model, dtype=torch.float32, **roomy)
     assert not off and "bfloat16" in why
     moe, _ = slimtune.load_model(tiny_dir("26b-a4b", text_only=True), dtype=torch.float32, device="cpu")

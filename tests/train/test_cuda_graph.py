@@ -320,9 +320,12 @@ def test_capture_failures_say_what_to_do(monkeypatch):
     from types import SimpleNamespace
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: SimpleNamespace(replay=lambda: None))
-    monkeypatch.setattr(torch.cuda, "graph", lambda *_a, **_k: contextlib.nullcontext())
+    modes = []
+    monkeypatch.setattr(torch.cuda, "graph", lambda *_a, **k: modes.append(k["capture_error_mode"])
+                        or contextlib.nullcontext())
     step = GraphedTrainStep.__new__(GraphedTrainStep)
     step.graphs, step.graph_outputs, step.kept, step.pool, step.optimizer = {}, {}, {}, None, object()
+    step.rank_sum = None
 
     def oom():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
@@ -337,3 +340,7 @@ def test_capture_failures_say_what_to_do(monkeypatch):
         step._run("step", unsupported, eager=False)
     assert not isinstance(err.value, torch.OutOfMemoryError)
     assert step._run("step", lambda: 7, eager=False) == 7 and "step" in step.graphs
+    # under data parallelism NCCL's watchdog thread queries events during the capture: only this thread is checked
+    step.rank_sum = object()
+    assert step._run("update", lambda: 8, eager=False) == 8
+    assert modes == ["global"] * 3 + ["thread_local"]

@@ -248,3 +248,38 @@ def test_two_process_checkpoint_resumes_in_one_process(spawned, tmp_path):
     assert [r["step"] for r in result.history] == [1, 2, 3]
     assert [r["step"] for r in _metrics(run)] == [1, 2, 3]
     assert result.history[-1]["target_tokens"] == _order_targets(kwargs, 16, 20)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_captured_ddp_steps_equal_one_process(spawned, packed):
+    """cuda_graphs under DDP (no DistributedDataParallel): each rank scales its loss by the GLOBAL target count and
+    the step sums gradients and loss over ranks itself, before clipping. Two ranks (2 samples each) must take the
+    steps of one process on the same global batches of 4: same loss, clipped norm and LoRA values after two SGD
+    steps (the cross-entropy sums in fp32: ~1e-6). Without the sum each rank would step on its half of the
+    gradient: loss, norm and weights differ (the three captured-DDP tests fail with the sum removed)."""
+    out, model_dir, _ = spawned
+    name = "packed" if packed else "window"
+    ranks = [torch.load(out / f"graph-steps-{name}-rank{r}.pt") for r in range(WORLD)]
+    one = worker.graph_steps(str(model_dir), 0, 1, packed=packed)
+    assert ranks[0]["reported"] == ranks[1]["reported"]  # every rank reports the global numbers
+    for (loss, norm, n), (loss1, norm1, n1) in zip(ranks[0]["reported"], one["reported"]):
+        assert n == n1 and loss == pytest.approx(loss1, rel=1e-6) and norm == pytest.approx(norm1, rel=1e-5)
+    for got, other, want in zip(ranks[0]["lora"], ranks[1]["lora"], one["lora"]):
+        assert torch.equal(got, other)  # the ranks stay identical
+        assert _rel(got, want) < 1e-5
+
+
+def test_captured_ddp_training_loop_reports_global_numbers(spawned, tmp_path):
+    """The training loop wires it up (captured=True, the host token sums, rank_sum into the graph steps): two
+    ranks' bf16 run reports what one process on the same global batches reports."""
+    from slimtune.train.run import train  # noqa: PLC0415
+
+    out, _, kwargs = spawned
+    two = [json.loads((out / f"graphs-history-rank{r}.json").read_text()) for r in range(WORLD)]
+    ref = train(TrainConfig(**worker.graph_run(kwargs, tmp_path, world=1)), log=lambda m: None).history
+    assert len(two[0]) == len(two[1]) == len(ref) == 2
+    for r0, r1, one in zip(two[0], two[1], ref):
+        assert r0["loss"] == r1["loss"] and r0["grad_norm"] == r1["grad_norm"]
+        assert (r0["tokens"], r0["target_tokens"]) == (one["tokens"], one["target_tokens"])
+        assert r0["loss"] == pytest.approx(one["loss"], rel=1e-2)  # bf16 compute; a rank-local loss is ~2x off
+        assert r0["grad_norm"] == pytest.approx(one["grad_norm"], rel=5e-2)
