@@ -186,3 +186,15 @@ def test_captured_ddp_counts_its_flat_gradient_buffer():
     assert "ddp_grad_buckets" not in one.breakdown
     assert buffer == pytest.approx(one.breakdown["lora_and_optimizer"] * 4 / (4 + 8), rel=1e-3)  # fp32 + AdamW
     assert two.predicted_gib - one.predicted_gib == pytest.approx(buffer, abs=2e-3)
+
+
+def test_fsdp_plans_keep_room_for_the_measured_under_prediction():
+    """26B-A4B LoRA 16-bit under FSDP2 on two H200s peaked 3 % over its estimate: an FSDP2 plan may use only
+    FSDP_MARGIN of the budget, so a prediction that just fits the whole budget does not fit."""
+    from slimtune.memory.planner import FSDP_MARGIN
+
+    fsdp = predict("26b-a4b", 2048, world_size=2, distributed="fsdp", load_in_4bit=False)
+    ddp = predict("e4b", 2048, world_size=2, distributed="ddp")
+    assert fsdp.margin == FSDP_MARGIN < 1 and ddp.margin == 1.0
+    fsdp.budget_bytes = int(fsdp.predicted_bytes / 0.99)  # 1 % of room: enough without the margin
+    assert not fsdp.fits
