@@ -354,7 +354,11 @@ B3)  # (one H200) if only one GPU is lent: session 12's DDP-capture change must 
     # Predicted: the graph tests pass; E2B QLoRA 2K graphed ~17,500 tok/s at 3.1 GiB (B2: 19,202 with --compile).
   timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_cuda_graph.py \
     tests/train/test_graph_buckets.py tests/train/test_step_readback.py tests/train/test_auto_graphs.py 2>&1 | tail -3
-  timeout 60 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs 2>&1 | show ;;
+  timeout 60 $B --geometry e2b --mode qlora --seq 2048 --cuda-graphs 2>&1 | show
+  # Should auto compile long sequences? The last graphs-alone E2B QLoRA 8K record (5.30 GiB / 14,066 tok/s) predates
+  # the fused norms; graphs + compile gave 4.93 / 19,852. Predicted: graphs alone 15-17K at ~5.3 GiB, with compile
+  # 19-20K at ~4.9 GiB (its first step ~60-70 s, B2). A gain of >= 20 % at 8K repays compiling within ~400 steps.
+  for c in "" "--compile"; do timeout 100 $B --geometry e2b --mode qlora --seq 8192 --cuda-graphs $c 2>&1 | show; done ;;
 F)
   unsloth_cache
   timeout 540 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe unsloth \

@@ -29,9 +29,12 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def window_target_tokens(micro_batches: list[dict]) -> int:
-    """Target tokens of the accumulation window, summed over ranks when distributed."""
+def window_target_tokens(micro_batches: list[dict], parallel=None) -> int:
+    """Target tokens of the accumulation window, summed over ranks when distributed: on the host (a gloo group,
+    see ParallelModel.host_sum), so the count does not wait for the GPU's queued work."""
     n = sum(count_targets(b) for b in micro_batches)
+    if parallel is not None:
+        return int(parallel.host_sum([n])[0])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         t = torch.tensor([n], dtype=torch.long, device=_collective_device())
         torch.distributed.all_reduce(t)
@@ -63,7 +66,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict], *, device:
             and gradients are reduced over ranks on the last micro-batch only. Every rank must pass the same
             number of micro-batches (an empty share is a dummy batch, see data_stream.dummy_example).
     """
-    n_total = window_target_tokens(micro_batches)
+    n_total = window_target_tokens(micro_batches, parallel)
     if n_total == 0:
         return 0.0, 0
     scale = _world_size() / n_total
