@@ -17,7 +17,7 @@ BUNDLED = Path(slimtune.__file__).parent / "data" / "default_data.jsonl"
 def _train(model: Path, out: Path, *extra: str) -> str:
     cmd = [sys.executable, "-m", "slimtune", "train", "--model", str(model), "--data", str(BUNDLED),
            "--output", str(out), "--max-steps", "8", "--max-seq-length", "128", "--lora-dropout", "0",
-           "--lr", "1e-3", "--seed", "3", "--log-every", "1", *extra]
+           "--lr", "1e-3", "--seed", "3", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
