@@ -345,7 +345,7 @@ E2)  # (nvidia-h200-x2) after session 12's E: eager DDP gave E4B QLoRA 8K only 1
     # Predicted before measuring: the 2-GPU tests pass (auto captures under --nproc 2; losses = one GPU on the
     # same global batches); E4B QLoRA 8K on 2 GPUs 1.9-1.97x one GPU (~24,000-24,800 tok/s), rank 0's peak
     # = one GPU's + ~0.13 GiB (the flat buffer); 31B QLoRA 8K 1.9-1.97x (~4,400-4,570; eager DDP: 4,285).
-  timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_ddp_graphs_gpu.py \
+  timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_ddp_graphs_gpu.py \
     tests/train/test_cuda_graph.py tests/train/test_graph_buckets.py tests/train/test_step_readback.py 2>&1 | tail -3
   S="python3 benchmarks/gpu/scaleout.py --random-weights --json $OUT/scaleout.jsonl"
   timeout 170 $S --geometry e4b --nproc 1,2 --seq 8192 --steps 8 2>&1 | show
