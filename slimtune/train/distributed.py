@@ -362,6 +362,14 @@ class RankSum:
         self.checked = True
 
 
+def on_every_rank(flag: bool, device: torch.device) -> bool:
+    """True only if `flag` is true on every rank (a collective; `flag` itself when not distributed). For decisions
+    each rank makes from its own GPU, such as cuda_graphs auto's memory headroom, that all ranks must share: a
+    captured rank and an eager one would wait on different collectives."""
+    return all_reduce_sum([1.0 if flag else 0.0], device)[0] == (dist.get_world_size() if dist.is_initialized()
+                                                                  else 1)
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum numbers over ranks in one collective (eval sums, tokens per step); as given when not distributed."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -22,7 +22,7 @@ from slimtune.train.checkpoint import ResumePoint, restore_adapter, restore_rng,
 from slimtune.train.config import TrainConfig
 from slimtune.train.cuda_graph import require_graph_step
 from slimtune.train.data_stream import DataStream, collate_share, epoch_order, steps_per_epoch
-from slimtune.train.distributed import (DistInfo, ParallelModel, rank_rng_states,
+from slimtune.train.distributed import (DistInfo, ParallelModel, on_every_rank, rank_rng_states,
                                         restore_rank_rng)
 from slimtune.train.graph_buckets import GraphSteps
 from slimtune.train.guard import NonFiniteGuard
@@ -107,6 +107,8 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
     graphs = cfg.cuda_graphs is True
     if cfg.cuda_graphs == "auto":
         graphs, why = auto_graphs.decide(cfg, model, dtype=dtype, device=device, sharded=kind == "fsdp")
+        if kind == "ddp" and not on_every_rank(graphs, device) and graphs:  # each rank read its own GPU
+            graphs, why = False, "another rank stays eager (every rank captures, or none)"
         if device.type == "cuda":
             log(f"cuda_graphs auto: {'on' if graphs else 'off'} ({why})")
     if graphs and kind == "fsdp":

@@ -211,6 +211,12 @@ def entry(rank: int, world: int, port: int, model_dir: str, out_dir: str, train_
                 sync_worker(rank, world, model_dir, out_dir, kind, always)
             grads_worker(rank, world, model_dir, out_dir, kind, qlora=True)
         grads_worker(rank, world, model_dir, out_dir, "fsdp", qlora=True, partial=True)
+        from slimtune.train.distributed import on_every_rank  # noqa: PLC0415
+
+        agreed = [on_every_rank(flags[rank], torch.device("cpu")) for flags in ((True, True), (True, False),
+                                                                                (False, True), (False, False))]
+        if rank == 0:
+            (Path(out_dir) / "agreed.json").write_text(json.dumps(agreed))
         parallel = ParallelModel(make_model(model_dir), "ddp", DistInfo(rank=rank, world_size=world),
                                  torch.device("cpu"), captured=True)
         assert not hasattr(parallel.wrapped, "no_sync")  # no DDP wrapper: the captured step sums itself

@@ -283,3 +283,10 @@ def test_captured_ddp_training_loop_reports_global_numbers(spawned, tmp_path):
         assert (r0["tokens"], r0["target_tokens"]) == (one["tokens"], one["target_tokens"])
         assert r0["loss"] == pytest.approx(one["loss"], rel=1e-2)  # bf16 compute; a rank-local loss is ~2x off
         assert r0["grad_norm"] == pytest.approx(one["grad_norm"], rel=5e-2)
+
+
+def test_cuda_graphs_auto_is_one_decision_for_all_ranks(spawned):
+    """Each rank's auto decision reads its own GPU; DDP captures only if every rank would (rank 0's view, per
+    (rank 0, rank 1) vote): a captured rank and an eager one would wait on different collectives."""
+    out, _, _ = spawned
+    assert json.loads((out / "agreed.json").read_text()) == [True, False, False, False]
