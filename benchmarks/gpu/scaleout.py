@@ -126,8 +126,9 @@ def main() -> None:
     data = work / f"data-{rows}x{words}.jsonl"
     base = None
     for n in counts:
-        out = work / f"run-{a.geometry}-{a.mode}-{n}-{a.distributed}"
-        result = {"probe": "scaleout", "geometry": a.geometry, "tiny": a.tiny, "mode": a.mode,
+        flags = "".join(f"-{f.lstrip('-')}" for f in a.extra.split())  # e.g. an eager A/B gets its own folder
+        out = work / f"run-{a.geometry}-{a.mode}-{n}-{a.distributed}{flags}"
+        result = {"probe": "scaleout", "geometry": a.geometry, "tiny": a.tiny, "mode": a.mode, "extra": a.extra,
                   **train(model, data, out, nproc=n, seq=a.seq, steps=a.steps, device=a.device, mode=a.mode,
                           distributed=a.distributed, extra=tuple(a.extra.split()))}
         if "tok_s" in result:  # only against a measured one-process run (session 12 printed 2.0 without one)
