@@ -341,6 +341,11 @@ class RankSum:
         dist.all_reduce(t, group=self.host_group)
         return t.tolist()
 
+    def host_max(self, value: float) -> float:
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
+        return float(t[0])
+
     def broadcast_from_first(self, tensors: list[torch.Tensor]) -> None:
         """Give every rank rank 0's values (one flat broadcast): what DDP does when it wraps a model."""
         if not tensors:

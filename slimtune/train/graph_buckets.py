@@ -67,8 +67,10 @@ class GraphSteps:
         pad_id: token id of the padding.
         packed: every batch is padded to max_seq_length (packed runs: one step, as before buckets existed).
         batch_size: rows every batch is padded to (the run's batch_size: an epoch's last batch may be smaller).
-        The rest: as `GraphedTrainStep` (rank_sum: data parallelism; ranks may replay different buckets' graphs
-        in one step, since each holds the same one all-reduce of every gradient).
+        The rest: as `GraphedTrainStep`. rank_sum (data parallelism): every rank pads to the bucket of the widest
+        batch on ANY rank, so all ranks warm up, capture and replay the same bucket's graph at the same step.
+        NCCL requires that: a captured collective is collective across ranks, each launching the graph of that
+        same capture (NCCL user guide, "Using NCCL with CUDA Graphs").
     """
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], optimizer, *, device: torch.device,
@@ -85,6 +87,8 @@ class GraphSteps:
 
     def __call__(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         widest = max(b["input_ids"].shape[1] for b in batches)
+        if self.rank_sum is not None and not self.packed:
+            widest = int(self.rank_sum.host_max(widest))
         width = self.max_seq_length if self.packed else bucket_for(widest, self.max_seq_length)
         # an epoch's last batch may hold fewer samples: rows of pads (no targets) keep the captured shape
         fixed = [pad_batch_to(b, width, self.pad_id, rows=self.rows) for b in batches]

@@ -178,7 +178,7 @@ def graph_steps(model_dir: str, rank: int, world: int, *, packed: bool, rank_sum
     """Two captured-structure steps (GraphSteps, eager on CPU) of the fp64 model with SGD, on this rank's shares
     of the first global micro-batches; returns the reported loss/norm/targets per step and the final LoRA values.
     packed: one micro-batch per step padded to 64 (the single-graph step); else two micro-batches per step in
-    length buckets (the window structure; ranks may pad to different widths)."""
+    length buckets (the window structure; every rank pads to the widest rank's bucket)."""
     from slimtune.train.graph_buckets import GraphSteps  # noqa: PLC0415
 
     model = make_model(model_dir)

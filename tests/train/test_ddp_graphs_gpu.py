@@ -29,7 +29,7 @@ def _losses(out: Path) -> list[float]:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-@pytest.mark.parametrize("packing", [True, False])  # one graph; length buckets (ranks may replay different ones)
+@pytest.mark.parametrize("packing", [True, False])  # one graph; length buckets (one per step for all ranks)
 def test_two_gpus_capture_and_train_like_one(tiny_dir, tmp_path, packing):
     model = tiny_dir("e2b", text_only=True)
     flags = ["--packing"] if packing else []

@@ -170,3 +170,32 @@ def test_a_graphs_run_goes_past_an_epochs_smaller_last_batch(tiny_dir, tmp_path,
     assert len(graphs.history) == 7 and max(r["epoch"] for r in graphs.history) > 2
     assert [r["loss"] for r in graphs.history] == pytest.approx([r["loss"] for r in eager.history], rel=1e-4)
     assert [r["tokens"] for r in graphs.history] == [r["tokens"] for r in eager.history]  # pad rows not counted
+
+
+class _WidestElsewhere:
+    """Stands in for RankSum: another rank's batch is `width` tokens wide; sums are one rank's."""
+
+    def __init__(self, width: int) -> None:
+        self.width, self.checked = width, True
+
+    def host_max(self, value: float) -> float:
+        return max(value, self.width)
+
+    def host(self, values):
+        return list(values)
+
+    def device_(self, t) -> None:
+        pass
+
+
+def test_ranks_pad_to_the_bucket_of_the_widest_batch_on_any_rank(tiny_dir):
+    """NCCL needs every rank to capture and replay the same graph at the same step, so under data parallelism
+    a 40-token batch next to another rank's 300-token one runs in the 384 bucket (not its own 128)."""
+    dev, dtype = torch.device("cpu"), torch.float32
+    model = _model(tiny_dir, dev, dtype)
+    params = trainable_parameters(model)
+    steps = GraphSteps(model, params, sgd(params), device=dev, dtype=dtype, max_grad_norm=1.0, capture=False,
+                       max_seq_length=384, pad_id=0, packed=False, batch_size=2, rank_sum=_WidestElsewhere(300))
+    _, _, _, padded = steps(_batches(model.config.vocab_size, (40,)))
+    assert sorted(steps.steps) == [384] and padded == 2 * 384
+    steps.close()
