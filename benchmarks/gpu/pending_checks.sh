@@ -347,12 +347,12 @@ E2)  # (nvidia-h200-x2) after session 12's E: eager DDP gave E4B QLoRA 8K only 1
     # = one GPU's + ~0.13 GiB (the flat buffer); 31B QLoRA 8K 1.9-1.97x (~4,400-4,570; eager DDP: 4,285).
     # The eager A/B (--no-cuda-graphs on 1 and 2 GPUs) says how much of E's 0.3 s was DDP and how much eager steps.
     # Predicted: eager E4B 1 GPU ~9,500-11,000 tok/s, eager DDP on 2 ~1.7-1.8x that (E: 16,897).
-  timeout 180 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_ddp_graphs_gpu.py \
+  timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_ddp_graphs_gpu.py \
     tests/train/test_cuda_graph.py tests/train/test_graph_buckets.py tests/train/test_step_readback.py 2>&1 | tail -3
   S="python3 benchmarks/gpu/scaleout.py --random-weights --json $OUT/scaleout.jsonl"
   timeout 170 $S --geometry e4b --nproc 1,2 --seq 8192 --steps 8 2>&1 | show
   timeout 120 $S --geometry e4b --nproc 1,2 --seq 8192 --steps 8 --extra=--no-cuda-graphs 2>&1 | show
-  timeout 110 $S --geometry 31b --nproc 2 --seq 8192 --steps 6 2>&1 | show ;;  # its 1 GPU: E, 2,320 tok/s
+  timeout 100 $S --geometry 31b --nproc 2 --seq 8192 --steps 6 2>&1 | show ;;  # its 1 GPU: E, 2,320 tok/s
 B3)  # (one H200) if only one GPU is lent: session 12's DDP-capture change must leave one-GPU steps as they were.
     # Predicted: the graph tests pass; E2B QLoRA 2K graphed ~17,500 tok/s at 3.1 GiB (B2: 19,202 with --compile).
   timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/train/test_cuda_graph.py \
