@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -142,7 +143,7 @@ class ParallelModel:
                               "must fit one GPU) or cuda_graphs: false.")
         self.model, self.kind, self.info = model, kind, info
         # host-side sums (token counts) over ranks; a collective, so every rank builds it here
-        self.rank_sum = RankSum() if kind != "single" else None
+        self.rank_sum = RankSum(device) if kind != "single" else None
         wrapper = _LossModule(model)
         if kind == "ddp" and captured:
             self.wrapped = wrapper
@@ -328,23 +329,32 @@ class RankSum:
     not wait for the GPU. Built on every rank at the same point (creating a group is a collective).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.world_size = dist.get_world_size()
-        self.host_group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None
+        self.host_group, self.sum_device = None, torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            try:
+                self.host_group = dist.new_group(backend="gloo")
+            except Exception as exc:  # noqa: BLE001 - e.g. gloo cannot resolve this host's name in a container
+                # the numbers then travel through NCCL: correct, but each sum waits for the GPU's queued work
+                self.sum_device = device
+                warnings.warn(f"distributed: no gloo group for host-side sums ({exc}); using NCCL for them (each "
+                              "step then waits for the GPU once more)", stacklevel=2)
         self.checked = False
 
     def device_(self, t: torch.Tensor) -> None:
         dist.all_reduce(t)
 
     def host(self, values: list[float]) -> list[float]:
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        dist.all_reduce(t, group=self.host_group)
-        return t.tolist()
+        return self._reduce([float(v) for v in values], dist.ReduceOp.SUM)
 
     def host_max(self, value: float) -> float:
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
-        return float(t[0])
+        return self._reduce([float(value)], dist.ReduceOp.MAX)[0]
+
+    def _reduce(self, values: list[float], op) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.sum_device)
+        dist.all_reduce(t, op=op, group=self.host_group)
+        return t.tolist()
 
     def broadcast_from_first(self, tensors: list[torch.Tensor]) -> None:
         """Give every rank rank 0's values (one flat broadcast): what DDP does when it wraps a model."""

@@ -290,3 +290,22 @@ def test_cuda_graphs_auto_is_one_decision_for_all_ranks(spawned):
     (rank 0, rank 1) vote): a captured rank and an eager one would wait on different collectives."""
     out, _, _ = spawned
     assert json.loads((out / "agreed.json").read_text()) == [True, False, False, False]
+
+
+def test_host_sums_fall_back_to_the_default_group_without_gloo(monkeypatch):
+    """On an NCCL job whose host cannot form a gloo group (e.g. a container whose hostname does not resolve), the
+    per-step sums go through the default group on the GPU instead of failing the run (one process, gloo standing
+    in for NCCL; the device would be the rank's GPU)."""
+    import torch.distributed as dist
+
+    from slimtune.train.distributed import RankSum
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        monkeypatch.setattr(dist, "get_backend", lambda *_a: "nccl")
+        monkeypatch.setattr(dist, "new_group", lambda **_k: (_ for _ in ()).throw(RuntimeError("no gloo here")))
+        with pytest.warns(UserWarning, match=r"no gloo group for host-side sums \(no gloo here\)"):
+            ranks = RankSum(torch.device("cpu"))
+        assert ranks.host_group is None and ranks.host([3, 4.5]) == [3.0, 4.5] and ranks.host_max(7) == 7.0
+    finally:
+        dist.destroy_process_group()
