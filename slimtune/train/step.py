@@ -30,27 +30,10 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def window_target_tokens(micro_batches: list[dict], parallel=None) -> int:
-    """Target tokens of the accumulation window, summed over ranks when distributed: on the host (a gloo group,
-    see ParallelModel.host_sum), so the count does not wait for the GPU's queued work."""
+    """Target tokens of the accumulation window, summed over ranks under `parallel` (on the host: see
+    ParallelModel.host_sum)."""
     n = sum(count_targets(b) for b in micro_batches)
-    if parallel is not None:
-        return int(parallel.host_sum([n])[0])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([n], dtype=torch.long, device=_collective_device())
-        torch.distributed.all_reduce(t)
-        n = int(t.item())
-    return n
-
-
-def _collective_device() -> torch.device:
-    backend = torch.distributed.get_backend()
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-
-
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
+    return int(parallel.host_sum([n])[0]) if parallel is not None else n
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict], *, device: torch.device,
@@ -69,7 +52,8 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict], *, device:
     n_total = window_target_tokens(micro_batches, parallel)
     if n_total == 0:
         return 0.0, 0
-    scale = _world_size() / n_total
+    world = parallel.info.world_size if parallel is not None else 1
+    scale = world / n_total
     total = torch.zeros((), dtype=torch.float32, device=device)
     for i, cpu_batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
@@ -82,10 +66,9 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict], *, device:
             with autocast(device, dtype):
                 loss = (parallel.loss(batch) if parallel is not None else loss_sum(model, batch)) * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss.detach() / _world_size()
-    if _world_size() > 1:
-        torch.distributed.all_reduce(total)
-    return float(total), n_total
+        total += loss.detach() / world
+    loss_value = float(total)  # reading it waits for the GPU either way; the sum over ranks then runs on the host
+    return (parallel.host_sum([loss_value])[0] if world > 1 else loss_value), n_total
 
 
 def clip_and_step(params: list[nn.Parameter], optimizer, scheduler, *, max_grad_norm: float,
