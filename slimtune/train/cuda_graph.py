@@ -262,13 +262,7 @@ class GraphedTrainStep:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not self.rank_sum.checked:  # the run's first step, eager on every rank: a host collective is safe
             self.rank_sum.check_same(len(grads), sum(g.numel() for g in grads))
-        wide = torch.float64 if loss.dtype == torch.float64 else torch.float32
-        flat = torch.cat([g.reshape(-1).to(wide) for g in grads] + [loss.reshape(1).to(wide)])
-        self.rank_sum.device_(flat)
-        parts = flat.split([g.numel() for g in grads] + [1])
-        for g, part in zip(grads, parts):
-            g.copy_(part.view_as(g))
-        loss.copy_(parts[-1].view_as(loss))
+        self.rank_sum.sum_([*grads, loss])
 
     def _micro(self, accumulate: bool = True) -> torch.Tensor:
         """Forward and backward of the micro-batch in the static buffers; gradients accumulate."""

@@ -324,8 +324,8 @@ def grad_norm_value(norm) -> float:
 class RankSum:
     """Sums over the ranks of a data-parallel job for the captured step (module docstring).
 
-    `device_(t)` sums a device tensor in place through the default group (NCCL on GPUs, whose all-reduce a CUDA
-    graph can capture); `host(values)` sums numbers through a CPU (gloo) group, so counting a step's tokens does
+    `sum_(tensors)` sums device tensors in place through the default group, in one all-reduce of a flat buffer (NCCL
+    on GPUs, whose all-reduce a CUDA graph can capture); `host(values)` sums numbers through a CPU (gloo) group, so counting a step's tokens does
     not wait for the GPU. Built on every rank at the same point (creating a group is a collective).
     """
 
@@ -342,8 +342,9 @@ class RankSum:
                               "step then waits for the GPU once more)", stacklevel=2)
         self.checked = False
 
-    def device_(self, t: torch.Tensor) -> None:
-        dist.all_reduce(t)
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum every tensor over ranks in place (one flat all-reduce)."""
+        _through_flat(tensors, dist.all_reduce)
 
     def host(self, values: list[float]) -> list[float]:
         return self._reduce([float(v) for v in values], dist.ReduceOp.SUM)
@@ -358,13 +359,7 @@ class RankSum:
 
     def broadcast_from_first(self, tensors: list[torch.Tensor]) -> None:
         """Give every rank rank 0's values (one flat broadcast): what DDP does when it wraps a model."""
-        if not tensors:
-            return
-        flat = torch.cat([t.reshape(-1).to(torch.float64 if t.device.type == "cpu" else torch.float32)
-                          for t in tensors])
-        dist.broadcast(flat, src=0)
-        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-            t.copy_(part.view_as(t))
+        _through_flat(tensors, lambda flat: dist.broadcast(flat, src=0))
 
     def check_same(self, n_tensors: int, n_values: int) -> None:
         """Raise unless every rank reduces the same number of gradients and values (else the flat all-reduce
@@ -375,6 +370,18 @@ class RankSum:
                                f"tensors, {n_values} values; summed over ranks: {total}). Train with "
                                "cuda_graphs: false, where DDP handles parameters a rank did not use.")
         self.checked = True
+
+
+def _through_flat(tensors: list[torch.Tensor], collective) -> None:
+    """Run `collective` (in place) on one flat copy of `tensors`, then write the result back into them: one launch
+    instead of one per tensor. The copy is fp32 (fp64 when any tensor is), so 16-bit values pass exactly."""
+    if not tensors:
+        return
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    flat = torch.cat([t.reshape(-1).to(wide) for t in tensors])
+    collective(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
 
 
 def on_every_rank(flag: bool, device: torch.device) -> bool:

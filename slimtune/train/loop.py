@@ -107,7 +107,8 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, run_dir: Pa
     graphs = cfg.cuda_graphs is True
     if cfg.cuda_graphs == "auto":
         graphs, why = auto_graphs.decide(cfg, model, dtype=dtype, device=device, sharded=kind == "fsdp")
-        if kind == "ddp" and not on_every_rank(graphs, device) and graphs:  # each rank read its own GPU
+        agreed = on_every_rank(graphs, device) if kind == "ddp" else graphs  # each rank read its own GPU
+        if graphs and not agreed:
             graphs, why = False, "another rank stays eager (every rank captures, or none)"
         if device.type == "cuda":
             log(f"cuda_graphs auto: {'on' if graphs else 'off'} ({why})")
