@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from slimtune.memory.sizes import format_gib
@@ -88,8 +90,6 @@ def _adamw8bit_saving(cfg, current) -> int:
     or there is no prediction)."""
     if cfg.optimizer != "adamw" or current is None:
         return 0
-    import dataclasses  # noqa: PLC0415
-
     from slimtune.memory.train_plan import plan_for_config  # noqa: PLC0415
 
     try:
@@ -100,6 +100,4 @@ def _adamw8bit_saving(cfg, current) -> int:
 
 
 def _without_budget(cfg):
-    import dataclasses  # noqa: PLC0415
-
     return dataclasses.replace(cfg, max_memory=None) if cfg.max_memory is not None else cfg
