@@ -38,7 +38,7 @@ def _load_kernels():
         mod.__path__ = [str(path)]
         sys.modules[name] = mod
     mods = []
-    for name in ("_flash_attention_triton", "_flash_attention_bwd_triton"):
+    for name in ("_flash_attention_triton", "_flash_attention_bwd_triton", "_flash_attention_stored_bwd_triton"):
         path = ROOT / "slimtune" / "kernels" / f"{name}.py"
         spec = importlib.util.spec_from_file_location(f"slimtune.kernels.{name}", path)
         mod = importlib.util.module_from_spec(spec)
@@ -49,9 +49,10 @@ def _load_kernels():
 
 
 _PTR = {"LSE": "*fp32", "DELTA": "*fp32", "SCR_ALPHA": "*fp32", "KVALID": "*fp32", "DSTART": "*i32", "DEND": "*i32",
-        "DK": "*fp32", "DV": "*fp32", "OUT": "*fp32", "PARTS": "*fp32"}
+        "DK": "*fp32", "DV": "*fp32", "OUT": "*fp32", "PARTS": "*fp32", "ACC": "*fp32"}
 _FLOATS = {"qk_scale", "sm_scale"}
-_SIZES = {"T", "H", "HK", "G", "HEADS_PER_SPLIT", "W", "N", "SPLIT"}
+_SIZES = {"T", "H", "HK", "G", "HEADS_PER_SPLIT", "W", "N", "SPLIT", "ROW0", "RR", "RRP", "KR", "pds_half",
+          "acc_half"}
 
 
 def compile_one(fn, constexprs: dict, dtype: str = "bf16", num_warps: int = 8, num_stages: int = 1):
@@ -93,7 +94,7 @@ def resources(kernel, sass_path: Path | None = None) -> dict:
             "ttgir_async_copies": kernel.asm["ttgir"].count("async_copy_global_to_local")}
 
 
-def variants(fwd, bwd):
+def variants(fwd, bwd, stored):
     """(name, kernel, constexprs, num_warps, num_stages) of the kernels worth checking at Gemma 4's shapes."""
     out = []
     for d, bm, bn, st, var in ((512, 64, 32, 1, 0), (512, 64, 32, 1, 2), (256, 64, 64, 2, 0), (256, 64, 64, 2, 2)):
@@ -113,8 +114,18 @@ def variants(fwd, bwd):
                                    (256, 128, 64, 1, 0, 3)):
         out.append((f"dq hd{d} ({bm},{bn},8,{st},-,{sc},v{var})", fwd._attn_bwd_dq_kernel,
                     dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, HAS_KEY_MASK=False, SCRATCH=sc, FUSE_DELTA=bool(var & 1),
-                         V_FIRST=bool(var & 2), KT_C=d if var & 2 else 0, VT_C=d if var & 2 else 0), 8, st))
+                         V_FIRST=bool(var & 2), KT_C=d if var & 2 else 0, VT_C=d if var & 2 else 0,
+                         STORE_PDS=False, ZA=128), 8, st))
     out.append(("sum_splits", bwd._sum_splits_kernel, dict(BLOCK=1024), 4, 1))
+    # the stored backward: dQ also writing P and dS, then dK/dV as products over them
+    for var in (0, 1):
+        out.append((f"dq+store hd512 (64,32,8,1,-,2,v{var | 4})", fwd._attn_bwd_dq_kernel,
+                    dict(HEAD_DIM=512, BLOCK_M=64, BLOCK_N=32, HAS_KEY_MASK=False, SCRATCH=2, FUSE_DELTA=bool(var),
+                         V_FIRST=False, KT_C=0, VT_C=0, STORE_PDS=True, ZA=128), 8, 1))
+    for bk, bd, bq, warps, st in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
+                                  (128, 128, 32, 8, 4)):
+        out.append((f"dkdv from P/dS hd512 ({bk},{bd},{bq},{warps},{st})", stored._dkdv_from_pds_kernel,
+                    dict(HEAD_DIM=512, BLOCK_K=bk, BLOCK_D=bd, BLOCK_Q=bq), warps, st))
     return out
 
 
@@ -123,8 +134,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="substring filter on the variant names")
     ap.add_argument("--sass-dir", type=Path, help="also write each variant's SASS here")
     args = ap.parse_args()
-    fwd, bwd = _load_kernels()
-    for name, fn, consts, warps, stages in variants(fwd, bwd):
+    fwd, bwd, stored = _load_kernels()
+    for name, fn, consts, warps, stages in variants(fwd, bwd, stored):
         if args.only not in name:
             continue
         row = {"variant": name, "triton": triton.__version__}

@@ -216,9 +216,9 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride
 
 @triton.jit
 def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_idx, q_dstart, kvalid_base, slot_ds,
-             lo, hi, T, W, qk_scale,
+             lo, hi, T, W, qk_scale, pds_tile, pds_rows, pds_ld, pds_half, KR,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-             SCRATCH: tl.constexpr, V_FIRST: tl.constexpr):
+             SCRATCH: tl.constexpr, V_FIRST: tl.constexpr, STORE_PDS: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_ptrs = k_base + lo.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
@@ -260,6 +260,16 @@ def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_idx,
         if not V_FIRST:
             dp = tl.dot(do, tl.trans(v))
         ds = (p * (dp - delta[:, None])).to(k.dtype)
+        if STORE_PDS:  # keys as rows of the chunk buffers (see _store_pds_zeros); dK, dV come from them afterwards
+            # rows past T store their exact zeros (lse = +inf there), so the products may read whole row tiles
+            at = pds_tile + (pds_rows[:, None] + k_idx[None, :] * pds_ld)
+            if MASK:
+                keep_st = k_idx[None, :] < KR
+                tl.store(at, p.to(k.dtype), mask=keep_st)
+                tl.store(at + pds_half, ds, mask=keep_st)
+            else:  # keys left of the block's first row: all below KR
+                tl.store(at, p.to(k.dtype))
+                tl.store(at + pds_half, ds)
         if SCRATCH:
             ds = _cut(ds, slot_ds, W > 0, SCRATCH)
         dq = tl.dot(ds, k, acc=dq)
@@ -268,24 +278,30 @@ def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_idx,
     return dq
 
 
-@triton.jit(do_not_specialize=["T", "H", "G", "W"])
-def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DSTART, KVALID, SCR, O,
+@triton.jit(do_not_specialize=["T", "H", "G", "W", "ROW0", "RRP", "KR", "pds_half"])
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DSTART, KVALID, SCR, O, PDS,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                         stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                         stride_dqb, stride_dqh, stride_dqt, stride_ob, stride_oh, stride_ot,
-                        T, H, G, W, qk_scale, sm_scale,
+                        T, H, G, W, qk_scale, sm_scale, ROW0, RRP, KR, pds_half,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_KEY_MASK: tl.constexpr, SCRATCH: tl.constexpr, FUSE_DELTA: tl.constexpr,
-                        V_FIRST: tl.constexpr, KT_C: tl.constexpr = 0, VT_C: tl.constexpr = 0):
+                        V_FIRST: tl.constexpr, KT_C: tl.constexpr = 0, VT_C: tl.constexpr = 0,
+                        STORE_PDS: tl.constexpr = False, ZA: tl.constexpr = 128):
     """dQ of one query block. FUSE_DELTA: also compute δ = rowsum(dO·O) of the block here (dO is loaded anyway) and
     store it for the dK/dV kernel launched after this one, instead of a separate delta launch. V_FIRST: load V and
     compute dP before loading K, so the two key-side tiles never live together in shared memory (head_dim 512:
     Q, dO resident 128 KiB + one 64-key tile 64 KiB fits, where K and V together would need 256 KiB); it also takes
-    the K/V row strides as constexprs KT_C/VT_C (as the split dK/dV kernel does for Q/dO)."""
+    the K/V row strides as constexprs KT_C/VT_C (as the split dK/dV kernel does for Q/dO).
+
+    STORE_PDS: this launch covers the query rows [ROW0, ROW0 + grid·BLOCK_M) of a chunk and also writes every P and dS
+    tile it computes into the chunk buffers PDS (P) and PDS + pds_half (dS), laid out per (batch, KV head) as KR key
+    rows × G·RRP columns (column g·RRP + row − ROW0 for query head g of the group), plus zeros where a later
+    ``_flash_attention_stored_bwd_triton`` product reads but this kernel skips (see ``_store_pds_zeros``)."""
     if V_FIRST:
         stride_kt = KT_C
         stride_vt = VT_C
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) + ROW0 // BLOCK_M
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -315,13 +331,47 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DSTART, KVALID, SCR, O,
 
     lo, full_lo, full_hi, hi = _query_block_ranges(DSTART, b, m0, T, W, BLOCK_M, BLOCK_N)
     slot = _scratch_slot(SCR, 0, BLOCK_M, BLOCK_N, 1)
+    pds_ld = tl.multiple_of(G * RRP, 64)
+    pds_tile = PDS + ((b * (H // G) + hk).to(tl.int64) * KR) * pds_ld + (h % G) * RRP + (m0 - ROW0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, q_dstart, kvalid_base,
-                  slot, full_lo, full_hi, T, W, qk_scale, BLOCK_N, HEAD_DIM, False, HAS_KEY_MASK, SCRATCH, V_FIRST)
+                  slot, full_lo, full_hi, T, W, qk_scale, pds_tile, offs_r, pds_ld, pds_half, KR,
+                  BLOCK_N, HEAD_DIM, False, HAS_KEY_MASK, SCRATCH, V_FIRST, STORE_PDS)
     dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, q_dstart, kvalid_base,
-                  slot, lo, full_lo, T, W, qk_scale, BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH, V_FIRST)
+                  slot, lo, full_lo, T, W, qk_scale, pds_tile, offs_r, pds_ld, pds_half, KR,
+                  BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH, V_FIRST, STORE_PDS)
     dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, q_dstart, kvalid_base,
-                  slot, full_hi, hi, T, W, qk_scale, BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH, V_FIRST)
+                  slot, full_hi, hi, T, W, qk_scale, pds_tile, offs_r, pds_ld, pds_half, KR,
+                  BLOCK_N, HEAD_DIM, True, HAS_KEY_MASK, SCRATCH, V_FIRST, STORE_PDS)
+    if STORE_PDS:
+        _store_pds_zeros(pds_tile, pds_ld, pds_half, lo, hi, KR, BLOCK_M, BLOCK_N, ZA, DQ.dtype.element_ty)
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + m0.to(tl.int64) * stride_dqt
              + offs_r[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _store_pds_zeros(pds_tile, pds_ld, pds_half, lo, hi, KR,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ZA: tl.constexpr, DTYPE: tl.constexpr):
+    """Zeros for the key blocks of [0, KR) that the products after this kernel read but the dQ loops skipped.
+
+    Those products take keys in tiles of ZA (aligned) and, for a key tile, every query row from the tile's first key
+    up to the end of the last key's document. Such rows see the whole tile except keys before their block's first
+    visited key ``lo`` (a document starting inside the tile) and keys after its last one (the diagonal): so the
+    blocks from ``lo`` rounded down to ZA, and from the end of the last visited block up to ``hi`` rounded up to ZA.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_M)
+    zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=DTYPE)
+    for n0 in range((lo // ZA) * ZA, lo, BLOCK_N):
+        k_idx = n0 + offs_n
+        at = pds_tile + (offs_r[:, None] + k_idx[None, :] * pds_ld)
+        keep = k_idx[None, :] < KR
+        tl.store(at, zero, mask=keep)
+        tl.store(at + pds_half, zero, mask=keep)
+    for n0 in range(((hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, tl.minimum(((hi + ZA - 1) // ZA) * ZA, KR), BLOCK_N):
+        k_idx = n0 + offs_n
+        at = pds_tile + (offs_r[:, None] + k_idx[None, :] * pds_ld)
+        keep = k_idx[None, :] < KR
+        tl.store(at, zero, mask=keep)
+        tl.store(at + pds_half, zero, mask=keep)

@@ -26,6 +26,7 @@ import os
 import torch
 
 from slimtune.errors import KernelUnavailableError
+from slimtune.kernels import flash_attention_stored_bwd as _stored
 from slimtune.kernels.attention_reference import attention_fallback, document_bounds
 from slimtune.kernels.flash_attention_configs import (  # noqa: F401 - _config, _fitted: used by benchmarks, tests
     KernelConfig,
@@ -118,20 +119,26 @@ def _bwd_delta(o, do):
     return delta
 
 
-def _bwd_dq(do, q, k, v, o, lse, delta, scale, window, dstart, key_valid, c: KernelConfig):
-    """dQ; with ``c.variant & 1`` the kernel also fills ``delta`` (rowsum(dO·O)) for the dK/dV kernel after it."""
+def _bwd_dq(do, q, k, v, o, lse, delta, scale, window, dstart, key_valid, c: KernelConfig, dq=None, store=None):
+    """dQ; with ``c.variant & 1`` the kernel also fills ``delta`` (rowsum(dO·O)) for the dK/dV kernel after it.
+
+    ``store = (buffer, row0, rows, rows_padded, key_rows, half)``: only the chunk of query rows [row0, row0 + rows),
+    also writing its P and dS tiles into ``buffer`` (the stored backward: ``flash_attention_stored_bwd``).
+    """
     b, h, t, d = q.shape
-    dq = torch.empty_like(q)
-    grid = (triton.cdiv(t, c.block_m), b * h)
+    if dq is None:
+        dq = torch.empty_like(q)
+    pds, row0, rows, rows_padded, key_rows, half = store if store is not None else (lse, 0, t, 0, 0, 0)
+    grid = (triton.cdiv(rows, c.block_m), b * h)
     _k._attn_bwd_dq_kernel[grid](
         q, k, v, do, dq, lse, delta, dstart, key_valid if key_valid is not None else lse,
-        _scratch(c, grid[0] * grid[1], 1, q), o,
+        _scratch(c, grid[0] * grid[1], 1, q), o, pds,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], *o.stride()[:3],
-        t, h, h // k.shape[1], window, scale * _LOG2E, scale,
+        t, h, h // k.shape[1], window, scale * _LOG2E, scale, row0, rows_padded, key_rows, half,
         HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, HAS_KEY_MASK=key_valid is not None,
         SCRATCH=int(c.scratch), FUSE_DELTA=bool(c.variant & 1), V_FIRST=bool(c.variant & 2),
-        KT_C=k.stride(2) if c.variant & 2 else 0, VT_C=v.stride(2) if c.variant & 2 else 0, num_warps=c.num_warps,
-        num_stages=c.num_stages,
+        KT_C=k.stride(2) if c.variant & 2 else 0, VT_C=v.stride(2) if c.variant & 2 else 0,
+        STORE_PDS=store is not None, ZA=_stored.KEY_TILE, num_warps=c.num_warps, num_stages=c.num_stages,
     )
     return dq
 
@@ -187,6 +194,14 @@ def _backward(do, q, k, v, o, lse, scale, window, dstart, dend, key_valid, cfgs)
         delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     else:
         delta = _bwd_delta(o, do)
+    b, h, t, _ = q.shape
+    rows = _stored.chunk_rows(b, h, t, cfgs["dq"].block_m, _num_sms(q.device), q.shape[-1]) \
+        if cfgs["dq"].variant & 4 and window > t else None
+    if rows is not None:  # dQ storing P and dS per chunk of rows, dK/dV as products over them
+        return _stored.backward_stored(
+            do, q, k, v, lse, scale, dend, rows, cfgs["dq"].block_m,
+            lambda dq, store: _fitting("dq", cfgs["dq"], q, lambda c: (_bwd_dq(
+                do, q, k, v, o, lse, delta, scale, window, dstart, key_valid, c, dq, store), c.block_m)[1]))
     dq = _fitting("dq", cfgs["dq"], q, lambda c: _bwd_dq(do, q, k, v, o, lse, delta, scale, window, dstart,
                                                           key_valid, c))
     dk, dv = _fitting("dkdv", cfgs["dkdv"], q, lambda c: _bwd_dkdv(do, q, k, v, lse, delta, scale, window, dstart,

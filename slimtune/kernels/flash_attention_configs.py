@@ -29,6 +29,9 @@ class KernelConfig(NamedTuple):
     delta launch) and bit 2 loads V (for dP) before K so both share one shared-memory tile (BLOCK_N 64 fits at head_dim
     512); for "dkdv", 1 runs two kernels, one for dV and one for dK (one accumulator each, so BLOCK_N can be
     64 at head_dim 512: ``_flash_attention_bwd_triton``), 2 runs the single kernel with compile-time Q/dO row strides.
+    For "dq", bit 4 selects the stored backward for layers without a window: the dQ kernel also writes P and dS
+    (chunks of query rows), and dK/dV are products over them (``flash_attention_stored_bwd``; the "dkdv" config is
+    then unused).
     0 (default) is the original single kernel in both cases.
     ``max_split`` ("dkdv" only) caps how many programs share one KV head's query heads (0: automatic, up to G when the
     key blocks alone do not fill the GPU). 1 never splits: no fp32 partials and no summing launch, which suits
@@ -48,8 +51,11 @@ class KernelConfig(NamedTuple):
 # Chosen per head_dim for the H200 (see benchmarks/kernels/ATTENTION_NOTES.md for the reasoning and the measurements).
 # head_dim 512: a 64×512 fp32 accumulator is 128 KiB of registers, so 8 warps (128 registers each) and BLOCK_M=64;
 # Q (64 KiB bf16) stays in shared memory and K/V tiles stream through the rest of the 227 KiB.
+# dq variant 5 at head_dim 512: δ inside the dQ kernel, and the stored backward on layers without a window (dK/dV as
+# products over the P and dS tiles the dQ kernel writes; H200, E2B full layer fwd+bwd 8K 10.91 → 9.41 ms with the
+# default buffer budget, 32K 177.5 → 139.8 ms: results_gpu55_session13_K2_stored_bwd.log).
 _CONFIGS: dict[int, dict[str, KernelConfig]] = {
-    512: {"fwd": KernelConfig(64, 32, 8, 2, False, 2), "dq": KernelConfig(64, 32, 8, 1, False, 2),
+    512: {"fwd": KernelConfig(64, 32, 8, 2, False, 2), "dq": KernelConfig(64, 32, 8, 1, False, 2, 5),
           "dkdv": KernelConfig(64, 32, 8, 1, True, 2)},
     256: {"fwd": KernelConfig(128, 64, 8, 2), "dq": KernelConfig(128, 32, 8, 2),
           "dkdv": KernelConfig(64, 64, 8, 2, True, 2)},

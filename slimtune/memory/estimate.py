@@ -33,6 +33,7 @@ tests/memory/test_calibration.py checks every measured configuration stays withi
 from __future__ import annotations
 
 from slimtune.adapt.rms_norm import CHUNK_ELEMENTS as NORM_CHUNK_ELEMENTS
+from slimtune.kernels.flash_attention_stored_bwd import backward_bytes as stored_backward_bytes
 from slimtune.memory.model_shape import LayerShape, ModelShape, read_model_shape
 
 GIB = 2**30
@@ -217,7 +218,11 @@ def _layer_bytes(lay: LayerShape, h: int, n: int, batch: int, seq: int, lora_r: 
         # output's contiguous copy, q-sized) come one after the other: the larger sets the peak. Untiled, the MLP's
         # always wins; tiled at long context the attention's does (E2B 66,560 tokens in chunks of 1,024: 1.5 GiB,
         # the part of the measured 9.91 GiB the plan had missed, H200 session 4).
-        total += max(mlp_tokens * 3 * a * inter, n * 3 * a * lay.q_dim)
+        attention_bwd = n * 3 * a * lay.q_dim
+        if attention == "slimtune" and lay.window is None:  # the stored backward's chunk buffers (full layers)
+            head_dim = lay.q_dim // lay.heads
+            attention_bwd += stored_backward_bytes(batch, lay.heads, max(lay.kv_dim // head_dim, 1), seq, head_dim)
+        total += max(mlp_tokens * 3 * a * inter, attention_bwd)
         if recompute_norms:  # RMSNormFunction's fp32 temporaries (x, x̂, g, their product), one row chunk at a time
             total += 4 * 4 * min(n * lay.q_dim, NORM_CHUNK_ELEMENTS)
         if attention == "sdpa" and lay.window is not None and seq > lay.window:

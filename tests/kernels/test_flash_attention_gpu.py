@@ -54,9 +54,10 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("variant", [0, 1], ids=["default", "fused_delta_split_dkdv"])
+@pytest.mark.parametrize("variant", [0, 1, 2], ids=["default", "fused_delta_split_dkdv", "stored"])
 @pytest.mark.parametrize("b,hq,hk,t,d,window,docs,pad,dtype", GPU_CASES)
-def test_triton_attention_matches_fp64_reference(b, hq, hk, t, d, window, docs, pad, dtype, variant):
+def test_triton_attention_matches_fp64_reference(b, hq, hk, t, d, window, docs, pad, dtype, variant, monkeypatch):
+    from slimtune.kernels import flash_attention_stored_bwd as stored
     from slimtune.kernels.flash_attention import KernelConfig, flash_attention
 
     C = KernelConfig
@@ -64,6 +65,12 @@ def test_triton_attention_matches_fp64_reference(b, hq, hk, t, d, window, docs, 
     if variant == 1:  # the non-default backward structures the sweep times (bench_flash_attention.SWEEP)
         cfgs = {512: {"dq": C(64, 32, 8, 1, False, 2, 3), "dkdv": C(64, 64, 8, 1, True, 2, 1)},
                 256: {"dq": C(128, 32, 8, 2, False, 0, 1), "dkdv": C(64, 64, 8, 2, True, 2, 1, 1)}}[d]
+    calls = []
+    if variant == 2:  # the stored backward (full layers; windowed ones keep the fused kernels), NaN-poisoned buffers
+        cfgs = {512: {"dq": C(64, 32, 8, 1, False, 2, 5)}, 256: {"dq": C(128, 32, 8, 2, False, 0, 5)}}[d]
+        monkeypatch.setattr(stored, "POISON_BUFFERS", True)
+        run = stored.backward_stored
+        monkeypatch.setattr(stored, "backward_stored", lambda *a, **kw: calls.append(1) or run(*a, **kw))
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(hash((b, hq, hk, t, d, window, docs, pad)) % 2**31)
@@ -94,6 +101,8 @@ def test_triton_attention_matches_fp64_reference(b, hq, hk, t, d, window, docs, 
         assert err <= tol, f"{name}: rel error {err:.2e} > {tol:.0e}"
     if pad:
         assert out[0, :, :37].abs().max() == 0 and grads[0][0, :, :37].abs().max() == 0
+    if variant == 2:
+        assert len(calls) == (window is None), "the stored backward runs exactly for the layers without a window"
 
 
 @pytest.mark.gpu

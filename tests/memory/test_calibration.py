@@ -32,7 +32,16 @@ def measured_records() -> list[dict]:
 RECORDS = measured_records()
 
 
-def predict(rec: dict) -> float:
+def _stored_backward_budget(rec: dict) -> int | None:
+    """Records measured before session 13 (results_gpu < 56) ran the fused attention backward: no chunk buffers."""
+    number = int(rec["source"].split("_")[1].removeprefix("gpu"))
+    return 0 if number < 56 else None
+
+
+def predict(rec: dict, monkeypatch) -> float:
+    from slimtune.kernels import flash_attention_stored_bwd
+
+    monkeypatch.setattr(flash_attention_stored_bwd, "BUFFER_BUDGET_BYTES", _stored_backward_budget(rec))
     opts = rec["options"]
     return estimate_training_memory(
         rec["variant"], seq_len=rec["seq"], load_in_4bit=rec["mode"] == "qlora",
@@ -76,8 +85,8 @@ def test_there_are_measurements_to_check():
                                  if _key(r) in KNOWN_MISSES else r for r in RECORDS],
                          ids=[f"{r['source']}-{r['variant']}-{r['mode']}-{r['seq']}-"
                               f"{r['options'].get('attention')}" for r in RECORDS])
-def test_estimate_within_ten_percent_of_the_measured_peak(rec):
-    predicted = predict(rec)
+def test_estimate_within_ten_percent_of_the_measured_peak(rec, monkeypatch):
+    predicted = predict(rec, monkeypatch)
     error = predicted / rec["peak_gib"] - 1
     assert abs(error) <= TOLERANCE, (f"{rec['source']}: predicted {predicted:.3f} GiB, measured "
                                      f"{rec['peak_gib']:.3f} GiB ({error:+.1%})")
