@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU calls of < 10 minutes each. A, B, C and C2 ran in session 6, H, I and G in session 7 (BENCHMARKS.md); still to
 # run, most important first (session 8 ran J, K, D2 and D; session 9 L, O and U26; session 10 P, Q, R, S, M;
-# session 11 T, X, Y, N, W2, Y2; session 12 B2, N2, V, Z, E): E2 (two GPUs) or B3 (one), F.
+# session 11 T, X, Y, N, W2, Y2; session 12 B2, N2, V, Z, E): E2 (two GPUs) or B3 (one), K1 (attention), F.
 #   OUT=/some/dir bash benchmarks/gpu/pending_checks.sh A      (carry .gpu-site and .anchors)
 # A (one H200, ~9.5 min): issue 6's E2B rows in ONE call with Unsloth: Unsloth QLoRA 2K/8K first (its ~330 s of
 #   load + compile overlap our untimed GPU tests), then ours alone: 2K graphs, LoRA 16-bit 2K graphs, and the 8K
@@ -362,6 +362,40 @@ B3)  # (one H200) if only one GPU is lent: session 12's DDP-capture change must 
   # the fused norms; graphs + compile gave 4.93 / 19,852. Predicted: graphs alone 15-17K at ~5.3 GiB, with compile
   # 19-20K at ~4.9 GiB (its first step ~60-70 s, B2). A gain of >= 20 % at 8K repays compiling within ~400 steps.
   for c in "" "--compile"; do timeout 100 $B --geometry e2b --mode qlora --seq 8192 --cuda-graphs $c 2>&1 | show; done ;;
+K1)  # (one H200) issue 10: the stored backward (slimtune/kernels/flash_attention_stored_bwd.py, session 13). The dQ
+    # kernel also writes P and dS per chunk of ~1,088 rows; dK, dV are products over them, no dK/dV flash kernel.
+    # Offline sm90 compile: dQ+store main loop 507 instructions (default 391), same 66 HGMMA, no spills in it; the
+    # products' loop 144 instructions per 4 HGMMA 64x128x16, no spills. Predicted before measuring: the GPU tests
+    # pass (stored variant with NaN-poisoned buffers); E2B full layer fwd+bwd 8K 7.0-8.0 ms (default 10.97),
+    # 32K 115-130 ms (default ~170), 2K 0.95-1.1 ms (1.14); peak +0.3 GiB at 8K, +1.3 GiB at 32K.
+  timeout 200 python3 -m pytest -q -n 8 -m gpu -p no:cacheprovider tests/kernels/test_flash_attention_gpu.py \
+    > "$OUT/tests.log" 2>&1; tail -12 "$OUT/tests.log"
+  timeout 330 python3 benchmarks/kernels/bench_stored_bwd.py 2>&1 | tee "$OUT/stored_bwd.log" | cut -c1-600 ;;
+K2)  # after K1: K1's default chunk (17 row blocks = 136 dQ programs on 132 SMs) ran a second, nearly empty wave per
+    # chunk: stored 8K 12.39 ms graphed vs default 10.89; 2 and 4 whole waves per chunk gave 8.96 and 8.42 ms. Chunks
+    # are now whole waves (floor). Predicted: 8K waves 1 (1,024 rows, 128 programs) 9.0-10.0 ms, 2: ~8.96, 4: ~8.42,
+    # 8 (one chunk) 8.0-8.4; 32K waves 1/2/4/8 150/140/133/130 ms (default ~172-178); 2K 0.90-0.95 ms.
+  timeout 400 python3 benchmarks/kernels/bench_stored_bwd.py --seqs 2048,8192,32768 --waves 1,2,4,8 \
+    --profile-waves 4 2>&1 | tee "$OUT/stored_bwd.log" | cut -c1-420 ;;
+K3)  # after K2 (stored 8K: 1/2/4/8 waves 9.41/8.95/8.39/8.38 ms, 32K 139.8/137.2/132.5/129.6; fused 10.91 and 177.5):
+    # the stored backward is now the hd512 default, with a buffer budget of 4 × Q clamped to [256 MiB, 1 GiB] (1 wave
+    # at 8K and 32K on E2B) and the planner counting its buffers. Predicted: all attention GPU tests pass; default
+    # 8K 9.3-9.5 ms, 32K 138-141; 5 GiB budget (4 waves) as K2; E2B QLoRA 8K (the 8K bar's flags) ~16,300-16,500
+    # tok/s at 4.2-4.46 GiB (session 7: 16,120 / 4.18); E2B QLoRA 32K defaults ~10,400-10,700 tok/s (session 6:
+    # 9,836) at ~14.5-14.8 GiB (13.66 + the 1.1 GiB buffers), the planner within 10 %.
+  timeout 150 python3 -m pytest -q -n 8 -m gpu -p no:cacheprovider tests/kernels/test_flash_attention_gpu.py \
+    tests/kernels/test_flash_attention_fit.py > "$OUT/tests.log" 2>&1; tail -3 "$OUT/tests.log"
+  timeout 150 python3 benchmarks/kernels/bench_stored_bwd.py --seqs 2048,8192,32768 --waves 4 --budget-gib 5 \
+    2>&1 | tee "$OUT/stored_bwd.log" | cut -c1-330
+  timeout 170 $B --geometry e2b --mode qlora --seq 8192 --cuda-graphs --compile --mlp-chunk-size 2048 2>&1 | show
+  timeout 110 $B --geometry e2b --mode qlora --seq 32768 2>&1 | show ;;
+K4)  # after K3 (E2B QLoRA 32K defaults with the stored backward: 13,235 tok/s, 12.48 GiB, planner 13.28): the same
+    # run with the fused attention backward (budget 0), then the default again, in one call for the A/B. Predicted:
+    # fused 11,900-12,300 tok/s (7 full layers × ~38 ms less per step of ~2.5 s) at ~11.4 GiB (1.1 GiB less).
+  F="import sys, runpy; import slimtune.kernels.flash_attention_stored_bwd as s; s.BUFFER_BUDGET_BYTES = 0"
+  timeout 110 python3 -c "$F; sys.argv = ['slimtune'] + sys.argv[1:]; runpy.run_module('slimtune', run_name='__main__')" \
+    bench --attention slimtune --json "$OUT/fused_bwd.jsonl" --geometry e2b --mode qlora --seq 32768 2>&1 | show
+  timeout 110 $B --geometry e2b --mode qlora --seq 32768 2>&1 | show ;;
 F)
   unsloth_cache
   timeout 540 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe unsloth \
