@@ -198,10 +198,14 @@ def _backward(do, q, k, v, o, lse, scale, window, dstart, dend, key_valid, cfgs)
     rows = _stored.chunk_rows(b, h, t, cfgs["dq"].block_m, _num_sms(q.device), q.shape[-1]) \
         if cfgs["dq"].variant & 4 and window > t else None
     if rows is not None:  # dQ storing P and dS per chunk of rows, dK/dV as products over them
-        return _stored.backward_stored(
-            do, q, k, v, lse, scale, dend, rows, cfgs["dq"].block_m,
-            lambda dq, store: _fitting("dq", cfgs["dq"], q, lambda c: (_bwd_dq(
-                do, q, k, v, o, lse, delta, scale, window, dstart, key_valid, c, dq, store), c.block_m)[1]))
+
+        def launch_dq(dq, store):  # returns the rows per block of the launch shape that fit this GPU
+            def run(c):
+                _bwd_dq(do, q, k, v, o, lse, delta, scale, window, dstart, key_valid, c, dq, store)
+                return c.block_m
+            return _fitting("dq", cfgs["dq"], q, run)
+
+        return _stored.backward_stored(do, q, k, v, lse, scale, dend, rows, cfgs["dq"].block_m, launch_dq)
     dq = _fitting("dq", cfgs["dq"], q, lambda c: _bwd_dq(do, q, k, v, o, lse, delta, scale, window, dstart,
                                                           key_valid, c))
     dk, dv = _fitting("dkdv", cfgs["dkdv"], q, lambda c: _bwd_dkdv(do, q, k, v, lse, delta, scale, window, dstart,

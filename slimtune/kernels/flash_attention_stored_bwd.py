@@ -4,14 +4,14 @@ Why: the usual flash backward computes S = QKᵀ and dP = dO·Vᵀ twice, once i
 kernel (7 products for 5 distinct ones). At head_dim 512 the dK/dV kernel is also the slow one: its two 512-wide
 fp32 accumulators fill the register file, so it runs 32-key tiles on narrow MMA instructions (ATTENTION_NOTES.md).
 Here the dQ kernel, which has to compute P and dS anyway, stores them (bf16, exactly the values the fused kernels feed
-their products); dK = scale·dSᵀQ and dV = PᵀdO are then dense products over (query head, row) pairs that run near the
-tensor-core rate (``_flash_attention_stored_bwd_triton``).
+their products); dK = scale·dSᵀQ and dV = PᵀdO are then plain products over (query head, row) pairs, with nothing
+recomputed and wide MMA tiles (``_flash_attention_stored_bwd_triton``).
 
 Memory stays O(T): query rows go in chunks of ``rows`` (a multiple of the dQ block), so the two buffers hold
 ``2 × batch × q_heads × rows × seq`` values (bf16) at a time; ``rows`` fills whole waves of dQ programs on this GPU,
 up to ``WAVES`` of them and within ``BUFFER_BUDGET_BYTES`` (default: four times the size of Q, at most 1 GiB); when
-the budget does not hold one wave the fused kernels run instead. dK/dV accumulate over chunks in fp32 (8 bytes per key and head_dim
-entry of each KV head).
+the budget does not hold one wave the fused kernels run instead. dK/dV accumulate over chunks in fp32 (8 bytes per
+key and head_dim entry of each KV head).
 
 Only for layers without a sliding window (a window makes the fused kernels skip most key blocks, while the
 products here would run over each chunk's whole key range).
@@ -40,7 +40,11 @@ BUFFER_BUDGET_BYTES: int | None = None
 WAVES = 4
 # Tests: fill the chunk buffers with NaN first, so a value the products read but the dQ kernel never wrote shows.
 POISON_BUFFERS = False
-_GEMM = dict(BLOCK_D=128, BLOCK_Q=64, num_warps=8, num_stages=3)
+_GEMM = dict(BLOCK_D=128, BLOCK_Q=64, num_warps=8, num_stages=3)  # 96 KiB of shared memory
+# Smaller product tiles for GPUs with less shared memory (Triton refuses the launch before running it).
+_GEMM_SMALLER = (dict(BLOCK_D=64, BLOCK_Q=32, num_warps=4, num_stages=2),  # 32 KiB
+                 dict(BLOCK_D=32, BLOCK_Q=16, num_warps=4, num_stages=1))  # 6 KiB
+_gemm_fitted: dict[torch.device, dict] = {}
 
 
 def chunk_rows(batch: int, q_heads: int, seq: int, block_m: int, n_sms: int, head_dim: int = 512) -> int | None:
@@ -105,21 +109,44 @@ def backward_stored(do, q, k, v, lse, scale, dend, rows, block_m, launch_dq):
         pds.fill_(float("nan"))
     acc = torch.zeros((2, b * hk, t, d), dtype=torch.float32, device=q.device)
     dq = torch.empty_like(q)
-    block_d = min(_GEMM["BLOCK_D"], d)
     for row0 in range(0, t, rows):
         rr = min(rows, t - row0)
         rrp = -(-rr // unit) * unit
         kr = row0 + rr  # keys a row of this chunk can see
         half = b * hk * kr * g * rrp
         ran_block_m = launch_dq(dq, (pds, row0, rr, rrp, kr, half))
-        grid = (triton.cdiv(kr, KEY_TILE), d // block_d, b * hk * 2)
-        _ks._dkdv_from_pds_kernel[grid](
-            pds, q, do, acc, dend, *q.stride()[:3], *do.stride()[:3],
-            t, g, hk, row0, rr, rrp, kr, half, b * hk * t * d,
-            HEAD_DIM=d, BLOCK_K=KEY_TILE, BLOCK_D=block_d, BLOCK_Q=_GEMM["BLOCK_Q"],
-            ROW_MASK=ran_block_m % _GEMM["BLOCK_Q"] != 0 or KEY_TILE % _GEMM["BLOCK_Q"] != 0,
-            num_warps=_GEMM["num_warps"], num_stages=_GEMM["num_stages"],
-        )
+
+        def products(tile):
+            _ks._dkdv_from_pds_kernel[(triton.cdiv(kr, KEY_TILE), d // min(tile["BLOCK_D"], d), b * hk * 2)](
+                pds, q, do, acc, dend, *q.stride()[:3], *do.stride()[:3],
+                t, g, hk, row0, rr, rrp, kr, half, b * hk * t * d,
+                HEAD_DIM=d, BLOCK_K=KEY_TILE, BLOCK_D=min(tile["BLOCK_D"], d), BLOCK_Q=tile["BLOCK_Q"],
+                # whole row tiles only where each lies in one dQ block that wrote it (see the kernel)
+                ROW_MASK=ran_block_m % tile["BLOCK_Q"] != 0 or KEY_TILE % tile["BLOCK_Q"] != 0,
+                num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+            )
+
+        _fitting_products(q.device, products)
     dk = acc[1].mul_(scale).to(k.dtype).view(b, hk, t, d)
     dv = acc[0].to(v.dtype).view(b, hk, t, d)
     return dq, dk, dv
+
+
+def _fitting_products(device: torch.device, launch) -> None:
+    """``launch(tile)`` with the default product tile or, where this GPU's shared memory cannot hold it, the first of
+    ``_GEMM_SMALLER`` that fits (remembered per device)."""
+    from slimtune.kernels.flash_attention_configs import _OutOfResources
+
+    fitted = _gemm_fitted.get(device)
+    if fitted is not None:
+        launch(fitted)
+        return
+    for tile in (_GEMM, *_GEMM_SMALLER):
+        try:
+            launch(tile)
+        except _OutOfResources:
+            if tile is _GEMM_SMALLER[-1]:
+                raise
+            continue
+        _gemm_fitted[device] = tile
+        return

@@ -38,9 +38,20 @@ class SmallGPU:
             return self.kernel[grid](*args, **kw)
         return launch
 
+class SmallGPUProducts(SmallGPU):  # the stored backward's products: their shared memory grows with BLOCK_D
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            if kw["BLOCK_Q"] > LIMIT or kw["BLOCK_D"] > 2 * LIMIT:
+                raise OutOfResources(96 * 1024, 99 * 1024 if LIMIT >= 32 else 48 * 1024, "shared memory")
+            launches.append((kw["BLOCK_Q"], kw["BLOCK_D"] // 2))
+            return self.kernel[grid](*args, **kw)
+        return launch
+
 for mod, names in ((fa._k, ("_attn_fwd_kernel", "_attn_bwd_dq_kernel")), (fa._kb, ("_attn_bwd_dkdv_kernel",))):
     for name in names:
         setattr(mod, name, SmallGPU(getattr(mod, name)))
+stored = fa._stored
+stored._ks._dkdv_from_pds_kernel = SmallGPUProducts(stored._ks._dkdv_from_pds_kernel)
 
 torch.manual_seed(0)
 t, d = 45, 64
@@ -66,6 +77,20 @@ assert launches and all(max(m, n) <= LIMIT for m, n in launches)
 fitted = {key[3]: c for key, c in fa._fitted.items()}
 assert set(fitted) == {"fwd", "dq", "dkdv"} and fitted["dq"].variant & 1, fitted  # fused delta kept
 print("FITTED", {kind: tuple(c)[:4] for kind, c in fitted.items()})
+
+# the stored backward (full layer, dq variant 5): its dQ launches and its products fall back as well
+stored.POISON_BUFFERS = True
+stored.WAVES = 1
+launches.clear()
+out = fa.flash_attention(q, k, v, scale=1.0, _configs={**configs, "dq": big._replace(variant=5)})
+grads = torch.autograd.grad(out, (q, k, v), do)
+ref = attention_reference(*ref_in, scale=1.0)
+ref_grads = torch.autograd.grad(ref, ref_in, do.double())
+for got, want in zip((out, *grads), (ref, *ref_grads)):
+    assert ((got.double() - want).norm() / want.norm()).item() < 5e-3
+assert launches and all(max(m, n) <= LIMIT for m, n in launches), launches
+assert stored._gemm_fitted and all(t["BLOCK_D"] <= 2 * LIMIT for t in stored._gemm_fitted.values())
+print("STORED_FITTED")
 """
 
 
@@ -77,6 +102,7 @@ def test_kernels_fall_back_to_launch_shapes_that_fit(limit):
                           timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert ("NOTHING_FITS" in proc.stdout) == (limit < 16), proc.stdout
+    assert ("STORED_FITTED" in proc.stdout) == (limit >= 16), proc.stdout
 
 
 @pytest.mark.gpu
