@@ -396,6 +396,12 @@ K4)  # after K3 (E2B QLoRA 32K defaults with the stored backward: 13,235 tok/s, 
   timeout 110 python3 -c "$F; sys.argv = ['slimtune'] + sys.argv[1:]; runpy.run_module('slimtune', run_name='__main__')" \
     bench --attention slimtune --json "$OUT/fused_bwd.jsonl" --geometry e2b --mode qlora --seq 32768 2>&1 | show
   timeout 110 $B --geometry e2b --mode qlora --seq 32768 2>&1 | show ;;
+K5)  # the final code of session 13 (products' shared-memory fallback, named dQ launcher): the attention GPU tests
+    # and the 8K row again. Predicted: 42 passed; default 9.4-9.6 ms, fused 10.9-11.1.
+  timeout 150 python3 -m pytest -q -n 8 -m gpu -p no:cacheprovider tests/kernels/test_flash_attention_gpu.py \
+    tests/kernels/test_flash_attention_fit.py > "$OUT/tests.log" 2>&1; tail -3 "$OUT/tests.log"
+  timeout 60 python3 benchmarks/kernels/bench_stored_bwd.py --seqs 8192 --waves "" 2>&1 | tee "$OUT/stored_bwd.log" \
+    | cut -c1-330 ;;
 F)
   unsloth_cache
   timeout 540 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe unsloth \
