@@ -43,9 +43,9 @@ def test_expert_lora_merges_into_the_fused_tensors(tiny_dir, tmp_path):
         got = merged(input_ids=ids).logits
         before = plain(input_ids=ids).logits
     assert (got - before).abs().max() > 0.1  # the merge changed the model, experts included
-    # merge rounds W + ΔW once (fp64); the live model adds in fp32: measured 8e-6 here, a wrong expert slice or
-    # B layout (rank-major columns) is O(0.1)
-    assert (got - expect).abs().max() <= 1e-5
+    # merge rounds W + ΔW once (fp64); the live model adds in fp32: measured 8e-6 on one CPU and 1.5e-5 on one with
+    # AVX512-FP16/AMX (other fp32 kernels); a wrong expert slice or B layout (rank-major columns) is O(0.1)
+    assert (got - expect).abs().max() <= 1e-4
     layer = merged.model.layers[0].experts
     ref_delta = ours.model.layers[0].experts.adapters["down_proj"].delta_weight()
     assert torch.allclose(layer.down_proj, plain.model.layers[0].experts.down_proj + ref_delta, atol=1e-6)
