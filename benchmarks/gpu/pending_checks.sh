@@ -402,6 +402,13 @@ K5)  # the final code of session 13 (products' shared-memory fallback, named dQ 
     tests/kernels/test_flash_attention_fit.py > "$OUT/tests.log" 2>&1; tail -3 "$OUT/tests.log"
   timeout 60 python3 benchmarks/kernels/bench_stored_bwd.py --seqs 8192 --waves "" 2>&1 | tee "$OUT/stored_bwd.log" \
     | cut -c1-330 ;;
+K6)  # E4B's end-to-end A/B of the stored attention backward (K4 did E2B): QLoRA 32K defaults, fused (budget 0) then
+    # stored. Predicted: stored 6-10 % faster than fused (E4B has more non-attention work per token than E2B's +11 %),
+    # same peak (session 12 V: 9,086 tok/s, 17.33 GiB).
+  F="import sys, runpy; import slimtune.kernels.flash_attention_stored_bwd as s; s.BUFFER_BUDGET_BYTES = 0"
+  timeout 120 python3 -c "$F; sys.argv = ['slimtune'] + sys.argv[1:]; runpy.run_module('slimtune', run_name='__main__')" \
+    bench --attention slimtune --json "$OUT/fused_bwd.jsonl" --geometry e4b --mode qlora --seq 32768 2>&1 | show
+  timeout 120 $B --geometry e4b --mode qlora --seq 32768 2>&1 | show ;;
 F)
   unsloth_cache
   timeout 540 python3 benchmarks/gpu/anchors_geometry.py --geometry e2b --probe unsloth \
