@@ -61,6 +61,8 @@ def chunk_rows(batch: int, q_heads: int, seq: int, block_m: int, n_sms: int, hea
     if budget is None:
         budget = min(max(4 * batch * seq * q_heads * head_dim * 2, 256 << 20), 1 << 30)
     fits = budget // (4 * batch * q_heads * max(seq, 1))  # 2 buffers × 2 bytes × B·H × seq × rows
+    # the kernels address a buffer's key rows with int32 offsets, key × G·rows (G ≤ q_heads): keep them below 2^31
+    fits = min(fits, (2**31 - 1) // (q_heads * max(seq, 1)))
     rows = 0
     for waves in range(1, WAVES + 1):  # row blocks of k waves: floor(k × SMs / (batch × q_heads)) dQ programs each
         blocks = max(1, waves * n_sms // (batch * q_heads))

@@ -410,6 +410,11 @@ def test_stored_backward_chunk_rows(monkeypatch):
     monkeypatch.setattr(stored, "BUFFER_BUDGET_BYTES", 5 << 30)
     assert stored.chunk_rows(1, 8, 8192, 64, 132) == 4224  # 4 waves: 66 blocks × 8 heads = 528 = 4 × 132
     assert stored.chunk_rows(1, 32, 8192, 64, 132) == 1024  # 31B's 32 heads: 4 waves of 4 blocks
+    monkeypatch.setattr(stored, "BUFFER_BUDGET_BYTES", 64 << 30)
+    monkeypatch.setattr(stored, "WAVES", 8)
+    rows = stored.chunk_rows(1, 8, 32768, 64, 132)  # 8 waves would be 8,448 rows: keys × 8 × rows passes 2^31
+    assert rows is not None and 32768 * 8 * rows < 2**31
+    monkeypatch.setattr(stored, "WAVES", 4)
     monkeypatch.setattr(stored, "BUFFER_BUDGET_BYTES", 64 << 20)
     assert stored.chunk_rows(1, 8, 32768, 64, 132) is None  # 64 rows fit, a wave needs 1024
     monkeypatch.setattr(stored, "BUFFER_BUDGET_BYTES", 1 << 30)
