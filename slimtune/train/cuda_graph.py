@@ -136,7 +136,7 @@ class GraphedTrainStep:
         shared_grads: several steps train the same parameters (slimtune.train.graph_buckets): gradients are never
             set to None (another step's graph writes into them) and every step zeroes them in place when done, so
             each graph's backward adds onto zeros whichever step ran before.
-        rank_sum: a slimtune.train.distributed.RankSum under data parallelism: target counts and gradients are
+        rank_sum: a slimtune.train.rank_sum.RankSum under data parallelism: target counts and gradients are
             summed over ranks (module docstring); None in one process.
     """
 

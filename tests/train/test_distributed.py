@@ -298,7 +298,7 @@ def test_host_sums_fall_back_to_the_default_group_without_gloo(monkeypatch):
     in for NCCL; the device would be the rank's GPU)."""
     import torch.distributed as dist
 
-    from slimtune.train.distributed import RankSum
+    from slimtune.train.rank_sum import RankSum
 
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
