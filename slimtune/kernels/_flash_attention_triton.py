@@ -360,16 +360,19 @@ def _store_pds_zeros(pds_tile, pds_ld, pds_half, lo, hi, KR,
     visited key ``lo`` (a document starting inside the tile) and keys after its last one (the diagonal): so the
     blocks from ``lo`` rounded down to ZA, and from the end of the last visited block up to ``hi`` rounded up to ZA.
     """
+    _store_zero_keys(pds_tile, pds_ld, pds_half, (lo // ZA) * ZA, lo, KR, BLOCK_M, BLOCK_N, DTYPE)
+    _store_zero_keys(pds_tile, pds_ld, pds_half, ((hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N,
+                     tl.minimum(((hi + ZA - 1) // ZA) * ZA, KR), KR, BLOCK_M, BLOCK_N, DTYPE)
+
+
+@triton.jit
+def _store_zero_keys(pds_tile, pds_ld, pds_half, start, end, KR,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
+    """Zeros into both buffers (P, dS) for the keys [start, end) of this program's rows, in blocks of BLOCK_N."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_M)
     zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=DTYPE)
-    for n0 in range((lo // ZA) * ZA, lo, BLOCK_N):
-        k_idx = n0 + offs_n
-        at = pds_tile + (offs_r[:, None] + k_idx[None, :] * pds_ld)
-        keep = k_idx[None, :] < KR
-        tl.store(at, zero, mask=keep)
-        tl.store(at + pds_half, zero, mask=keep)
-    for n0 in range(((hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, tl.minimum(((hi + ZA - 1) // ZA) * ZA, KR), BLOCK_N):
+    for n0 in range(start, end, BLOCK_N):
         k_idx = n0 + offs_n
         at = pds_tile + (offs_r[:, None] + k_idx[None, :] * pds_ld)
         keep = k_idx[None, :] < KR
