@@ -19,7 +19,11 @@ products here would run over each chunk's whole key range).
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from slimtune.kernels.flash_attention_configs import _config, _OutOfResources
 
 try:
     import triton
@@ -55,7 +59,7 @@ def chunk_rows(batch: int, q_heads: int, seq: int, block_m: int, n_sms: int, hea
     almost empty wave per chunk: 12.39 ms against the fused kernels' 10.91). As many waves as ``WAVES`` allows and the
     buffer budget holds; when not even one wave fits, None (a partial wave leaves SMs idle in every chunk).
     """
-    unit = max(block_m, 64)
+    unit = _row_unit(block_m)
     seq_rows = -(-seq // unit) * unit
     budget = BUFFER_BUDGET_BYTES
     if budget is None:
@@ -78,20 +82,28 @@ def chunk_rows(batch: int, q_heads: int, seq: int, block_m: int, n_sms: int, hea
 def backward_bytes(batch: int, q_heads: int, kv_heads: int, seq: int, head_dim: int, n_sms: int | None = None) -> int:
     """Bytes the stored backward adds while one full (unwindowed) layer's backward runs: the two chunk buffers and
     the fp32 dK/dV accumulators; 0 where the default config runs the fused kernels. For the memory plan."""
-    from slimtune.kernels.flash_attention_configs import _config
-
     cfg = _config(head_dim, "dq", None)
     if not cfg.variant & 4:
         return 0
-    if n_sms is None:  # the GPU this process trains on; the H200's count when there is none (planning ahead)
-        try:
-            n_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-        except (AssertionError, RuntimeError):  # no CUDA build, no device
-            n_sms = 132
-    rows = chunk_rows(batch, q_heads, seq, cfg.block_m, n_sms, head_dim)
+    rows = chunk_rows(batch, q_heads, seq, cfg.block_m, n_sms if n_sms is not None else _planning_sms(), head_dim)
     if rows is None:
         return 0
     return 4 * batch * q_heads * seq * rows + 8 * batch * kv_heads * seq * head_dim
+
+
+@functools.cache
+def _planning_sms() -> int:
+    """SMs of the GPU this process trains on; the H200's 132 without one (planning ahead). Once: the planner asks
+    for every layer of every plan it weighs."""
+    try:
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    except (AssertionError, RuntimeError):  # no CUDA build, no device
+        return 132
+
+
+def _row_unit(block_m: int) -> int:
+    """Chunk rows come in multiples of this: whole dQ blocks, and 64 so the products' row tiles stay aligned."""
+    return max(block_m, 64)
 
 
 def backward_stored(do, q, k, v, lse, scale, dend, rows, block_m, launch_dq):
@@ -104,7 +116,7 @@ def backward_stored(do, q, k, v, lse, scale, dend, rows, block_m, launch_dq):
     b, h, t, d = q.shape
     hk = k.shape[1]
     g = h // hk
-    unit = max(64, block_m)  # the dQ blocks of a chunk end inside its padded columns
+    unit = _row_unit(block_m)  # the dQ blocks of a chunk end inside its padded columns
     rrp_max = -(-rows // unit) * unit
     pds = torch.empty(2 * b * hk * t * g * rrp_max, dtype=q.dtype, device=q.device)
     if POISON_BUFFERS:
@@ -137,8 +149,6 @@ def backward_stored(do, q, k, v, lse, scale, dend, rows, block_m, launch_dq):
 def _fitting_products(device: torch.device, launch) -> None:
     """``launch(tile)`` with the default product tile or, where this GPU's shared memory cannot hold it, the first of
     ``_GEMM_SMALLER`` that fits (remembered per device)."""
-    from slimtune.kernels.flash_attention_configs import _OutOfResources
-
     fitted = _gemm_fitted.get(device)
     if fitted is not None:
         launch(fitted)
