@@ -48,13 +48,11 @@ C = KernelConfig
 # (block_m, block_n, warps, stages, transposed, scratch, variant, max_split). dq variant 1 = delta fused into dQ,
 # 3 = that + V loaded before K (BLOCK_N 64 fits at hd512); dkdv variant 1 = separate dV and dK kernels (transposed
 # accumulators), 2 = the single kernel with constexpr row strides; max_split 1 = no head split (no fp32 partials, no
-# sum launch).
-# Offline resources and predictions: ATTENTION_NOTES.md, "Backward variants".
+# sum launch). dq variant 5 (hd512 default): the stored backward on full layers, timed by bench_stored_bwd.py; its
+# dQ kernel timed alone here is variant 1's. Offline resources and predictions: ATTENTION_NOTES.md.
 SWEEP = {
     512: {
         "fwd": [C(64, 32, 8, 2, False, 2)],
-        # (the default dq config, variant 5, runs the stored backward on full layers: bench_stored_bwd.py times it;
-        # timed alone here, variant 5's dQ kernel is variant 1's)
         "dq": [C(64, 32, 8, 1, False, 2, 5), C(64, 32, 8, 1, False, 2), C(64, 64, 8, 1, False, 2, 3)],
         "dkdv": [C(64, 32, 8, 1, True, 2), C(64, 64, 8, 1, True, 2, 1), C(64, 32, 8, 1, True, 2, 1),
                  C(32, 64, 8, 2, True, 2, 1), C(32, 64, 8, 1, True, 2, 1)],
