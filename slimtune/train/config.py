@@ -88,7 +88,8 @@ class TrainConfig:
     several times faster on short sequences, whose steps are bound by host-side launches. Packed batches are
     padded to max_seq_length; unpacked ones to a length bucket (128, 192, 256, 384, ...), one captured step per
     bucket (slimtune.train.graph_buckets). With optimizer adamw8bit the update runs eagerly after each replayed
-    forward and backward. Needs CUDA, bf16, lora_dropout 0, no activation_offload, one process, text batches.
+    forward and backward. Needs CUDA, bf16, lora_dropout 0, no activation_offload, text batches, and one process
+    or distributed ddp (not fsdp).
     "auto": on when all that holds and the predicted peak plus a margin fits the memory the process can use
     (slimtune.train.auto_graphs; the run log says which and why); true forces it, false never."""
     mlp_chunk_size: int = 0

@@ -330,7 +330,8 @@ def on_every_rank(flag: bool, device: torch.device) -> bool:
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum numbers over ranks in one collective (eval sums, tokens per step); as given when not distributed."""
+    """Sum numbers over ranks in one collective, before a ParallelModel (and its host-side sums) exists; as given
+    when not distributed."""
     if not (dist.is_available() and dist.is_initialized()):
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64,

@@ -14,7 +14,6 @@ from slimtune.data.collate import count_targets
 from slimtune.data.tokenize import Example
 from slimtune.memory.host_embedding import prefetch_host_embeddings
 from slimtune.train.data_stream import collate_share
-from slimtune.train.distributed import all_reduce_sum
 from slimtune.train.loss import loss_sum
 from slimtune.train.step import autocast
 from slimtune.utils.atomic import atomic_dir
@@ -76,7 +75,7 @@ def evaluate(model: nn.Module, examples: list[Example], *, pad_id: int, device: 
     finally:
         model.train(was_training)
     if world > 1:
-        total, n = all_reduce_sum([total, n_targets], device)
+        total, n = parallel.host_sum([total, n_targets])
         n_targets = int(n)
     return (total / n_targets if n_targets else float("nan")), n_targets
 
