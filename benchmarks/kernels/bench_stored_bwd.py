@@ -26,9 +26,7 @@ from slimtune.kernels.flash_attention import KernelConfig as C  # noqa: E402
 
 STORED = {"dq": C(64, 32, 8, 1, False, 2, 5)}  # the default since session 13
 FUSED = {"dq": C(64, 32, 8, 1, False, 2, 1)}  # δ in the dQ kernel, then the fused dK/dV kernel (the old backward)
-GEMMS = [dict(BLOCK_D=128, BLOCK_Q=64, num_warps=8, num_stages=3),
-         dict(BLOCK_D=256, BLOCK_Q=64, num_warps=8, num_stages=3),
-         dict(BLOCK_D=128, BLOCK_Q=64, num_warps=4, num_stages=4)]
+GEMMS = [stored.ProductTile(256, 64, 8, 3), stored.ProductTile(128, 64, 4, 4)]  # besides the default (128, 64, 8, 3)
 
 
 def row(label, t, configs, **extra):
@@ -63,11 +61,11 @@ def main() -> None:
             row("stored", t, STORED, waves=waves, rows=stored.chunk_rows(1, 8, t, 64, sms))
     stored.WAVES = 1
     if args.gemms:
-        base = dict(stored._GEMM)
-        for gemm in GEMMS[1:]:
-            stored._GEMM.update(gemm)
-            row("stored_gemm", 8192, STORED, gemm=gemm)
-        stored._GEMM.update(base)
+        base = stored.PRODUCT_TILE
+        for tile in GEMMS:
+            stored.PRODUCT_TILE = tile
+            row("stored_gemm", 8192, STORED, gemm=tile._asdict())
+        stored.PRODUCT_TILE = base
     if args.profile_waves:
         stored.WAVES = args.profile_waves
         bfa.profile_step(f"full_hd512 stored waves={args.profile_waves}", 512, None, 8192, STORED)

@@ -82,16 +82,16 @@ _SMALLER: dict[str, tuple[KernelConfig, ...]] = {
 _fitted: dict[tuple, KernelConfig] = {}
 
 
-def _fitting(kind: str, cfg: KernelConfig, q: torch.Tensor, run):
-    """``run(config)`` with ``cfg`` or, where it needs more shared memory than this GPU has, the first of
-    `_SMALLER` that fits (remembered per device, head_dim, dtype and requested config)."""
+def _fitting(kind: str, cfg, q: torch.Tensor, run, smaller=None):
+    """``run(config)`` with ``cfg`` or, where it needs more shared memory than this GPU has, the first of `smaller`
+    (default: `_SMALLER[kind]`) that fits, remembered per device, head_dim, dtype and requested config."""
     key = (q.device, q.dtype, q.shape[-1], kind, cfg)
     fitted = _fitted.get(key)
     if fitted is not None:
         return run(fitted)
-    # dQ's fused-delta bit must survive: _backward decided from it whether δ is computed before the dQ kernel
-    smaller = [c._replace(variant=cfg.variant & 1, max_split=cfg.max_split) if kind == "dq" else
-               c._replace(max_split=cfg.max_split) for c in _SMALLER[kind]]
+    if smaller is None:  # dQ's fused-delta bit must survive: _backward decided from it whether δ is computed first
+        smaller = [c._replace(variant=cfg.variant & 1, max_split=cfg.max_split) if kind == "dq" else
+                   c._replace(max_split=cfg.max_split) for c in _SMALLER[kind]]
     problems = []
     for candidate in (cfg, *smaller):
         try:

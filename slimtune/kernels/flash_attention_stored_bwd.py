@@ -20,10 +20,11 @@ products here would run over each chunk's whole key range).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
-from slimtune.kernels.flash_attention_configs import _config, _OutOfResources
+from slimtune.kernels.flash_attention_configs import _config, _fitting
 
 try:
     import triton
@@ -44,12 +45,20 @@ BUFFER_BUDGET_BYTES: int | None = None
 WAVES = 4
 # Tests: fill the chunk buffers with NaN first, so a value the products read but the dQ kernel never wrote shows.
 POISON_BUFFERS = False
-_GEMM = dict(BLOCK_D=128, BLOCK_Q=64, num_warps=8, num_stages=3)  # 96 KiB of shared memory
-# Smaller product tiles for GPUs with less shared memory (Triton refuses the launch before running it).
-_GEMM_SMALLER = (dict(BLOCK_D=64, BLOCK_Q=32, num_warps=4, num_stages=2),  # 32 KiB
-                 dict(BLOCK_D=32, BLOCK_Q=16, num_warps=4, num_stages=1))  # 6 KiB
-_gemm_fitted: dict[torch.device, dict] = {}
 
+
+class ProductTile(NamedTuple):
+    """Launch shape of the dK/dV products: head_dim columns and query rows per step, warps, pipeline stages."""
+
+    block_d: int
+    block_q: int
+    num_warps: int
+    num_stages: int
+
+
+PRODUCT_TILE = ProductTile(128, 64, 8, 3)  # 96 KiB of shared memory
+# Smaller tiles for GPUs with less shared memory (Triton refuses the launch before running it): 32 and 6 KiB.
+_SMALLER_TILES = (ProductTile(64, 32, 4, 2), ProductTile(32, 16, 4, 1))
 
 def chunk_rows(batch: int, q_heads: int, seq: int, block_m: int, n_sms: int, head_dim: int = 512) -> int | None:
     """Query rows per chunk (a multiple of 64 and of ``block_m``), or None: the fused kernels then run instead.
@@ -130,35 +139,18 @@ def backward_stored(do, q, k, v, lse, scale, dend, rows, block_m, launch_dq):
         half = b * hk * kr * g * rrp
         ran_block_m = launch_dq(dq, (pds, row0, rr, rrp, kr, half))
 
-        def products(tile):
-            _ks._dkdv_from_pds_kernel[(triton.cdiv(kr, KEY_TILE), d // min(tile["BLOCK_D"], d), b * hk * 2)](
+        def products(tile: ProductTile) -> None:
+            block_d = min(tile.block_d, d)
+            _ks._dkdv_from_pds_kernel[(triton.cdiv(kr, KEY_TILE), d // block_d, b * hk * 2)](
                 pds, q, do, acc, dend, *q.stride()[:3], *do.stride()[:3],
                 t, g, hk, row0, rr, rrp, kr, half, b * hk * t * d,
-                HEAD_DIM=d, BLOCK_K=KEY_TILE, BLOCK_D=min(tile["BLOCK_D"], d), BLOCK_Q=tile["BLOCK_Q"],
+                HEAD_DIM=d, BLOCK_K=KEY_TILE, BLOCK_D=block_d, BLOCK_Q=tile.block_q,
                 # whole row tiles only where each lies in one dQ block that wrote it (see the kernel)
-                ROW_MASK=ran_block_m % tile["BLOCK_Q"] != 0 or KEY_TILE % tile["BLOCK_Q"] != 0,
-                num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+                ROW_MASK=ran_block_m % tile.block_q != 0 or KEY_TILE % tile.block_q != 0,
+                num_warps=tile.num_warps, num_stages=tile.num_stages,
             )
 
-        _fitting_products(q.device, products)
+        _fitting("products", PRODUCT_TILE, q, products, smaller=_SMALLER_TILES)
     dk = acc[1].mul_(scale).to(k.dtype).view(b, hk, t, d)
     dv = acc[0].to(v.dtype).view(b, hk, t, d)
     return dq, dk, dv
-
-
-def _fitting_products(device: torch.device, launch) -> None:
-    """``launch(tile)`` with the default product tile or, where this GPU's shared memory cannot hold it, the first of
-    ``_GEMM_SMALLER`` that fits (remembered per device)."""
-    fitted = _gemm_fitted.get(device)
-    if fitted is not None:
-        launch(fitted)
-        return
-    for tile in (_GEMM, *_GEMM_SMALLER):
-        try:
-            launch(tile)
-        except _OutOfResources:
-            if tile is _GEMM_SMALLER[-1]:
-                raise
-            continue
-        _gemm_fitted[device] = tile
-        return

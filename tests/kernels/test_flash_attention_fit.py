@@ -89,7 +89,8 @@ ref_grads = torch.autograd.grad(ref, ref_in, do.double())
 for got, want in zip((out, *grads), (ref, *ref_grads)):
     assert ((got.double() - want).norm() / want.norm()).item() < 5e-3
 assert launches and all(max(m, n) <= LIMIT for m, n in launches), launches
-assert stored._gemm_fitted and all(t["BLOCK_D"] <= 2 * LIMIT for t in stored._gemm_fitted.values())
+products = [c for key, c in fa._fitted.items() if key[3] == "products"]
+assert products and all(t.block_d <= 2 * LIMIT for t in products), products
 print("STORED_FITTED")
 """
 
